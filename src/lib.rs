@@ -1,0 +1,22 @@
+//! kvgate: a KV-cache-aware load balancer for vLLM fleets, built on Pingora.
+//!
+//! Data flows one way: request → tokens → block hashes → scores → pod; and
+//! events → index. Each stage is one module.
+
+pub mod bench;
+pub mod config;
+pub mod discovery;
+pub mod events;
+pub mod hash;
+pub mod index;
+pub mod inspect;
+pub mod metrics;
+pub mod pods;
+pub mod proxy;
+pub mod scheduler;
+pub mod sim;
+pub mod tokenize;
+pub mod vllm;
+
+#[path = "../plugins/mod.rs"]
+pub mod plugins;
