@@ -1,1 +1,422 @@
-//! (placeholder, replaced by its owner)
+//! kvgate's configuration: plain typed structs read from YAML (`conf/kvgate.yaml`)
+//! and validated once at load. Everything that can be wrong in a file is caught
+//! here, with a message that names the field, so a bad hot reload is refused
+//! before it can touch the running config.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::discovery::DiscoveryConfig;
+use crate::hash::{HashAlgo, HashSettings};
+use crate::vllm::VllmRelease;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+    #[serde(default)]
+    pub index: IndexSettings,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Named scheduling profiles; every model names one, and a request may pick
+    /// another with the `x-kvgate-profile` header.
+    #[serde(default = "default_profiles")]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Public OpenAI-compatible listener.
+    pub listen: SocketAddr,
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz`, `/debug/*`. Kept apart
+    /// from the public port so it can stay cluster-internal.
+    pub admin: SocketAddr,
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Pods tried per request when connecting fails (the body is replayed).
+    pub max_attempts: usize,
+    pub connect_timeout_ms: u64,
+    /// Time allowed for the upstream's response header (covers prefill of long prompts).
+    pub response_timeout_ms: u64,
+    /// Consecutive failures that eject a pod, and for how long.
+    pub eject_after_failures: u32,
+    pub eject_ms: u64,
+    /// Active health checks of every pod's `/health`.
+    pub health_check_interval_ms: u64,
+    /// vLLM `/metrics` scrape period for the load scorer (0 = off).
+    pub scrape_interval_ms: u64,
+    /// Header that selects a configured profile per request.
+    pub profile_header: String,
+    /// Pingora worker threads.
+    pub threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("literal address"),
+            admin: "127.0.0.1:9090".parse().expect("literal address"),
+            max_body_bytes: 32 << 20,
+            max_attempts: 3,
+            connect_timeout_ms: 1_000,
+            response_timeout_ms: 600_000,
+            eject_after_failures: 3,
+            eject_ms: 10_000,
+            health_check_interval_ms: 2_000,
+            scrape_interval_ms: 1_000,
+            profile_header: "x-kvgate-profile".into(),
+            threads: 2,
+        }
+    }
+}
+
+/// How vLLM's KV events reach kvgate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsMode {
+    /// kvgate binds one SUB; every pod connects to it with topic `kv@<pod-ip>@<model>`.
+    Bind,
+    /// kvgate connects a SUB (and a replay DEALER) to each discovered pod's publisher.
+    Connect,
+    /// No events: precise routing is unavailable and the kv-cache scorer scores nothing.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventsConfig {
+    pub mode: EventsMode,
+    /// Bind mode: the SUB endpoint.
+    pub bind: String,
+    /// SUB subscription prefix (vLLM's default topic is empty: pods must set one).
+    pub topic_prefix: String,
+    /// Ask a pod's replay ROUTER for missed batches after a sequence gap.
+    pub replay: bool,
+    pub replay_timeout_ms: u64,
+    /// Bind mode: drop events whose topic names a pod that discovery does not know.
+    pub require_known_pods: bool,
+    /// Fraction of BlockStored runs re-hashed to check that kvgate's hash settings match the pods'.
+    pub parity_sample: f64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            mode: EventsMode::Bind,
+            bind: "tcp://0.0.0.0:5557".into(),
+            topic_prefix: "kv@".into(),
+            replay: true,
+            replay_timeout_ms: 2_000,
+            require_known_pods: true,
+            parity_sample: 0.05,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexSettings {
+    /// Memory budget of the block index; least-recently-stored entries are evicted beyond it.
+    pub budget_bytes: usize,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        Self {
+            budget_bytes: 1 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `tracing` env-filter syntax, e.g. `info` or `kvgate=debug,pingora=warn`.
+    pub level: String,
+    pub format: LogFormat,
+    /// Log rendered prompts and bodies (off by default: they may hold secrets).
+    pub log_bodies: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+            log_bodies: false,
+        }
+    }
+}
+
+/// One scheduling profile: filters, then weighted scorers, then a picker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProfileConfig {
+    #[serde(default)]
+    pub filters: Vec<PluginConfig>,
+    #[serde(default)]
+    pub scorers: Vec<PluginConfig>,
+    #[serde(default = "default_picker")]
+    pub picker: PluginConfig,
+}
+
+/// A plugin by registered name, its weight (scorers), and its own parameters,
+/// which the plugin parses strictly when the profile is built.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(default)]
+    pub params: Option<yaml_serde::Value>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn default_picker() -> PluginConfig {
+    PluginConfig {
+        name: "max-score".into(),
+        weight: 1.0,
+        params: None,
+    }
+}
+
+fn default_profiles() -> BTreeMap<String, ProfileConfig> {
+    let plugin = |name: &str, weight: f64| PluginConfig {
+        name: name.into(),
+        weight,
+        params: None,
+    };
+    let mut profiles = BTreeMap::new();
+    profiles.insert(
+        "default".to_string(),
+        ProfileConfig {
+            filters: vec![plugin("healthy", 1.0)],
+            scorers: vec![plugin("kv-cache", 1.0), plugin("load", 1.0)],
+            picker: default_picker(),
+        },
+    );
+    profiles
+}
+
+/// A LoRA adapter served by the pods of a model; requests name it in `model`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoraAdapterConfig {
+    pub name: String,
+    /// vLLM's integer id for the adapter (only hashed by 0.10.x).
+    #[serde(default)]
+    pub int_id: i64,
+    /// The path the adapter was registered with on the pods (hashed from 0.31).
+    #[serde(default)]
+    pub path: String,
+}
+
+/// One served model: how its pods tokenize and hash, and where they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The `model` name clients send (vLLM's `--served-model-name`).
+    pub name: String,
+    /// `tokenizer.json` of the model.
+    pub tokenizer: PathBuf,
+    /// `tokenizer_config.json` (holds the chat template and special tokens).
+    #[serde(default)]
+    pub tokenizer_config: Option<PathBuf>,
+    /// A chat template file that overrides the one in `tokenizerConfig` (vLLM's `--chat-template`).
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    /// vLLM's `--block-size`.
+    pub block_size: usize,
+    /// vLLM's `--prefix-caching-hash-algo`.
+    pub hash_algo: HashAlgo,
+    /// The pods' `PYTHONHASHSEED`, as written (a string); absent = unset.
+    #[serde(default)]
+    pub hash_seed: Option<String>,
+    /// The vLLM release the pods run: it fixes the hash era and the event wire format.
+    pub vllm_release: VllmRelease,
+    /// KV-cache capacity of one pod in blocks (vLLM's `num_gpu_blocks`), used by
+    /// the approximate prefix plugin to size its per-pod memory.
+    #[serde(default = "default_pod_kv_blocks")]
+    pub pod_kv_blocks: usize,
+    #[serde(default)]
+    pub lora_adapters: Vec<LoraAdapterConfig>,
+    #[serde(default = "default_profile_name")]
+    pub profile: String,
+    pub discovery: DiscoveryConfig,
+}
+
+fn default_pod_kv_blocks() -> usize {
+    4_802
+}
+
+fn default_profile_name() -> String {
+    "default".into()
+}
+
+impl ModelConfig {
+    pub fn hash_settings(&self) -> HashSettings {
+        HashSettings {
+            algo: self.hash_algo,
+            block_size: self.block_size,
+            seed: self.hash_seed.clone(),
+            release: self.vllm_release,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+    #[error("config: model {model:?}: {message}")]
+    Model { model: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        // Relative file paths in the config are relative to the config file.
+        if let Some(base) = path.parent() {
+            config.resolve_paths(base);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML without validating; `load` is the normal entry point.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        yaml_serde::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for model in &mut self.models {
+            fix(&mut model.tokenizer);
+            if let Some(p) = model.tokenizer_config.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = model.chat_template.as_mut() {
+                fix(p);
+            }
+        }
+    }
+
+    /// Checks everything that does not need I/O. Building the runtime (tokenizers,
+    /// plugins) checks the rest and reports through the same error type.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.models.is_empty() {
+            return invalid("`models` is empty: configure at least one model".into());
+        }
+        if self.server.max_body_bytes == 0 {
+            return invalid("server.maxBodyBytes must be > 0".into());
+        }
+        if self.server.max_attempts == 0 {
+            return invalid("server.maxAttempts must be ≥ 1".into());
+        }
+        if self.server.listen == self.server.admin {
+            return invalid(format!(
+                "server.listen and server.admin are both {}: the admin port must be separate",
+                self.server.listen
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.events.parity_sample) {
+            return invalid("events.paritySample must be between 0 and 1".into());
+        }
+        if !self.profiles.contains_key("default")
+            && self.models.iter().any(|m| m.profile == "default")
+        {
+            return invalid(
+                "a model uses profile `default`, which `profiles` does not define".into(),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for model in &self.models {
+            let err = |message: String| ConfigError::Model {
+                model: model.name.clone(),
+                message,
+            };
+            if model.name.is_empty() {
+                return invalid("a model has an empty `name`".into());
+            }
+            if !names.insert(model.name.as_str()) {
+                return Err(err("defined twice".into()));
+            }
+            for adapter in &model.lora_adapters {
+                if !names.insert(adapter.name.as_str()) {
+                    return Err(err(format!(
+                        "LoRA adapter name {:?} is already a model or adapter name",
+                        adapter.name
+                    )));
+                }
+            }
+            if !self.profiles.contains_key(&model.profile) {
+                return Err(err(format!(
+                    "profile {:?} is not defined in `profiles` (defined: {})",
+                    model.profile,
+                    self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            if model.pod_kv_blocks == 0 {
+                return Err(err("podKvBlocks must be > 0".into()));
+            }
+            crate::hash::BlockHasher::new(&model.hash_settings())
+                .map_err(|e| err(e.to_string()))?;
+        }
+        for (name, profile) in &self.profiles {
+            if profile
+                .scorers
+                .iter()
+                .any(|s| !s.weight.is_finite() || s.weight < 0.0)
+            {
+                return invalid(format!(
+                    "profile {name:?}: scorer weights must be finite and ≥ 0"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}

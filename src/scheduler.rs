@@ -1,1 +1,189 @@
-//! (placeholder, replaced by its owner)
+//! Runs one scheduling profile: filters → weighted scorers → picker. Plugins
+//! live in `plugins/`; this module only composes them and records why a pod won.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::config::ProfileConfig;
+use crate::plugins::{
+    self, Candidate, Plugin, PluginContext, PluginError, RequestOutcome, SchedulingRequest,
+};
+use crate::pods::PodSet;
+
+/// A built profile.
+pub struct Pipeline {
+    name: String,
+    filters: Vec<Arc<dyn Plugin>>,
+    scorers: Vec<(Arc<dyn Plugin>, f64)>,
+    picker: Arc<dyn Plugin>,
+}
+
+/// The outcome of one scheduling pass.
+pub struct Decision {
+    pub profile: String,
+    /// Candidates best first: the first is tried, the rest are fallbacks for retries.
+    pub ranked: Vec<Candidate>,
+    /// Per ranked candidate: each scorer's score (in profile order) and the weighted total.
+    pub scores: Vec<(Vec<f64>, f64)>,
+    pub scorer_names: Vec<&'static str>,
+}
+
+impl Decision {
+    /// Compact `pod=total(scorer:score,…)` text for the `Request handled` log line.
+    pub fn scores_summary(&self) -> String {
+        let mut out = String::new();
+        for (cand, (parts, total)) in self.ranked.iter().zip(&self.scores) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            let _ = write!(out, "{}={total:.3}(", cand.pod.addr());
+            for (i, (name, score)) in self.scorer_names.iter().zip(parts).enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{name}:{score:.3}");
+            }
+            out.push(')');
+        }
+        out
+    }
+}
+
+fn check_role(plugin: &Arc<dyn Plugin>, ok: bool, role: &'static str) -> Result<(), PluginError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::WrongRole {
+            name: plugin.name().to_string(),
+            role,
+            roles: plugins::RolesDisplay(plugin.roles()),
+        })
+    }
+}
+
+impl Pipeline {
+    pub fn build(
+        name: &str,
+        cfg: &ProfileConfig,
+        ctx: &PluginContext,
+    ) -> Result<Self, PluginError> {
+        let mut filters = Vec::new();
+        for f in &cfg.filters {
+            let plugin = plugins::build(&f.name, f.params.as_ref(), ctx)?;
+            check_role(&plugin, plugin.roles().filter, "filter")?;
+            filters.push(plugin);
+        }
+        let mut scorers = Vec::new();
+        for s in &cfg.scorers {
+            let plugin = plugins::build(&s.name, s.params.as_ref(), ctx)?;
+            check_role(&plugin, plugin.roles().scorer, "scorer")?;
+            scorers.push((plugin, s.weight));
+        }
+        let picker = plugins::build(&cfg.picker.name, cfg.picker.params.as_ref(), ctx)?;
+        check_role(&picker, picker.roles().picker, "picker")?;
+        Ok(Self {
+            name: name.to_string(),
+            filters,
+            scorers,
+            picker,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ranks the pods for a request. An empty ranking means no pod can take it.
+    pub fn schedule(&self, req: &SchedulingRequest<'_>, pods: &PodSet) -> Decision {
+        let mut candidates: Vec<Candidate> =
+            pods.pods.iter().cloned().map(Candidate::new).collect();
+        for filter in &self.filters {
+            filter.filter(req, &mut candidates);
+        }
+        let n = candidates.len();
+        let mut per_scorer = vec![0.0; n * self.scorers.len()];
+        let mut totals = vec![0.0; n];
+        let mut scratch = vec![0.0; n];
+        for (s, (scorer, weight)) in self.scorers.iter().enumerate() {
+            scratch.iter_mut().for_each(|x| *x = 0.0);
+            scorer.score(req, &mut candidates, &mut scratch);
+            for (i, score) in scratch.iter().enumerate() {
+                let score = if score.is_finite() {
+                    score.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                per_scorer[i * self.scorers.len() + s] = score;
+                totals[i] += weight * score;
+            }
+        }
+        let mut order = Vec::with_capacity(n);
+        self.picker.pick(req, &candidates, &totals, &mut order);
+        order.retain(|&i| i < n);
+        let k = self.scorers.len();
+        let scores = order
+            .iter()
+            .map(|&i| (per_scorer[i * k..(i + 1) * k].to_vec(), totals[i]))
+            .collect();
+        let ranked = order.iter().map(|&i| candidates[i].clone()).collect();
+        Decision {
+            profile: self.name.clone(),
+            ranked,
+            scores,
+            scorer_names: self.scorers.iter().map(|(s, _)| s.name()).collect(),
+        }
+    }
+
+    fn plugins(&self) -> impl Iterator<Item = &Arc<dyn Plugin>> {
+        self.filters
+            .iter()
+            .chain(self.scorers.iter().map(|(s, _)| s))
+            .chain(std::iter::once(&self.picker))
+    }
+
+    pub fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
+        for plugin in self.plugins() {
+            plugin.routed(req, chosen);
+        }
+    }
+
+    pub fn completed(&self, outcome: &RequestOutcome) {
+        for plugin in self.plugins() {
+            plugin.completed(outcome);
+        }
+    }
+}
+
+/// A model's profiles, built from the config.
+pub struct ModelScheduler {
+    profiles: BTreeMap<String, Pipeline>,
+    default: String,
+}
+
+impl ModelScheduler {
+    pub fn build(
+        profiles: &BTreeMap<String, ProfileConfig>,
+        default: &str,
+        ctx: &PluginContext,
+    ) -> Result<Self, PluginError> {
+        let mut built = BTreeMap::new();
+        for (name, cfg) in profiles {
+            built.insert(name.clone(), Pipeline::build(name, cfg, ctx)?);
+        }
+        Ok(Self {
+            profiles: built,
+            default: default.to_string(),
+        })
+    }
+
+    /// The profile a request asked for, or the model's default. `None` when the
+    /// requested profile does not exist (the caller answers 400).
+    pub fn profile(&self, requested: Option<&str>) -> Option<&Pipeline> {
+        self.profiles.get(requested.unwrap_or(&self.default))
+    }
+
+    pub fn profile_names(&self) -> impl Iterator<Item = &str> {
+        self.profiles.keys().map(String::as_str)
+    }
+}
