@@ -25,7 +25,10 @@ mod tests {
     #[test]
     fn scopes_are_stable_and_distinct() {
         assert_eq!(scope_id("Qwen3-32B", None), scope_id("Qwen3-32B", None));
-        assert_ne!(scope_id("Qwen3-32B", None), scope_id("Qwen3-32B", Some("sql-lora")));
+        assert_ne!(
+            scope_id("Qwen3-32B", None),
+            scope_id("Qwen3-32B", Some("sql-lora"))
+        );
         assert_ne!(scope_id("a", Some("bc")), scope_id("ab", Some("c")));
     }
 }
