@@ -33,7 +33,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Public OpenAI-compatible listener.
     pub listen: SocketAddr,
@@ -92,7 +92,7 @@ pub enum EventsMode {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct EventsConfig {
     pub mode: EventsMode,
     /// Bind mode: the SUB endpoint.
@@ -123,7 +123,7 @@ impl Default for EventsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct IndexSettings {
     /// Memory budget of the block index; least-recently-stored entries are evicted beyond it.
     pub budget_bytes: usize,
@@ -146,7 +146,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// `tracing` env-filter syntax, e.g. `info` or `kvgate=debug,pingora=warn`.
     pub level: String,
@@ -418,5 +418,66 @@ impl Config {
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        let config = Config::load(&shipped("conf/kvgate.yaml")).expect("conf/kvgate.yaml is valid");
+        assert_eq!(config.models[0].block_size, 64);
+        assert_eq!(config.models[0].hash_seed.as_deref(), Some("42"));
+        let deploy =
+            Config::load(&shipped("deploy/kvgate/kvgate.yaml")).expect("deploy config is valid");
+        assert_eq!(deploy.models[0].name, "Qwen3-32B");
+    }
+
+    fn with_model(extra: &str) -> String {
+        format!(
+            "models:\n  - name: m\n    tokenizer: t.json\n    blockSize: 64\n    discovery: {{static: {{pods: []}}}}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn seed_setting_is_expressible_as_written() {
+        let text = with_model("    hashAlgo: sha256_cbor_64bit\n    hashSeed: \"42\"\n    vllmRelease: \"0.10.1.1\"\n");
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.models[0].hash_algo, HashAlgo::Sha256Cbor64bit);
+    }
+
+    #[test]
+    fn removed_algorithm_is_rejected_with_the_replacement() {
+        let text = with_model(
+            "    hashAlgo: sha256_cbor_64bit\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
+        );
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sha256_cbor"), "{err}");
+        assert!(err.contains("model \"m\""), "{err}");
+    }
+
+    #[test]
+    fn typos_are_rejected() {
+        let text = with_model("    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n    blocksize: 16\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("blocksize"), "{err}");
+        let text = with_model("    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n    profile: fast\n");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fast"), "{err}");
     }
 }
