@@ -16,6 +16,8 @@ use std::time::Duration;
 use crate::index::BlockIndex;
 use crate::pods::{Pod, PodId};
 
+mod shim;
+
 /// What a plugin sees of the request. Built once per request; borrowed by every plugin.
 pub struct SchedulingRequest<'a> {
     pub request_id: &'a str,
@@ -179,7 +181,12 @@ type Factory =
     fn(Option<&yaml_serde::Value>, &PluginContext) -> Result<Arc<dyn Plugin>, PluginError>;
 
 /// Every registered plugin, by the name used in YAML.
-const REGISTRY: &[(&str, Factory)] = &[];
+const REGISTRY: &[(&str, Factory)] = &[
+    ("healthy", shim::healthy),
+    ("kv-cache", shim::kv_cache),
+    ("load", shim::load),
+    ("max-score", shim::max_score),
+];
 
 /// Builds a plugin by name with its params.
 pub fn build(

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pods;
 pub mod proxy;
 pub mod scheduler;
+pub mod serve;
 pub mod sim;
 pub mod tokenize;
 pub mod vllm;
