@@ -1,7 +1,6 @@
 //! `kvgate serve`: wires the config, the shared gateway state, the proxy service and
 //! the background services into a Pingora server and runs it.
 
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,11 +8,11 @@ use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::ServiceReadyNotifier;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, ConfigError, LogFormat, LoggingConfig};
-use crate::discovery::{DiscoveryConfig, PodEndpoint};
-use crate::proxy::{Gateway, GatewayError, HealthChecker, KvGateProxy};
+use crate::proxy::{DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -36,12 +35,6 @@ pub enum ServeError {
     Gateway(#[from] GatewayError),
     #[error("logging.level {level:?} is not a valid filter: {message}")]
     LogFilter { level: String, message: String },
-    #[error("model {model:?}: static pod {pod:?} is not a resolvable host:port: {message}")]
-    StaticPod {
-        model: String,
-        pod: String,
-        message: String,
-    },
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
@@ -50,9 +43,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     init_tracing(&config.logging)?;
     let listen = config.server.listen;
     let threads = config.server.threads;
-    let static_pods = static_endpoints(&config)?;
     let gateway = Arc::new(Gateway::build(config)?);
-    apply_static_pods(&gateway, &static_pods);
 
     let opt = Opt {
         upgrade: args.upgrade,
@@ -72,18 +63,25 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         "kvgate proxy",
     );
     proxy.add_tcp(&listen.to_string());
-    server.add_service(proxy);
-    server.add_service(background_service(
-        "pod health",
-        HealthChecker::new(Arc::clone(&gateway)),
+    let discovery = server.add_service(background_service(
+        "discovery",
+        DiscoveryFeed::new(Arc::clone(&gateway)),
     ));
-    server.add_service(background_service(
+    let reloader = server.add_service(background_service(
         "config reload",
         Reloader {
             path: args.config.clone(),
-            gateway,
+            gateway: Arc::clone(&gateway),
         },
     ));
+    server.add_service(background_service(
+        "pod health",
+        HealthChecker::new(gateway),
+    ));
+    let proxy = server.add_service(proxy);
+    // Listen only once pods are known (or the discovery wait ran out) and SIGHUP is
+    // handled (its default action would end the process).
+    proxy.add_dependencies([&discovery, &reloader]);
     tracing::info!(%listen, "kvgate serving");
     server.run_forever()
 }
@@ -106,14 +104,8 @@ fn init_tracing(logging: &LoggingConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-fn apply_static_pods(gateway: &Gateway, pods: &[(String, Vec<PodEndpoint>)]) {
-    for (model, endpoints) in pods {
-        gateway.pods.apply_snapshot(model, endpoints);
-    }
-}
-
 /// Reloads the config on SIGHUP: the new one is built completely and swapped in, or
-/// refused with the running one untouched.
+/// refused with the running one untouched. Discovery sources keep running as started.
 struct Reloader {
     path: PathBuf,
     gateway: Arc<Gateway>,
@@ -121,18 +113,21 @@ struct Reloader {
 
 impl Reloader {
     fn reload(&self) -> Result<(), ServeError> {
-        let config = Config::load(&self.path)?;
-        let static_pods = static_endpoints(&config)?;
-        self.gateway.reload(config)?;
-        apply_static_pods(&self.gateway, &static_pods);
+        self.gateway.reload(Config::load(&self.path)?)?;
         Ok(())
     }
 }
 
 #[async_trait]
 impl BackgroundService for Reloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hangups = match signal(SignalKind::hangup()) {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let hangups = signal(SignalKind::hangup());
+        ready.notify_ready();
+        let mut hangups = match hangups {
             Ok(s) => s,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGHUP; config reload is off");
@@ -149,35 +144,4 @@ impl BackgroundService for Reloader {
             }
         }
     }
-}
-
-/// Pods listed in the config (`discovery: {static: {pods: [host:port, …]}}`), resolved once.
-fn static_endpoints(config: &Config) -> Result<Vec<(String, Vec<PodEndpoint>)>, ServeError> {
-    let mut out = Vec::new();
-    for model in &config.models {
-        let DiscoveryConfig::Static { pods } = &model.discovery;
-        let mut endpoints = Vec::with_capacity(pods.len());
-        for pod in pods {
-            let error = |message: String| ServeError::StaticPod {
-                model: model.name.clone(),
-                pod: pod.clone(),
-                message,
-            };
-            let addr = pod
-                .to_socket_addrs()
-                .map_err(|e| error(e.to_string()))?
-                .next()
-                .ok_or_else(|| error("resolves to no address".into()))?;
-            endpoints.push(PodEndpoint {
-                key: pod.clone(),
-                name: pod.clone(),
-                http: addr,
-                events: None,
-                replay: None,
-                topic_host: addr.ip().to_string(),
-            });
-        }
-        out.push((model.name.clone(), endpoints));
-    }
-    Ok(out)
 }

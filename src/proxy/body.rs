@@ -4,11 +4,16 @@
 //! retry buffer would cap a replayable body at 64 KiB, hence this reader and the
 //! forwarder that sends the `Bytes` it returns.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 
 /// Initial buffer for bodies without `Content-Length` (chunked uploads).
 const CHUNKED_INITIAL_CAPACITY: usize = 64 << 10;
+/// Bounds on reading and dropping the rest of a refused body.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -59,6 +64,22 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Bod
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// Reads and drops what is left of a body that was refused, after the error response is
+/// written. Most clients send the whole request before reading: closing on them mid-upload
+/// would make them see a connection reset instead of the error. Bounded in time and bytes.
+pub async fn discard_rest(session: &mut Session) {
+    let drain = async {
+        let mut dropped = 0;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            dropped += chunk.len();
+            if dropped > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 fn declared_length(session: &Session) -> Option<usize> {

@@ -6,6 +6,7 @@
 //! unreachable. This file only dispatches by path and writes the log line.
 
 mod body;
+mod discovery;
 mod errors;
 mod forward;
 mod gateway;
@@ -24,6 +25,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
+pub use discovery::DiscoveryFeed;
 pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
 pub use gateway::{Gateway, GatewayError, GatewayState, ModelRuntime, Route};
@@ -113,11 +115,16 @@ impl ProxyHttp for KvGateProxy {
             if ctx.error.is_none() {
                 ctx.error = Some(error.message.clone());
             }
-            // The client may still be sending a body we will not read.
-            if !session.is_body_done() {
+            // The client may still be sending a body we will not read: answer, let it
+            // finish sending, then close.
+            let unread_body = !session.is_body_done();
+            if unread_body {
                 session.set_keepalive(None);
             }
             errors::respond(session, &error, &ctx.request_id).await?;
+            if unread_body {
+                body::discard_rest(session).await;
+            }
         }
         Ok(true)
     }

@@ -160,7 +160,7 @@ models:
         for (name, pods) in &self.models {
             let pods = pods
                 .iter()
-                .map(|p| format!("\"{p}\""))
+                .map(|p| format!("{{http: \"{p}\"}}"))
                 .collect::<Vec<_>>()
                 .join(", ");
             out.push_str(&format!(
@@ -168,10 +168,12 @@ models:
     tokenizer: {TOKENIZER_DIR}/tokenizer.json
     tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
     blockSize: 16
-    hashAlgo: sha256
-    vllmRelease: \"0.10.1.1\"
-    discovery: !static
-      pods: [{pods}]
+    hashAlgo: sha256_cbor
+    hashSeed: \"0\"
+    vllmRelease: \"0.11.0\"
+    discovery:
+      static:
+        pods: [{pods}]
 "
             ));
         }

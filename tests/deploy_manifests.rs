@@ -1,0 +1,402 @@
+//! The manifests under deploy/: rendered with `kubectl kustomize` (offline), validated strictly
+//! against the Kubernetes 1.33 OpenAPI schemas (the API version kvgate's k8s-openapi feature
+//! targets) with the `kubernetes-validate` package, then checked for what schemas cannot see:
+//! selectors that match, probes on the admin port, least-privilege RBAC, and a kvgate config
+//! that agrees with the vLLM fleet it fronts.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use kvgate::discovery::{DiscoveryConfig, PortRef};
+use serde::Deserialize;
+use serde_json::Value;
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+const VALIDATOR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/k8s/validate_manifests.py"
+);
+/// Matches k8s-openapi's `v1_33` feature in Cargo.toml.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+fn kustomize(dir: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize", dir])
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 manifests")
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    yaml_serde::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("YAML document"))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in the rendered manifests"))
+}
+
+fn rendered() -> Vec<Value> {
+    documents(&kustomize(DEPLOY))
+}
+
+fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
+    deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// A probe's or Service's port: a number, or a container port's name.
+fn resolve_port(container: &Value, port: &Value) -> u64 {
+    if let Some(n) = port.as_u64() {
+        return n;
+    }
+    container["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == *port))
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("container has no port {port}"))
+}
+
+fn arg_after<'a>(container: &'a Value, flag: &str) -> &'a str {
+    let args = container["args"].as_array().expect("args");
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no value for {flag}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_array()
+        .and_then(|es| es.iter().find(|e| e["name"] == name))
+        .unwrap_or_else(|| panic!("no env {name}"))
+}
+
+fn selector_matches(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v))
+}
+
+#[test]
+fn every_manifest_is_valid_against_the_kubernetes_schemas() {
+    for dir in [
+        DEPLOY.to_string(),
+        format!("{DEPLOY}/kvgate"),
+        format!("{DEPLOY}/vllm-example"),
+    ] {
+        let manifests = kustomize(&dir);
+        let mut validator = Command::new("python3")
+            .args([VALIDATOR, KUBERNETES_VERSION])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the validator (python3 with kubernetes-validate)");
+        validator
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(manifests.as_bytes())
+            .expect("feed manifests");
+        let out = validator.wait_with_output().expect("validator output");
+        let report = String::from_utf8_lossy(&out.stdout);
+        println!("{dir}:\n{report}");
+        assert!(
+            out.status.success(),
+            "{dir} has invalid manifests:\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn kvgate_deployment_is_highly_available_and_locked_down() {
+    let docs = rendered();
+    let deployment = find(&docs, "Deployment", "kvgate");
+    let spec = &deployment["spec"];
+    assert!(
+        spec["replicas"].as_u64() >= Some(2),
+        "kvgate needs at least 2 replicas"
+    );
+    let pod = &spec["template"]["spec"];
+    let kvgate = container(deployment, "kvgate");
+
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        let get = &kvgate[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(
+            resolve_port(kvgate, &get["port"]),
+            9090,
+            "{probe} must hit the admin port"
+        );
+    }
+    let ports: Vec<u64> = kvgate["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["containerPort"].as_u64())
+        .collect();
+    assert_eq!(ports, [8080, 9090, 5557]);
+
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(kvgate["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(kvgate["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(kvgate["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert!(kvgate["resources"]["requests"]["cpu"].is_string());
+    assert!(kvgate["resources"]["limits"]["memory"].is_string());
+
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    let pre_stop = kvgate["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .expect("preStop sleep");
+    assert!(
+        pre_stop < grace,
+        "preStop ({pre_stop}s) must leave time for shutdown ({grace}s)"
+    );
+
+    let spread = pod["topologySpreadConstraints"]
+        .as_array()
+        .expect("topology spread");
+    let labels = &pod_labels(deployment);
+    assert!(spread
+        .iter()
+        .any(|c| c["topologyKey"] == "kubernetes.io/hostname"
+            && selector_matches(&c["labelSelector"]["matchLabels"], labels)));
+    assert_eq!(pod["serviceAccountName"], "kvgate");
+}
+
+fn pod_labels(deployment: &Value) -> Value {
+    deployment["spec"]["template"]["metadata"]["labels"].clone()
+}
+
+#[test]
+fn services_and_budget_select_the_kvgate_pods() {
+    let docs = rendered();
+    let deployment = find(&docs, "Deployment", "kvgate");
+    let labels = pod_labels(deployment);
+    let kvgate = container(deployment, "kvgate");
+    assert!(selector_matches(
+        &deployment["spec"]["selector"]["matchLabels"],
+        &labels
+    ));
+
+    for (name, kind, port) in [
+        ("kvgate", "LoadBalancer", 8080),
+        ("kvgate-events", "ClusterIP", 5557),
+        ("kvgate-admin", "ClusterIP", 9090),
+    ] {
+        let service = find(&docs, "Service", name);
+        assert_eq!(service["spec"]["type"], kind, "{name}");
+        assert!(
+            selector_matches(&service["spec"]["selector"], &labels),
+            "{name} selects no kvgate pod"
+        );
+        let service_port = &service["spec"]["ports"][0];
+        assert_eq!(service_port["port"], port, "{name}");
+        assert_eq!(
+            resolve_port(kvgate, &service_port["targetPort"]),
+            port,
+            "{name} targetPort"
+        );
+    }
+    let budget = find(&docs, "PodDisruptionBudget", "kvgate");
+    assert!(selector_matches(
+        &budget["spec"]["selector"]["matchLabels"],
+        &labels
+    ));
+    let replicas = deployment["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(budget["spec"]["maxUnavailable"].as_u64() < Some(replicas));
+}
+
+#[test]
+fn rbac_is_read_only_on_what_discovery_watches() {
+    let docs = rendered();
+    let role = find(&docs, "Role", "kvgate-discovery");
+    let mut granted: Vec<(String, String)> = Vec::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_array()
+            .expect("verbs")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule}");
+        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
+        for group in rule["apiGroups"].as_array().expect("apiGroups") {
+            for resource in rule["resources"].as_array().expect("resources") {
+                granted.push((
+                    group.as_str().expect("group").to_string(),
+                    resource.as_str().expect("resource").to_string(),
+                ));
+            }
+        }
+    }
+    granted.sort();
+    let expected = [
+        ("", "endpoints"),
+        ("", "pods"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("inference.networking.k8s.io", "inferencepools"),
+    ];
+    assert_eq!(
+        granted,
+        expected.map(|(g, r)| (g.to_string(), r.to_string()))
+    );
+    assert!(!docs
+        .iter()
+        .any(|d| d["kind"] == "ClusterRole" || d["kind"] == "ClusterRoleBinding"));
+
+    let binding = find(&docs, "RoleBinding", "kvgate-discovery");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], "kvgate-discovery");
+    let subject = &binding["subjects"][0];
+    assert_eq!(subject["kind"], "ServiceAccount");
+    assert_eq!(subject["name"], "kvgate");
+    assert_eq!(
+        subject["namespace"],
+        find(&docs, "ServiceAccount", "kvgate")["metadata"]["namespace"]
+    );
+}
+
+#[test]
+fn kvgate_config_agrees_with_the_vllm_fleet() {
+    let docs = rendered();
+    let kvgate_deployment = find(&docs, "Deployment", "kvgate");
+    let config_map_name = kvgate_deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find_map(|v| v["configMap"]["name"].as_str()))
+        .expect("config volume");
+    let config_map = find(&docs, "ConfigMap", config_map_name);
+    let config: Value = yaml_serde::from_str(
+        config_map["data"]["kvgate.yaml"]
+            .as_str()
+            .expect("kvgate.yaml"),
+    )
+    .expect("kvgate.yaml is YAML");
+    let model = &config["models"][0];
+    let model_name = model["name"].as_str().expect("model name");
+
+    let discovery: DiscoveryConfig = serde_json::from_value(model["discovery"].clone())
+        .expect("discovery section parses as kvgate's DiscoveryConfig");
+    discovery.validate().expect("discovery section is valid");
+    let DiscoveryConfig::Kubernetes(kube) = discovery else {
+        panic!("the example discovers through Kubernetes")
+    };
+
+    let service_name = kube.service.as_deref().expect("service");
+    let service = find(&docs, "Service", service_name);
+    let namespace = kube.namespace.as_deref().expect("namespace");
+    assert_eq!(service["metadata"]["namespace"], namespace);
+    let vllm = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Deployment"
+                && selector_matches(&service["spec"]["selector"], &pod_labels(d))
+        })
+        .expect("a Deployment behind the discovered Service");
+    let engine = container(vllm, "vllm");
+    let Some(PortRef::Number(port)) = kube.port else {
+        panic!("numeric port expected")
+    };
+    assert_eq!(
+        resolve_port(engine, &service["spec"]["ports"][0]["targetPort"]),
+        u64::from(port)
+    );
+    assert_eq!(arg_after(engine, "--port"), port.to_string());
+
+    // Everything the block hashes depend on must match on both sides.
+    assert_eq!(arg_after(engine, "--served-model-name"), model_name);
+    assert_eq!(
+        arg_after(engine, "--block-size"),
+        model["blockSize"].to_string()
+    );
+    assert_eq!(
+        arg_after(engine, "--prefix-caching-hash-algo"),
+        model["hashAlgo"]
+    );
+    assert_eq!(env(engine, "PYTHONHASHSEED")["value"], model["hashSeed"]);
+    let image = engine["image"].as_str().expect("image");
+    assert_eq!(
+        image.rsplit(':').next(),
+        Some(format!("v{}", model["vllmRelease"].as_str().expect("release")).as_str())
+    );
+
+    // Events: the pods connect to kvgate's bound SUB through the events Service, topic per pod IP.
+    let events: Value = serde_json::from_str(arg_after(engine, "--kv-events-config"))
+        .expect("--kv-events-config is JSON");
+    assert_eq!(events["enable_kv_cache_events"], true);
+    assert_eq!(events["publisher"], "zmq");
+    assert_eq!(events["topic"], format!("kv@$(POD_IP)@{model_name}"));
+    assert_eq!(
+        env(engine, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    let events_service = find(&docs, "Service", "kvgate-events");
+    let events_port = &events_service["spec"]["ports"][0]["port"];
+    assert_eq!(
+        events["endpoint"],
+        format!(
+            "tcp://kvgate-events.{}.svc:{events_port}",
+            events_service["metadata"]["namespace"]
+                .as_str()
+                .expect("ns")
+        )
+    );
+    assert_eq!(config["events"]["mode"], "bind");
+    assert!(config["events"]["bind"]
+        .as_str()
+        .expect("bind")
+        .ends_with(&format!(":{events_port}")));
+    assert!(engine["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .any(|a| a == "--enable-prefix-caching"));
+
+    // kvgate reads the very tokenizer files vLLM loads: same claim, the model's directory.
+    let claim = |deployment: &Value| {
+        deployment["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .and_then(|vs| {
+                vs.iter()
+                    .find_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+            })
+            .map(str::to_string)
+    };
+    assert_eq!(claim(kvgate_deployment), claim(vllm));
+    let kvgate = container(kvgate_deployment, "kvgate");
+    let model_mount = kvgate["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "model"))
+        .expect("model mount");
+    let model_dir = engine["args"][0].as_str().expect("model path");
+    let tokenizer = model["tokenizer"].as_str().expect("tokenizer");
+    let mount_path = model_mount["mountPath"].as_str().expect("mountPath");
+    let sub_path = model_mount["subPath"].as_str().expect("subPath");
+    let engine_mount = engine["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "model"))
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("vLLM model mount");
+    assert_eq!(format!("{engine_mount}/{sub_path}"), model_dir);
+    assert_eq!(tokenizer, format!("{mount_path}/tokenizer.json"));
+}
