@@ -14,9 +14,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::index::BlockIndex;
-use crate::pods::{Pod, PodId};
+use crate::pods::Pod;
 
-mod shim;
+mod healthy;
+mod kv_cache;
+mod least_request;
+mod load;
+mod max_score;
+mod prefix;
+mod random;
+mod round_robin;
+mod session;
+#[cfg(test)]
+mod testing;
+mod ttft;
 
 /// What a plugin sees of the request. Built once per request; borrowed by every plugin.
 pub struct SchedulingRequest<'a> {
@@ -31,7 +42,8 @@ pub struct SchedulingRequest<'a> {
     pub prompt_tokens: usize,
     /// Value of the session-affinity header, if the request carried one.
     pub session: Option<&'a str>,
-    /// Monotonic time of the decision (virtual in `kvgate bench`).
+    /// Monotonic time of the decision, on the clock the pod registry's health and
+    /// ejection state use (`Pod::is_healthy` takes it in ms); virtual in `kvgate bench`.
     pub now: Duration,
 }
 
@@ -62,8 +74,13 @@ impl Candidate {
 /// How a routed request ended, for plugins that learn from outcomes.
 #[derive(Clone, Debug)]
 pub struct RequestOutcome {
-    pub pod: PodId,
+    /// The pod that served it: learners keep per-pod state on the pod itself (e.g. its prefill rate).
+    pub pod: Arc<Pod>,
     pub prompt_tokens: usize,
+    /// Uncached prompt tokens the router already had in flight on the pod when this request
+    /// was sent (`Pod::uncached_tokens_in_flight` read just before `Pod::begin_request`):
+    /// the prefill work queued ahead of it, which its time to first token includes.
+    pub queued_uncached_tokens: u64,
     /// Tokens the router expected the pod to have cached.
     pub predicted_cached_tokens: usize,
     /// `usage.prompt_tokens_details.cached_tokens` from the response, when the pod reported it.
@@ -106,7 +123,9 @@ pub trait Plugin: Send + Sync {
 
     /// Removes candidates this policy rules out. Filters must never remove the last
     /// candidate when that would fail a request another pod could still serve
-    /// degraded (e.g. all pods overloaded): they keep the input then.
+    /// degraded (e.g. all pods overloaded): they keep the input then. Only a filter
+    /// that removes pods unable to serve at all (`healthy`) may leave none: the
+    /// request then fails fast (503).
     fn filter(&self, _req: &SchedulingRequest<'_>, _candidates: &mut Vec<Candidate>) {}
 
     /// Writes one score in [0, 1] per candidate into `scores` (same order, same length).
@@ -182,10 +201,16 @@ type Factory =
 
 /// Every registered plugin, by the name used in YAML.
 const REGISTRY: &[(&str, Factory)] = &[
-    ("healthy", shim::healthy),
-    ("kv-cache", shim::kv_cache),
-    ("load", shim::load),
-    ("max-score", shim::max_score),
+    (healthy::NAME, healthy::build),
+    (kv_cache::NAME, kv_cache::build),
+    (prefix::NAME, prefix::build),
+    (load::NAME, load::build),
+    (ttft::NAME, ttft::build),
+    (least_request::NAME, least_request::build),
+    (session::NAME, session::build),
+    (round_robin::NAME, round_robin::build),
+    (random::NAME, random::build),
+    (max_score::NAME, max_score::build),
 ];
 
 /// Builds a plugin by name with its params.
@@ -218,5 +243,25 @@ pub fn parse_params<T: serde::de::DeserializeOwned + Default>(
             name: name.to_string(),
             message: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_plugin_builds_with_defaults() {
+        let ctx = testing::context();
+        for (name, _) in REGISTRY {
+            let plugin = build(name, None, &ctx).expect("defaults are valid");
+            assert_eq!(plugin.name(), *name);
+            let roles = plugin.roles();
+            assert!(roles.filter || roles.scorer || roles.picker);
+        }
+        assert!(matches!(
+            build("nope", None, &ctx),
+            Err(PluginError::Unknown { .. })
+        ));
     }
 }

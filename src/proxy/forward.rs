@@ -110,6 +110,8 @@ pub struct ForwardReport {
     /// Index in the targets of the pod that answered (or was tried last).
     pub target: Option<usize>,
     pub attempts: u32,
+    /// Uncached prompt tokens already in flight on that pod when the request was sent.
+    pub queued_uncached_tokens: u64,
     /// Upstream status, once a response header arrived.
     pub status: Option<u16>,
     /// Whether anything of a response was written downstream (no error response possible then).
@@ -166,6 +168,7 @@ impl Forwarder {
             let pod = &target.pod;
             report.target = Some(next);
             report.attempts += 1;
+            report.queued_uncached_tokens = pod.uncached_tokens_in_flight();
             let mut load = pod.begin_request(target.uncached_tokens);
             let peer = peer_for(pod.addr(), settings);
             let sent_at = Instant::now();

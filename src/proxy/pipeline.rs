@@ -213,8 +213,9 @@ impl KvGateProxy {
             ctx.predicted_cached_tokens = Some(predicted);
             ctx.pod_in_flight = Some(target.pod.in_flight());
             profile.completed(&RequestOutcome {
-                pod: target.pod.id,
+                pod: Arc::clone(&target.pod),
                 prompt_tokens: prompt.tokens,
+                queued_uncached_tokens: report.queued_uncached_tokens,
                 predicted_cached_tokens: predicted,
                 actual_cached_tokens: ctx.actual_cached_tokens.map(|n| n as usize),
                 time_to_first_token: report.time_to_first_byte,

@@ -1,0 +1,443 @@
+//! `kv-cache` (scorer): precise prefix affinity from the block index that the pods'
+//! KV events maintain.
+//!
+//! Score = cache credit / request blocks, where a pod's credit is its longest cached
+//! prefix of the request: blocks in GPU memory count fully, blocks found only in the
+//! CPU tier count `cpuDiscount` each (they must be copied back, which is cheaper than
+//! recomputing but not free). Only pods whose event stream is `Synced` get credit;
+//! `Unknown` pods are treated as cold and `Untrusted` ones are routed on load only.
+//!
+//! **Speculative credit.** Events lag the routing decision (the pod publishes a block
+//! once it is computed), so a burst of requests sharing a new prefix would otherwise
+//! scatter. After routing, the chosen pod is credited with the request's blocks for
+//! `speculativeTtlMs`; the credit is the max of indexed and speculative prefixes, so
+//! once events confirm the blocks the index carries on and the speculation just ages out.
+//!
+//! **Saturation valve.** Affinity must yield when the holder is overloaded, or every
+//! request of a hot prefix piles onto one pod. The cache score is multiplied by
+//! `f = clamp(2 − p, 0, 1)` where `p` is the pod's pressure *relative to the least
+//! loaded candidate*: `max(excess uncached tokens in flight / saturationTokens,
+//! excess scraped waiting requests / saturationWaiting)`. Up to one threshold of
+//! excess the credit is full; at twice the threshold it is 0 and the pod competes on
+//! load alone, so a load scorer in the profile decides. Pressure is relative so that
+//! when every pod is equally busy, cache hits (which save compute exactly when it is
+//! scarce) still steer requests.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashbrown::HashMap;
+use parking_lot::RwLock;
+use serde::Deserialize;
+
+use super::{
+    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+};
+use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
+use crate::pods::{EventTrust, Pod, PodId};
+
+pub const NAME: &str = "kv-cache";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct Params {
+    /// Credit of a block held only in the CPU tier, relative to a GPU-resident block (0..=1).
+    cpu_discount: f64,
+    /// How long a routed request's blocks count as cached on the chosen pod before
+    /// events confirm them (0 disables speculative credit).
+    speculative_ttl_ms: u64,
+    /// Bound on remembered speculative (pod, block) pairs; the oldest go first.
+    max_speculative_blocks: usize,
+    /// Excess prefill backlog (uncached prompt tokens in flight, beyond the least loaded
+    /// candidate's) at which cache affinity starts to yield; it is gone at twice this.
+    saturation_tokens: u64,
+    /// Same, for vLLM's scraped waiting queue (requests).
+    saturation_waiting: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            cpu_discount: 0.5,
+            speculative_ttl_ms: 2_000,
+            max_speculative_blocks: 1 << 18,
+            saturation_tokens: 16_384,
+            saturation_waiting: 4.0,
+        }
+    }
+}
+
+pub fn build(
+    params: Option<&yaml_serde::Value>,
+    ctx: &PluginContext,
+) -> Result<Arc<dyn Plugin>, PluginError> {
+    let p: Params = parse_params(NAME, params)?;
+    let bad = |message: &str| {
+        Err(PluginError::Params {
+            name: NAME.to_string(),
+            message: message.to_string(),
+        })
+    };
+    if !(0.0..=1.0).contains(&p.cpu_discount) {
+        return bad("cpuDiscount must be between 0 and 1");
+    }
+    if p.speculative_ttl_ms > 0 && p.max_speculative_blocks == 0 {
+        return bad("maxSpeculativeBlocks must be > 0 when speculativeTtlMs is set");
+    }
+    if p.saturation_tokens == 0 {
+        return bad("saturationTokens must be > 0");
+    }
+    if !(p.saturation_waiting.is_finite() && p.saturation_waiting > 0.0) {
+        return bad("saturationWaiting must be > 0");
+    }
+    Ok(Arc::new(KvCache {
+        index: Arc::clone(&ctx.index),
+        cpu_discount: p.cpu_discount,
+        speculative_ttl: Duration::from_millis(p.speculative_ttl_ms),
+        saturation_tokens: p.saturation_tokens as f64,
+        saturation_waiting: p.saturation_waiting,
+        speculative: RwLock::new(Speculative {
+            expires: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: p.max_speculative_blocks,
+        }),
+    }))
+}
+
+pub struct KvCache {
+    index: Arc<BlockIndex>,
+    cpu_discount: f64,
+    speculative_ttl: Duration,
+    saturation_tokens: f64,
+    saturation_waiting: f64,
+    speculative: RwLock<Speculative>,
+}
+
+thread_local! {
+    /// Lookup result buffer, reused so a scoring pass does not allocate.
+    static PREFIX_MATCH: RefCell<PrefixMatch> = RefCell::new(PrefixMatch::new());
+}
+
+/// Blocks recently routed to a pod, not yet confirmed by its events.
+struct Speculative {
+    /// (scope, block key, pod) → when the credit ends.
+    expires: HashMap<(ScopeId, u64, PodId), Duration>,
+    /// Insertion order, oldest first, for expiry and the size bound. An entry whose
+    /// pair was refreshed since is stale: its deadline no longer matches `expires`.
+    order: VecDeque<(Duration, ScopeId, u64, PodId)>,
+    capacity: usize,
+}
+
+impl Speculative {
+    fn record(&mut self, scope: ScopeId, keys: &[u64], pod: PodId, now: Duration, ttl: Duration) {
+        while self.order.front().is_some_and(|e| e.0 <= now) {
+            self.pop_oldest();
+        }
+        let until = now + ttl;
+        // Last block first, so that block 0 is the newest entry: when the bound trims a
+        // long request, it drops the tail of its prefix, never the head.
+        for &key in keys.iter().rev() {
+            self.expires.insert((scope, key, pod), until);
+            self.order.push_back((until, scope, key, pod));
+        }
+        while self.order.len() > self.capacity {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((until, scope, key, pod)) = self.order.pop_front() {
+            if self.expires.get(&(scope, key, pod)) == Some(&until) {
+                self.expires.remove(&(scope, key, pod));
+            }
+        }
+    }
+
+    /// Leading blocks of `keys` speculatively held by `pod` at `now`.
+    fn prefix_len(&self, scope: ScopeId, keys: &[u64], pod: PodId, now: Duration) -> u32 {
+        if self.expires.is_empty() {
+            return 0;
+        }
+        let held = keys
+            .iter()
+            .take_while(|&&key| {
+                self.expires
+                    .get(&(scope, key, pod))
+                    .is_some_and(|&until| until > now)
+            })
+            .count();
+        u32::try_from(held).unwrap_or(u32::MAX)
+    }
+}
+
+/// Cache credit of one pod in blocks: GPU-resident blocks fully, CPU-only ones discounted.
+fn indexed_credit(held: PodPrefix, request_blocks: u32, cpu_discount: f64) -> (f64, u32) {
+    let gpu = held.gpu_blocks.min(request_blocks);
+    let any = held.any_blocks.clamp(gpu, request_blocks);
+    (gpu as f64 + cpu_discount * (any - gpu) as f64, any)
+}
+
+impl KvCache {
+    /// Fraction of cache credit a pod keeps given its load relative to the least loaded candidate.
+    fn affinity_factor(&self, pod: &Pod, min_backlog: u64, min_waiting: f64) -> f64 {
+        let excess_tokens = pod.uncached_tokens_in_flight().saturating_sub(min_backlog) as f64;
+        let excess_waiting = (pod.scraped().waiting - min_waiting).max(0.0);
+        let pressure =
+            (excess_tokens / self.saturation_tokens).max(excess_waiting / self.saturation_waiting);
+        (2.0 - pressure).clamp(0.0, 1.0)
+    }
+}
+
+impl Plugin for KvCache {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn roles(&self) -> Roles {
+        Roles::SCORER
+    }
+
+    fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
+        let Ok(request_blocks) = u32::try_from(req.block_keys.len()) else {
+            return;
+        };
+        if request_blocks == 0
+            || !candidates
+                .iter()
+                .any(|c| c.pod.trust() == EventTrust::Synced)
+        {
+            return;
+        }
+        let min_backlog = candidates
+            .iter()
+            .map(|c| c.pod.uncached_tokens_in_flight())
+            .min()
+            .unwrap_or(0);
+        let min_waiting = candidates
+            .iter()
+            .map(|c| c.pod.scraped().waiting)
+            .fold(f64::INFINITY, f64::min);
+        PREFIX_MATCH.with_borrow_mut(|found| {
+            self.index.lookup(req.scope, req.block_keys, found);
+            let speculative = self.speculative.read();
+            for (cand, score) in candidates.iter_mut().zip(scores.iter_mut()) {
+                if cand.pod.trust() != EventTrust::Synced {
+                    continue;
+                }
+                let (indexed, any) =
+                    indexed_credit(found.get(cand.pod.id), request_blocks, self.cpu_discount);
+                let promised =
+                    speculative.prefix_len(req.scope, req.block_keys, cand.pod.id, req.now);
+                cand.cached_blocks = cand.cached_blocks.max(any).max(promised);
+                let credit = indexed.max(promised as f64);
+                *score = credit / request_blocks as f64
+                    * self.affinity_factor(&cand.pod, min_backlog, min_waiting);
+            }
+        });
+    }
+
+    fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
+        if self.speculative_ttl.is_zero() || req.block_keys.is_empty() {
+            return;
+        }
+        self.speculative.write().record(
+            req.scope,
+            req.block_keys,
+            chosen.pod.id,
+            req.now,
+            self.speculative_ttl,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Tier;
+    use crate::plugins::testing::{candidates, context, params, request, scores};
+    use crate::pods::ScrapedLoad;
+
+    fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Plugin> {
+        build(yaml.map(params).as_ref(), ctx).expect("valid params")
+    }
+
+    fn synced(cands: &[Candidate]) {
+        for c in cands {
+            c.pod.set_trust(EventTrust::Synced);
+        }
+    }
+
+    #[test]
+    fn scores_the_indexed_prefix_of_synced_pods_only() {
+        let ctx = context();
+        let cands = candidates(4);
+        synced(&cands);
+        let blocks = [11, 12, 13, 14];
+        ctx.index.store(0, 0, Tier::Gpu, &blocks);
+        ctx.index.store(1, 0, Tier::Gpu, &blocks[..2]);
+        ctx.index.store(2, 0, Tier::Gpu, &blocks);
+        cands[2].pod.set_trust(EventTrust::Untrusted);
+        ctx.index.store(3, 0, Tier::Gpu, &blocks);
+        cands[3].pod.set_trust(EventTrust::Unknown);
+
+        let kv = plugin(&ctx, None);
+        let mut cands = cands;
+        let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
+        assert_eq!(got, vec![1.0, 0.5, 0.0, 0.0]);
+        assert_eq!(
+            cands.iter().map(|c| c.cached_blocks).collect::<Vec<_>>(),
+            vec![4, 2, 0, 0]
+        );
+    }
+
+    #[test]
+    fn other_scopes_do_not_count() {
+        let ctx = context();
+        let mut cands = candidates(1);
+        synced(&cands);
+        let blocks = [1, 2];
+        ctx.index.store(0, 7, Tier::Gpu, &blocks);
+        let got = scores(plugin(&ctx, None).as_ref(), &request(&blocks), &mut cands);
+        assert_eq!(got, vec![0.0]);
+    }
+
+    #[test]
+    fn cpu_only_blocks_are_discounted() {
+        let held = PodPrefix {
+            gpu_blocks: 2,
+            any_blocks: 6,
+        };
+        assert_eq!(indexed_credit(held, 8, 0.5), (4.0, 6));
+        assert_eq!(indexed_credit(held, 8, 0.0), (2.0, 6));
+        // Never more than the request itself.
+        assert_eq!(indexed_credit(held, 4, 1.0), (4.0, 4));
+    }
+
+    #[test]
+    fn keeps_a_higher_estimate_from_an_earlier_scorer() {
+        let ctx = context();
+        let mut cands = candidates(1);
+        synced(&cands);
+        cands[0].cached_blocks = 3;
+        let blocks = [1, 2, 3, 4];
+        ctx.index.store(0, 0, Tier::Gpu, &blocks[..1]);
+        scores(plugin(&ctx, None).as_ref(), &request(&blocks), &mut cands);
+        assert_eq!(cands[0].cached_blocks, 3);
+    }
+
+    #[test]
+    fn speculative_credit_lasts_for_its_ttl() {
+        let ctx = context();
+        let mut cands = candidates(2);
+        synced(&cands);
+        let kv = plugin(&ctx, Some("{speculativeTtlMs: 500}"));
+        let blocks = [21, 22, 23, 24];
+        let mut req = request(&blocks);
+        req.now = Duration::from_secs(10);
+        kv.routed(&req, &cands[1]);
+
+        // A longer request sharing the prefix is credited with the routed part.
+        let longer = [21, 22, 23, 24, 25, 26, 27, 28];
+        let mut follow = request(&longer);
+        follow.now = Duration::from_millis(10_499);
+        assert_eq!(scores(kv.as_ref(), &follow, &mut cands), vec![0.0, 0.5]);
+        assert_eq!(cands[1].cached_blocks, 4);
+
+        follow.now = Duration::from_millis(10_500);
+        let mut fresh = candidates(2);
+        synced(&fresh);
+        assert_eq!(scores(kv.as_ref(), &follow, &mut fresh), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn speculation_is_bounded_and_keeps_prefix_heads() {
+        let ctx = context();
+        let mut cands = candidates(1);
+        synced(&cands);
+        let kv = plugin(&ctx, Some("{maxSpeculativeBlocks: 3}"));
+        let blocks = [1, 2, 3, 4, 5];
+        kv.routed(&request(&blocks), &cands[0]);
+        let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
+        assert_eq!(got, vec![3.0 / 5.0]);
+    }
+
+    #[test]
+    fn no_speculation_for_pods_that_are_not_synced() {
+        let ctx = context();
+        let mut cands = candidates(1);
+        let kv = plugin(&ctx, None);
+        let blocks = [1, 2];
+        kv.routed(&request(&blocks), &cands[0]);
+        cands[0].pod.set_trust(EventTrust::Untrusted);
+        assert_eq!(
+            scores(kv.as_ref(), &request(&blocks), &mut cands),
+            vec![0.0]
+        );
+    }
+
+    #[test]
+    fn valve_scales_credit_by_excess_backlog() {
+        let ctx = context();
+        let cands = candidates(2);
+        synced(&cands);
+        let blocks = [5, 6];
+        ctx.index.store(0, 0, Tier::Gpu, &blocks);
+        let kv = plugin(&ctx, Some("{saturationTokens: 1000}"));
+        let score_of_holder = |backlog: u64| {
+            let _guard = cands[0].pod.begin_request(backlog);
+            let _other = cands[1].pod.begin_request(200);
+            let mut fresh = cands.clone();
+            scores(kv.as_ref(), &request(&blocks), &mut fresh)[0]
+        };
+        // Excess over the least loaded candidate (200 tokens), not absolute backlog.
+        assert_eq!(score_of_holder(1_200), 1.0);
+        assert_eq!(score_of_holder(1_700), 0.5);
+        assert_eq!(score_of_holder(2_200), 0.0);
+        assert_eq!(score_of_holder(50_000), 0.0);
+    }
+
+    #[test]
+    fn valve_reads_the_scraped_waiting_queue() {
+        let ctx = context();
+        let mut cands = candidates(2);
+        synced(&cands);
+        let blocks = [5, 6];
+        ctx.index.store(0, 0, Tier::Gpu, &blocks);
+        ctx.index.store(1, 0, Tier::Gpu, &blocks);
+        cands[0].pod.set_scraped(ScrapedLoad {
+            waiting: 14.0,
+            ..Default::default()
+        });
+        cands[1].pod.set_scraped(ScrapedLoad {
+            waiting: 8.0,
+            ..Default::default()
+        });
+        let kv = plugin(&ctx, None);
+        assert_eq!(
+            scores(kv.as_ref(), &request(&blocks), &mut cands),
+            vec![0.5, 1.0]
+        );
+    }
+
+    #[test]
+    fn params_are_strict() {
+        let ctx = context();
+        for bad in [
+            "{cpuDiscount: 1.5}",
+            "{saturationTokens: 0}",
+            "{saturationWaiting: -1}",
+            "{speculativeTTL: 5}",
+            "{speculativeTtlMs: 10, maxSpeculativeBlocks: 0}",
+        ] {
+            assert!(
+                matches!(
+                    build(Some(&params(bad)), &ctx),
+                    Err(PluginError::Params { .. })
+                ),
+                "{bad} must be refused"
+            );
+        }
+    }
+}
