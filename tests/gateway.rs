@@ -241,12 +241,41 @@ fn client_errors_are_openai_shaped() {
 
 #[test]
 fn models_come_from_config_and_other_v1_paths_are_forwarded() {
-    let (pod, gateway) = one_pod_gateway();
+    let pod = FakePod::start();
+    let gateway = Kvgate::start(
+        &GatewayConfig::default()
+            .with_model("qwen", &[pod.addr()])
+            .with_lora("qwen", "qwen-sql"),
+    );
     let (status, body) = http_request(gateway.port, "GET", "/v1/models", &[], b"");
     assert_eq!(status, 200);
     let models: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "qwen");
+    assert_eq!(models["data"][1]["id"], "qwen-sql");
+    assert_eq!(models["data"][1]["parent"], "qwen");
+
+    // A LoRA adapter routes to its base model's pods, the name passed on unchanged.
+    let json = [
+        ("content-type", "application/json"),
+        ("x-request-id", "lora-1"),
+    ];
+    let body = chat_body("qwen-sql", "select", false);
+    let (status, _) = http_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        &json,
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let line = gateway.wait_handled("lora-1");
+    assert_eq!(line["model"], "qwen-sql");
+    assert_eq!(line["target_model"], "qwen");
+    assert_eq!(
+        pod.requests().pop().expect("request")["body_sha256"],
+        hex::encode(Sha256::digest(body.as_bytes()))
+    );
 
     let sent = br#"{"model":"qwen","input":"hi"}"#;
     let (status, body) = http_request(
@@ -263,7 +292,14 @@ fn models_come_from_config_and_other_v1_paths_are_forwarded() {
     let (status, _) = http_request(gateway.port, "GET", "/v1/files?purpose=batch", &[], b"");
     assert_eq!(status, 200, "the only model's pod takes body-less requests");
     let paths: Vec<Value> = pod.requests().iter().map(|r| r["path"].clone()).collect();
-    assert_eq!(paths, ["/v1/embeddings", "/v1/files?purpose=batch"]);
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/files?purpose=batch"
+        ]
+    );
 }
 
 #[test]
@@ -367,46 +403,57 @@ fn dead_pod_is_retried_on_the_next_then_ejected() {
     let dead = format!("127.0.0.1:{}", free_port());
     let gateway = Kvgate::start(
         &GatewayConfig {
-            eject_after_failures: 1,
+            eject_after_failures: 2,
             ..GatewayConfig::default()
         }
         .with_model("qwen", &[dead.clone(), alive.addr()]),
     );
-    let json = [
-        ("content-type", "application/json"),
-        ("x-request-id", "retry-1"),
-    ];
     let body = chat_body("qwen", "hello", false);
-    let (status, _) = http_request(
-        gateway.port,
-        "POST",
-        "/v1/chat/completions",
-        &json,
-        body.as_bytes(),
-    );
-    assert_eq!(status, 200);
-    let line = gateway.wait_handled("retry-1");
-    assert_eq!(line["attempts"], 2, "{line}");
-    assert_eq!(line["endpoint"], alive.addr().as_str());
-    assert_eq!(
-        alive.requests().pop().expect("request")["body_sha256"],
-        hex::encode(Sha256::digest(body.as_bytes()))
-    );
+    let post = |n: usize| {
+        let id = format!("retry-{n}");
+        let json = [
+            ("content-type", "application/json"),
+            ("x-request-id", id.as_str()),
+        ];
+        let (status, _) = http_request(
+            gateway.port,
+            "POST",
+            "/v1/chat/completions",
+            &json,
+            body.as_bytes(),
+        );
+        assert_eq!(status, 200, "every request is served");
+        gateway.wait_handled(&id)
+    };
+    // Equal pods tie and the tie-break depends on the request: within a few requests
+    // the dead pod comes first twice, each time retried on the live one.
+    let mut failures = 0;
+    let mut sent = 0;
+    while failures < 2 {
+        assert!(sent < 40, "the dead pod never came first");
+        sent += 1;
+        let line = post(sent);
+        assert_eq!(line["endpoint"], alive.addr().as_str());
+        if line["attempts"] == 2 {
+            failures += 1;
+        } else {
+            assert_eq!(line["attempts"], 1, "{line}");
+        }
+    }
+    let received = alive.requests();
+    assert_eq!(received.len(), sent);
+    let digest = hex::encode(Sha256::digest(body.as_bytes()));
+    assert!(received.iter().all(|r| r["body_sha256"] == digest.as_str()));
 
-    // One failure ejected it: the next request goes straight to the live pod.
-    let json = [
-        ("content-type", "application/json"),
-        ("x-request-id", "retry-2"),
-    ];
-    let (status, _) = http_request(
-        gateway.port,
-        "POST",
-        "/v1/chat/completions",
-        &json,
-        body.as_bytes(),
-    );
-    assert_eq!(status, 200);
-    assert_eq!(gateway.wait_handled("retry-2")["attempts"], 1);
+    // Two consecutive failures ejected it: it is not tried again.
+    for n in sent + 1..sent + 13 {
+        let line = post(n);
+        assert_eq!(line["attempts"], 1, "an ejected pod was tried: {line}");
+        assert!(
+            line["scores"].as_str().is_some_and(|s| !s.contains(&dead)),
+            "{line}"
+        );
+    }
 }
 
 #[test]

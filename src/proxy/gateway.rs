@@ -4,12 +4,13 @@
 //! their load accounting, index scopes) sits beside it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::config::{Config, ModelConfig};
@@ -85,18 +86,47 @@ impl GatewayState {
 }
 
 /// Stable scope ids per (model, adapter): the index keys blocks by scope, and the index
-/// outlives reloads, so an id once given is never reassigned.
+/// outlives reloads, so an id once given is never reassigned. Lookups of known scopes
+/// (every event batch, every request) take a read lock and allocate nothing.
 #[derive(Default)]
 struct ScopeTable {
-    ids: Mutex<HashMap<(String, Option<String>), ScopeId>>,
+    models: RwLock<HashMap<String, ModelScopes>>,
+    next: AtomicU32,
+}
+
+#[derive(Default)]
+struct ModelScopes {
+    base: Option<ScopeId>,
+    adapters: HashMap<String, ScopeId>,
+}
+
+impl ModelScopes {
+    fn get(&self, adapter: Option<&str>) -> Option<ScopeId> {
+        match adapter {
+            None => self.base,
+            Some(name) => self.adapters.get(name).copied(),
+        }
+    }
 }
 
 impl ScopeTable {
     fn get(&self, model: &str, adapter: Option<&str>) -> ScopeId {
-        let mut ids = self.ids.lock();
-        let next = ids.len() as ScopeId;
-        *ids.entry((model.to_string(), adapter.map(str::to_string)))
-            .or_insert(next)
+        if let Some(id) = self.models.read().get(model).and_then(|m| m.get(adapter)) {
+            return id;
+        }
+        let mut models = self.models.write();
+        let scopes = models.entry(model.to_string()).or_default();
+        if let Some(id) = scopes.get(adapter) {
+            return id;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        match adapter {
+            None => scopes.base = Some(id),
+            Some(name) => {
+                scopes.adapters.insert(name.to_string(), id);
+            }
+        }
+        id
     }
 }
 
@@ -157,7 +187,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// The index scope of a model or one of its adapters (also used by event ingestion).
+    /// The index scope of a model or one of its adapters (also for event ingestion, which
+    /// learns the adapter from `lora_name`).
     pub fn scope(&self, model: &str, adapter: Option<&str>) -> ScopeId {
         self.scopes.get(model, adapter)
     }
@@ -300,4 +331,27 @@ fn render_models(config: &Config) -> Bytes {
         })
         .unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_stable_and_distinct() {
+        let table = ScopeTable::default();
+        let base = table.get("m", None);
+        let lora = table.get("m", Some("a"));
+        let other = table.get("n", None);
+        assert_eq!(
+            [base, lora, other]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3
+        );
+        assert_eq!(table.get("m", Some("a")), lora);
+        assert_eq!(table.get("m", None), base);
+        assert_eq!(table.get("n", None), other);
+    }
 }

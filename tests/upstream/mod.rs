@@ -109,6 +109,8 @@ pub struct GatewayConfig {
     pub scrape_interval_ms: u64,
     /// (model name, pod addresses).
     pub models: Vec<(String, Vec<String>)>,
+    /// (base model, LoRA adapter name).
+    pub lora_adapters: Vec<(String, String)>,
 }
 
 impl Default for GatewayConfig {
@@ -120,6 +122,7 @@ impl Default for GatewayConfig {
             health_check_interval_ms: 0,
             scrape_interval_ms: 0,
             models: Vec::new(),
+            lora_adapters: Vec::new(),
         }
     }
 }
@@ -127,6 +130,12 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     pub fn with_model(mut self, name: &str, pods: &[String]) -> Self {
         self.models.push((name.to_string(), pods.to_vec()));
+        self
+    }
+
+    pub fn with_lora(mut self, model: &str, adapter: &str) -> Self {
+        self.lora_adapters
+            .push((model.to_string(), adapter.to_string()));
         self
     }
 
@@ -176,6 +185,11 @@ models:
         pods: [{pods}]
 "
             ));
+            for (_, adapter) in self.lora_adapters.iter().filter(|(m, _)| m == name) {
+                out.push_str(&format!(
+                    "    loraAdapters:\n      - {{name: {adapter}, intId: 1, path: /adapters/{adapter}}}\n"
+                ));
+            }
         }
         out
     }
