@@ -213,7 +213,20 @@ fn client_errors_are_openai_shaped() {
     assert_eq!(status, 400);
     let error = error_of(&body);
     assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(error["code"], "invalid_json");
     assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+
+    let (status, body) = http_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        &json,
+        br#"{"model":"qwen","messages":"hi"}"#,
+    );
+    assert_eq!(status, 400);
+    let error = error_of(&body);
+    assert_eq!(error["param"], "messages");
+    assert_eq!(error["code"], "invalid_type");
 
     let (status, body) = http_request(
         gateway.port,
@@ -588,4 +601,32 @@ fn sighup_reloads_the_config_or_keeps_the_running_one() {
             .then_some(())
     });
     assert_eq!(post(), 413, "the running config stays");
+}
+
+#[test]
+fn prompts_the_router_cannot_read_still_reach_a_pod() {
+    let (pod, gateway) = one_pod_gateway();
+    let body = serde_json::json!({
+        "model": "qwen",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]}]
+    })
+    .to_string();
+    let json = [
+        ("content-type", "application/json"),
+        ("x-request-id", "mm-1"),
+    ];
+    let (status, _) = http_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        &json,
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let line = gateway.wait_handled("mm-1");
+    assert_eq!(line["prompt_tokens"], 0, "routed on load alone: {line}");
+    assert_eq!(pod.requests().len(), 1);
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::body::BodyError;
 use super::forward::ForwardError;
-use crate::tokenize::RequestError;
+use crate::tokenize::{self, RequestError, TokenizeError};
 
 /// One error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct ApiError {
     pub kind: &'static str,
     /// Machine-readable `code`, e.g. `model_not_found`.
     pub code: &'static str,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
     pub message: String,
 }
 
@@ -27,6 +29,7 @@ impl ApiError {
             status,
             kind,
             code,
+            param: None,
             message,
         }
     }
@@ -90,7 +93,7 @@ impl ApiError {
                 error: Inner {
                     message: &self.message,
                     kind: self.kind,
-                    param: None,
+                    param: self.param.as_deref(),
                     code: self.code,
                 },
             })
@@ -113,9 +116,28 @@ impl From<&BodyError> for ApiError {
     }
 }
 
+/// Request and prompt errors come with their OpenAI shape from the tokenizer.
+impl From<tokenize::ApiError> for ApiError {
+    fn from(e: tokenize::ApiError) -> Self {
+        Self {
+            status: e.status,
+            kind: e.kind,
+            code: e.code,
+            param: e.param,
+            message: e.message,
+        }
+    }
+}
+
 impl From<&RequestError> for ApiError {
     fn from(e: &RequestError) -> Self {
-        Self::invalid_request("invalid_request", e.to_string())
+        e.api_error().into()
+    }
+}
+
+impl From<&TokenizeError> for ApiError {
+    fn from(e: &TokenizeError) -> Self {
+        e.api_error().into()
     }
 }
 

@@ -19,7 +19,7 @@ use crate::index::{BlockIndex, IndexConfig, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
 use crate::pods::PodRegistry;
 use crate::scheduler::ModelScheduler;
-use crate::tokenize::{ModelTokenizer, TokenizeError};
+use crate::tokenize::{ModelTokenizer, TokenizerLoadError};
 
 /// Index shards: enough that concurrent event batches and lookups rarely meet on one lock.
 const INDEX_SHARDS: usize = 64;
@@ -29,7 +29,7 @@ pub enum GatewayError {
     #[error("model {model:?}: cannot load its tokenizer: {source}")]
     Tokenizer {
         model: String,
-        source: TokenizeError,
+        source: TokenizerLoadError,
     },
     #[error("model {model:?}: hash settings: {source}")]
     Hash {

@@ -20,7 +20,7 @@ use super::{KvGateProxy, REQUEST_ID_HEADER, SESSION_HEADER};
 use crate::hash::ExtraKeys;
 use crate::plugins::{RequestOutcome, SchedulingRequest};
 use crate::scheduler::Pipeline;
-use crate::tokenize::{self, Endpoint};
+use crate::tokenize::{self, Endpoint, RequestError, TokenizeError};
 
 /// Request headers that describe the client connection or that kvgate rewrites.
 const NOT_FORWARDED: [&str; 10] = [
@@ -42,6 +42,55 @@ struct Prompt {
     block_keys: Vec<u64>,
 }
 
+impl Prompt {
+    /// No prompt to route on: the scheduler falls back to load.
+    fn unknown() -> Self {
+        Self {
+            tokens: 0,
+            block_keys: Vec::new(),
+        }
+    }
+}
+
+/// Whether a parse error means the request is malformed (vLLM would refuse it too), as
+/// opposed to well-formed input the router cannot read a prompt from.
+fn request_is_faulty(error: &RequestError) -> bool {
+    !matches!(
+        error,
+        RequestError::Multimodal { .. } | RequestError::Unsupported { .. }
+    )
+}
+
+/// Whether a prompt error is the client's (vLLM would answer 400 the same way). The others
+/// (no template configured here, a template our engine renders differently, a tokenizer
+/// failure) are kvgate's limits: the request still goes out, routed on load.
+fn prompt_is_faulty(error: &TokenizeError) -> bool {
+    match error {
+        TokenizeError::Request(e) => request_is_faulty(e),
+        TokenizeError::TemplateRaised { .. }
+        | TokenizeError::ContinueFinalMessage { .. }
+        | TokenizeError::TokenIdOutOfRange { .. } => true,
+        TokenizeError::NoChatTemplate
+        | TokenizeError::Template { .. }
+        | TokenizeError::Tokenizer { .. } => false,
+    }
+}
+
+/// The `model` field of a JSON body, read without the rest.
+fn model_field(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ModelField {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<ModelField>(body).ok()?.model
+}
+
+fn resolve<'a>(state: &'a GatewayState, model: &str) -> Result<&'a Route, ApiError> {
+    state
+        .route(model)
+        .ok_or_else(|| ApiError::model_not_found(model))
+}
+
 impl KvGateProxy {
     /// `/v1/chat/completions` and `/v1/completions`: routed on the prompt's cached prefix.
     pub(super) async fn inference(
@@ -52,11 +101,22 @@ impl KvGateProxy {
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
         let body = read_body(session, &state).await?;
-        let request = tokenize::parse_request(endpoint, &body).map_err(|e| ApiError::from(&e))?;
+        let request = match tokenize::parse_request(endpoint, &body) {
+            Ok(request) => request,
+            Err(error) if !request_is_faulty(&error) => {
+                // Valid for the pod, only not understood by the router (e.g. images).
+                let model = model_field(&body).ok_or_else(|| ApiError::from(&error))?;
+                tracing::info!(request_id = %ctx.request_id, %model, %error, "prompt not routable; routing on load alone");
+                ctx.model = Some(model.clone());
+                let route = resolve(&state, &model)?;
+                return self
+                    .dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
+                    .await;
+            }
+            Err(error) => return Err(ApiError::from(&error)),
+        };
         ctx.model = Some(request.model.clone());
-        let route = state
-            .route(&request.model)
-            .ok_or_else(|| ApiError::model_not_found(&request.model))?;
+        let route = resolve(&state, &request.model)?;
         let prompt = match route.model.tokenizer.tokens(&request) {
             Ok(tokens) => {
                 let mut hashes = Vec::with_capacity(tokens.len() / route.model.block_size.max(1));
@@ -70,12 +130,10 @@ impl KvGateProxy {
                     block_keys: hashes.iter().map(|h| h.key).collect(),
                 }
             }
+            Err(error) if prompt_is_faulty(&error) => return Err(ApiError::from(&error)),
             Err(error) => {
                 tracing::warn!(request_id = %ctx.request_id, model = %request.model, %error, "cannot tokenize the request; routing it on load alone");
-                Prompt {
-                    tokens: 0,
-                    block_keys: Vec::new(),
-                }
+                Prompt::unknown()
             }
         };
         self.dispatch(session, ctx, &state, route, &prompt, &body)
@@ -89,16 +147,11 @@ impl KvGateProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), ApiError> {
-        #[derive(Deserialize)]
-        struct ModelField {
-            model: Option<String>,
-        }
         let state = self.gateway.state();
         let body = read_body(session, &state).await?;
         let named = is_json(session.req_header())
-            .then(|| serde_json::from_slice::<ModelField>(&body).ok())
-            .flatten()
-            .and_then(|m| m.model);
+            .then(|| model_field(&body))
+            .flatten();
         let model = match named {
             Some(model) => model,
             None => state.sole_model().map(str::to_string).ok_or_else(|| {
@@ -109,14 +162,8 @@ impl KvGateProxy {
             })?,
         };
         ctx.model = Some(model.clone());
-        let route = state
-            .route(&model)
-            .ok_or_else(|| ApiError::model_not_found(&model))?;
-        let prompt = Prompt {
-            tokens: 0,
-            block_keys: Vec::new(),
-        };
-        self.dispatch(session, ctx, &state, route, &prompt, &body)
+        let route = resolve(&state, &model)?;
+        self.dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
             .await
     }
 
