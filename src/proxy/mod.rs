@@ -61,7 +61,7 @@ impl KvGateProxy {
 }
 
 /// What a request path is, for dispatch.
-enum Target {
+enum PathKind {
     Inference(Endpoint),
     Models,
     Passthrough,
@@ -69,19 +69,19 @@ enum Target {
     NotFound,
 }
 
-fn classify(method: &Method, path: &str) -> Target {
+fn classify(method: &Method, path: &str) -> PathKind {
     let inference = match path {
         "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
         "/v1/completions" => Some(Endpoint::Completions),
         _ => None,
     };
     match (inference, path) {
-        (Some(endpoint), _) if method == Method::POST => Target::Inference(endpoint),
-        (Some(_), _) => Target::NotAllowed,
-        (None, "/v1/models") if method == Method::GET => Target::Models,
-        (None, "/v1/models") => Target::NotAllowed,
-        (None, p) if p.starts_with("/v1/") => Target::Passthrough,
-        _ => Target::NotFound,
+        (Some(endpoint), _) if method == Method::POST => PathKind::Inference(endpoint),
+        (Some(_), _) => PathKind::NotAllowed,
+        (None, "/v1/models") if method == Method::GET => PathKind::Models,
+        (None, "/v1/models") => PathKind::NotAllowed,
+        (None, p) if p.starts_with("/v1/") => PathKind::Passthrough,
+        _ => PathKind::NotFound,
     }
 }
 
@@ -100,16 +100,16 @@ impl ProxyHttp for KvGateProxy {
     ) -> pingora::Result<bool> {
         ctx.begin(session.req_header());
         let header = session.req_header();
-        let target = classify(&header.method, header.uri.path());
-        let outcome = match target {
-            Target::Inference(endpoint) => self.inference(session, ctx, endpoint).await,
-            Target::Passthrough => self.passthrough(session, ctx).await,
-            Target::Models => return self.models(session, ctx).await.map(|()| true),
-            Target::NotAllowed => Err(ApiError::method_not_allowed(
+        let kind = classify(&header.method, header.uri.path());
+        let outcome = match kind {
+            PathKind::Inference(endpoint) => self.inference(session, ctx, endpoint).await,
+            PathKind::Passthrough => self.passthrough(session, ctx).await,
+            PathKind::Models => return self.models(session, ctx).await.map(|()| true),
+            PathKind::NotAllowed => Err(ApiError::method_not_allowed(
                 header.method.as_str(),
                 header.uri.path(),
             )),
-            Target::NotFound => Err(ApiError::path_not_found(header.uri.path())),
+            PathKind::NotFound => Err(ApiError::path_not_found(header.uri.path())),
         };
         if let Err(error) = outcome {
             if ctx.error.is_none() {
