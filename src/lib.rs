@@ -15,6 +15,7 @@ pub mod pods;
 pub mod proxy;
 pub mod scheduler;
 pub mod scope;
+pub mod serve;
 pub mod sim;
 pub mod tokenize;
 pub mod vllm;

@@ -1,0 +1,197 @@
+//! Client-facing errors, shaped like OpenAI's (`{"error":{"message","type","param","code"}}`)
+//! so SDKs surface them as the matching exception, and written with the right status.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde::Serialize;
+
+use super::body::BodyError;
+use super::forward::ForwardError;
+use crate::tokenize::{self, RequestError, TokenizeError};
+
+/// One error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    /// OpenAI's `type`, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// Machine-readable `code`, e.g. `model_not_found`.
+    pub code: &'static str,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message,
+        }
+    }
+
+    pub fn invalid_request(code: &'static str, message: String) -> Self {
+        Self::new(400, "invalid_request_error", code, message)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist."),
+        )
+    }
+
+    pub fn path_not_found(path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Unknown request URL: {path}."),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("Method {method} is not allowed on {path}."),
+        )
+    }
+
+    pub fn no_healthy_pod(model: &str) -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "no_healthy_pod",
+            format!("No healthy pod is serving model `{model}` right now."),
+        )
+    }
+
+    /// Serializes the body. Plain strings only, so this cannot fail.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: &'a str,
+        }
+        Bytes::from(
+            serde_json::to_vec(&Envelope {
+                error: Inner {
+                    message: &self.message,
+                    kind: self.kind,
+                    param: self.param.as_deref(),
+                    code: self.code,
+                },
+            })
+            .unwrap_or_default(),
+        )
+    }
+}
+
+impl From<&BodyError> for ApiError {
+    fn from(e: &BodyError) -> Self {
+        match e {
+            BodyError::TooLarge { .. } => Self::new(
+                413,
+                "invalid_request_error",
+                "request_too_large",
+                e.to_string(),
+            ),
+            BodyError::Read(_) => Self::invalid_request("body_read_failed", e.to_string()),
+        }
+    }
+}
+
+/// Request and prompt errors come with their OpenAI shape from the tokenizer.
+impl From<tokenize::ApiError> for ApiError {
+    fn from(e: tokenize::ApiError) -> Self {
+        Self {
+            status: e.status,
+            kind: e.kind,
+            code: e.code,
+            param: e.param,
+            message: e.message,
+        }
+    }
+}
+
+impl From<&RequestError> for ApiError {
+    fn from(e: &RequestError) -> Self {
+        e.api_error().into()
+    }
+}
+
+impl From<&TokenizeError> for ApiError {
+    fn from(e: &TokenizeError) -> Self {
+        e.api_error().into()
+    }
+}
+
+impl From<&ForwardError> for ApiError {
+    fn from(e: &ForwardError) -> Self {
+        match e {
+            ForwardError::NoCandidates => Self::new(
+                503,
+                "server_error",
+                "no_healthy_pod",
+                "No healthy pod is available for this request.".into(),
+            ),
+            // The pods' addresses and error chain go to the log, not to the client.
+            ForwardError::AllAttemptsFailed { attempts, .. } => Self::new(
+                503,
+                "server_error",
+                "upstream_unavailable",
+                format!("No pod could be reached ({attempts} attempt(s)); try again later."),
+            ),
+            ForwardError::ResponseTimeout { after, .. } => Self::new(
+                504,
+                "server_error",
+                "upstream_timeout",
+                format!("The model server sent no response within {after:?}."),
+            ),
+            ForwardError::BadUpstreamResponse { .. } => Self::new(
+                502,
+                "server_error",
+                "bad_upstream_response",
+                "The model server sent an invalid response.".into(),
+            ),
+            ForwardError::ClientGone | ForwardError::Interrupted { .. } => Self::new(
+                502,
+                "server_error",
+                "upstream_interrupted",
+                "The response was interrupted.".into(),
+            ),
+        }
+    }
+}
+
+/// Writes `err` as the whole response.
+pub async fn respond(
+    session: &mut Session,
+    err: &ApiError,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let body = err.body();
+    let mut header = ResponseHeader::build(err.status, Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    header.insert_header(super::REQUEST_ID_HEADER, request_id)?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
+}

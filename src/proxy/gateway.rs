@@ -1,0 +1,357 @@
+//! The proxy's shared state. What a config reload may change (tokenizers, hashers,
+//! schedulers, adapter routes, server tunables) lives in one [`GatewayState`] behind an
+//! `ArcSwap`, swapped whole; what must outlive a reload (the block index, the pods and
+//! their load accounting, index scopes) sits beside it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Serialize;
+
+use crate::config::{Config, ModelConfig};
+use crate::hash::{BlockHasher, HashConfigError, LoraKey};
+use crate::index::{BlockIndex, IndexConfig, ScopeId};
+use crate::plugins::{PluginContext, PluginError};
+use crate::pods::PodRegistry;
+use crate::scheduler::ModelScheduler;
+use crate::tokenize::{ModelTokenizer, TokenizerLoadError};
+
+/// Index shards: enough that concurrent event batches and lookups rarely meet on one lock.
+const INDEX_SHARDS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("model {model:?}: cannot load its tokenizer: {source}")]
+    Tokenizer {
+        model: String,
+        source: TokenizerLoadError,
+    },
+    #[error("model {model:?}: hash settings: {source}")]
+    Hash {
+        model: String,
+        source: HashConfigError,
+    },
+    #[error("model {model:?}: scheduling profiles: {source}")]
+    Plugin { model: String, source: PluginError },
+    #[error("a reload cannot change the set of models (was: {was}; now: {now}); restart with `-u` instead")]
+    ModelSetChanged { was: String, now: String },
+}
+
+/// Everything one served model needs on the request path.
+pub struct ModelRuntime {
+    pub name: String,
+    pub tokenizer: ModelTokenizer,
+    pub hasher: BlockHasher,
+    pub scheduler: ModelScheduler,
+    pub block_size: usize,
+}
+
+/// Where a requested `model` name goes: a base model, or a LoRA adapter on one.
+pub struct Route {
+    pub model: Arc<ModelRuntime>,
+    pub lora: Option<LoraKey>,
+    pub scope: ScopeId,
+}
+
+/// The reloadable part.
+pub struct GatewayState {
+    pub config: Arc<Config>,
+    routes: HashMap<String, Route>,
+    /// `GET /v1/models`, rendered once per config.
+    models_json: Bytes,
+}
+
+impl GatewayState {
+    /// The route for a requested `model` (served name or adapter name).
+    pub fn route(&self, requested: &str) -> Option<&Route> {
+        self.routes.get(requested)
+    }
+
+    /// The only base model, when exactly one is configured (used for requests that name none).
+    pub fn sole_model(&self) -> Option<&str> {
+        match self.config.models.as_slice() {
+            [only] => Some(only.name.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn models_json(&self) -> Bytes {
+        self.models_json.clone()
+    }
+}
+
+/// Stable scope ids per (model, adapter): the index keys blocks by scope, and the index
+/// outlives reloads, so an id once given is never reassigned. Lookups of known scopes
+/// (every event batch, every request) take a read lock and allocate nothing.
+#[derive(Default)]
+struct ScopeTable {
+    models: RwLock<HashMap<String, ModelScopes>>,
+    next: AtomicU32,
+}
+
+#[derive(Default)]
+struct ModelScopes {
+    base: Option<ScopeId>,
+    adapters: HashMap<String, ScopeId>,
+}
+
+impl ModelScopes {
+    fn get(&self, adapter: Option<&str>) -> Option<ScopeId> {
+        match adapter {
+            None => self.base,
+            Some(name) => self.adapters.get(name).copied(),
+        }
+    }
+}
+
+impl ScopeTable {
+    fn get(&self, model: &str, adapter: Option<&str>) -> ScopeId {
+        if let Some(id) = self.models.read().get(model).and_then(|m| m.get(adapter)) {
+            return id;
+        }
+        let mut models = self.models.write();
+        let scopes = models.entry(model.to_string()).or_default();
+        if let Some(id) = scopes.get(adapter) {
+            return id;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        match adapter {
+            None => scopes.base = Some(id),
+            Some(name) => {
+                scopes.adapters.insert(name.to_string(), id);
+            }
+        }
+        id
+    }
+}
+
+pub struct Gateway {
+    pub index: Arc<BlockIndex>,
+    pub pods: Arc<PodRegistry>,
+    state: ArcSwap<GatewayState>,
+    scopes: ScopeTable,
+    epoch: Instant,
+}
+
+impl Gateway {
+    pub fn build(config: Config) -> Result<Self, GatewayError> {
+        let index = Arc::new(BlockIndex::new(IndexConfig {
+            budget_bytes: config.index.budget_bytes,
+            shards: INDEX_SHARDS,
+        }));
+        let pods = Arc::new(PodRegistry::new(
+            config.models.iter().map(|m| m.name.as_str()),
+        ));
+        let scopes = ScopeTable::default();
+        let state = build_state(config, &index, &scopes)?;
+        Ok(Self {
+            index,
+            pods,
+            state: ArcSwap::from_pointee(state),
+            scopes,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The current reloadable state; cheap, lock-free.
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.state.load_full()
+    }
+
+    /// Builds the new state completely before swapping, so a bad config leaves the
+    /// running one untouched. Pods, their load and the index carry over.
+    pub fn reload(&self, config: Config) -> Result<(), GatewayError> {
+        let current = self.state.load();
+        let mut was: Vec<&str> = current
+            .config
+            .models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        let mut now: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
+        was.sort_unstable();
+        now.sort_unstable();
+        if was != now {
+            return Err(GatewayError::ModelSetChanged {
+                was: was.join(", "),
+                now: now.join(", "),
+            });
+        }
+        let state = build_state(config, &self.index, &self.scopes)?;
+        self.state.store(Arc::new(state));
+        Ok(())
+    }
+
+    /// The index scope of a model or one of its adapters (also for event ingestion, which
+    /// learns the adapter from `lora_name`).
+    pub fn scope(&self, model: &str, adapter: Option<&str>) -> ScopeId {
+        self.scopes.get(model, adapter)
+    }
+
+    /// Monotonic time since start: the clock of pod ejection and scheduling decisions.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+}
+
+fn build_state(
+    config: Config,
+    index: &Arc<BlockIndex>,
+    scopes: &ScopeTable,
+) -> Result<GatewayState, GatewayError> {
+    let mut routes = HashMap::new();
+    for model in &config.models {
+        let runtime = Arc::new(build_model(&config, model, index)?);
+        routes.insert(
+            model.name.clone(),
+            Route {
+                model: Arc::clone(&runtime),
+                lora: None,
+                scope: scopes.get(&model.name, None),
+            },
+        );
+        for adapter in &model.lora_adapters {
+            routes.insert(
+                adapter.name.clone(),
+                Route {
+                    model: Arc::clone(&runtime),
+                    lora: Some(LoraKey {
+                        name: adapter.name.clone(),
+                        int_id: adapter.int_id,
+                        path: adapter.path.clone(),
+                    }),
+                    scope: scopes.get(&model.name, Some(&adapter.name)),
+                },
+            );
+        }
+    }
+    let models_json = render_models(&config);
+    Ok(GatewayState {
+        config: Arc::new(config),
+        routes,
+        models_json,
+    })
+}
+
+fn build_model(
+    config: &Config,
+    model: &ModelConfig,
+    index: &Arc<BlockIndex>,
+) -> Result<ModelRuntime, GatewayError> {
+    let tokenizer = ModelTokenizer::load(
+        &model.tokenizer,
+        model.tokenizer_config.as_deref(),
+        model.chat_template.as_deref(),
+    )
+    .map_err(|source| GatewayError::Tokenizer {
+        model: model.name.clone(),
+        source,
+    })?;
+    let hasher = BlockHasher::new(&model.hash_settings()).map_err(|source| GatewayError::Hash {
+        model: model.name.clone(),
+        source,
+    })?;
+    let ctx = PluginContext {
+        index: Arc::clone(index),
+        block_size: model.block_size,
+        pod_kv_blocks: model.pod_kv_blocks,
+    };
+    let scheduler =
+        ModelScheduler::build(&config.profiles, &model.profile, &ctx).map_err(|source| {
+            GatewayError::Plugin {
+                model: model.name.clone(),
+                source,
+            }
+        })?;
+    Ok(ModelRuntime {
+        name: model.name.clone(),
+        tokenizer,
+        hasher,
+        scheduler,
+        block_size: model.block_size,
+    })
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: Vec<ModelCard<'a>>,
+}
+
+/// One entry of `GET /v1/models`, shaped like vLLM's.
+#[derive(Serialize)]
+struct ModelCard<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    root: &'a str,
+    parent: Option<&'a str>,
+}
+
+fn render_models(config: &Config) -> Bytes {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut data = Vec::new();
+    for model in &config.models {
+        data.push(ModelCard {
+            id: &model.name,
+            object: "model",
+            created,
+            owned_by: "kvgate",
+            root: &model.name,
+            parent: None,
+        });
+        for adapter in &model.lora_adapters {
+            data.push(ModelCard {
+                id: &adapter.name,
+                object: "model",
+                created,
+                owned_by: "kvgate",
+                root: if adapter.path.is_empty() {
+                    &adapter.name
+                } else {
+                    &adapter.path
+                },
+                parent: Some(&model.name),
+            });
+        }
+    }
+    // Serializing plain strings and integers cannot fail.
+    Bytes::from(
+        serde_json::to_vec(&ModelList {
+            object: "list",
+            data,
+        })
+        .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_stable_and_distinct() {
+        let table = ScopeTable::default();
+        let base = table.get("m", None);
+        let lora = table.get("m", Some("a"));
+        let other = table.get("n", None);
+        assert_eq!(
+            [base, lora, other]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3
+        );
+        assert_eq!(table.get("m", Some("a")), lora);
+        assert_eq!(table.get("m", None), base);
+        assert_eq!(table.get("n", None), other);
+    }
+}

@@ -1,0 +1,245 @@
+//! Background checks of every pod: vLLM's `/health` (active health checking, which
+//! complements the passive ejection done on request failures) and `/metrics` (the
+//! pod's own view of its load, for load-aware scorers).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::time::Instant;
+
+use super::gateway::Gateway;
+use crate::pods::{Pod, PodId, ScrapedLoad};
+
+/// Upper bound on one probe, whatever the interval.
+const MAX_PROBE_TIME: Duration = Duration::from_secs(5);
+/// How often the intervals are re-read while both checks are switched off.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Runs the health checks and the metrics scrape on their configured intervals
+/// (`server.healthCheckIntervalMs`, `server.scrapeIntervalMs`; 0 switches one off).
+pub struct HealthChecker {
+    gateway: Arc<Gateway>,
+    client: reqwest::Client,
+    /// Last health result per pod, to log only changes.
+    last: Mutex<HashMap<PodId, bool>>,
+}
+
+impl HealthChecker {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self {
+            gateway,
+            client: reqwest::Client::new(),
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn all_pods(&self) -> Vec<Arc<Pod>> {
+        let registry = &self.gateway.pods;
+        registry
+            .models()
+            .filter_map(|m| registry.pods(m))
+            .flat_map(|set| set.pods.clone())
+            .collect()
+    }
+
+    async fn check_health(&self, timeout: Duration) {
+        let pods = self.all_pods();
+        let results = join_all(pods.iter().map(|pod| self.probe_health(pod, timeout))).await;
+        let mut last = self.last.lock();
+        last.retain(|id, _| pods.iter().any(|p| p.id == *id));
+        for (pod, ok) in pods.iter().zip(results) {
+            pod.set_health_check(ok);
+            if last.insert(pod.id, ok) != Some(ok) {
+                if ok {
+                    tracing::info!(pod = %pod.addr(), name = %pod.endpoint.name, "pod is healthy");
+                } else {
+                    tracing::warn!(pod = %pod.addr(), name = %pod.endpoint.name, "pod failed its health check");
+                }
+            }
+        }
+    }
+
+    async fn probe_health(&self, pod: &Pod, timeout: Duration) -> bool {
+        let url = format!("http://{}/health", pod.addr());
+        match self.client.get(&url).timeout(timeout).send().await {
+            Ok(response) => response.status().is_success(),
+            Err(error) => {
+                tracing::debug!(pod = %pod.addr(), %error, "health check failed");
+                false
+            }
+        }
+    }
+
+    async fn scrape(&self, timeout: Duration) {
+        let pods = self.all_pods();
+        join_all(pods.iter().map(|pod| self.scrape_pod(pod, timeout))).await;
+    }
+
+    async fn scrape_pod(&self, pod: &Pod, timeout: Duration) {
+        let url = format!("http://{}/metrics", pod.addr());
+        let text = match self.client.get(&url).timeout(timeout).send().await {
+            Ok(response) if response.status().is_success() => response.text().await,
+            Ok(response) => {
+                tracing::debug!(pod = %pod.addr(), status = %response.status(), "metrics scrape refused");
+                return;
+            }
+            Err(error) => Err(error),
+        };
+        match text {
+            Ok(text) => match parse_vllm_load(&text) {
+                Some(load) => pod.set_scraped(load),
+                None => tracing::debug!(pod = %pod.addr(), "no vLLM load metrics in /metrics"),
+            },
+            Err(error) => tracing::debug!(pod = %pod.addr(), %error, "metrics scrape failed"),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut next_health = Instant::now();
+        let mut next_scrape = Instant::now();
+        loop {
+            // Re-read each round so a config reload takes effect.
+            let server = &self.gateway.state().config.server;
+            let health_every = Duration::from_millis(server.health_check_interval_ms);
+            let scrape_every = Duration::from_millis(server.scrape_interval_ms);
+            let now = Instant::now();
+            if !health_every.is_zero() && now >= next_health {
+                self.check_health(health_every.min(MAX_PROBE_TIME)).await;
+                next_health = now + health_every;
+            }
+            if !scrape_every.is_zero() && now >= next_scrape {
+                self.scrape(scrape_every.min(MAX_PROBE_TIME)).await;
+                next_scrape = now + scrape_every;
+            }
+            let mut wake = Instant::now() + IDLE_RECHECK;
+            if !health_every.is_zero() {
+                wake = wake.min(next_health);
+            }
+            if !scrape_every.is_zero() {
+                wake = wake.min(next_scrape);
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+/// Extracts running/waiting requests and KV-cache usage from vLLM's Prometheus text.
+/// Series of one metric (per engine, per model label) are summed; usage takes the
+/// fullest engine. `None` when the page has none of these metrics.
+pub fn parse_vllm_load(text: &str) -> Option<ScrapedLoad> {
+    let mut load = ScrapedLoad::default();
+    let mut seen = false;
+    let mut kv_usage_new: Option<f64> = None;
+    let mut kv_usage_old: Option<f64> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = split_sample(line) else {
+            continue;
+        };
+        match name {
+            "vllm:num_requests_running" => load.running += value,
+            "vllm:num_requests_waiting" => load.waiting += value,
+            "vllm:kv_cache_usage_perc" => {
+                kv_usage_new = Some(kv_usage_new.map_or(value, |u| u.max(value)))
+            }
+            "vllm:gpu_cache_usage_perc" => {
+                kv_usage_old = Some(kv_usage_old.map_or(value, |u| u.max(value)))
+            }
+            _ => continue,
+        }
+        seen = true;
+    }
+    load.kv_usage = kv_usage_new.or(kv_usage_old).unwrap_or(0.0);
+    seen.then_some(load)
+}
+
+/// `name{labels} value [timestamp]` → (name, value). Label values may hold spaces and
+/// escaped quotes, so the label block is skipped quote-aware.
+fn split_sample(line: &str) -> Option<(&str, f64)> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        let mut in_quotes = false;
+        let mut escaped = false;
+        let mut close = None;
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                '}' if !in_quotes => {
+                    close = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = rest.get(close? + 1..)?;
+    }
+    let value: f64 = rest.split_ascii_whitespace().next()?.parse().ok()?;
+    value.is_finite().then_some((name, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vllm_metrics_page() {
+        let page = r#"
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="Qwen/Qwen3 0.6B"} 3.0
+vllm:num_requests_running{engine="1",model_name="Qwen/Qwen3 0.6B"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="a \"quoted} name"} 4.0 1700000000000
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.9
+vllm:prompt_tokens_total{model_name="m"} 12345.0
+"#;
+        assert_eq!(
+            parse_vllm_load(page),
+            Some(ScrapedLoad {
+                running: 5.0,
+                waiting: 4.0,
+                kv_usage: 0.5
+            })
+        );
+    }
+
+    #[test]
+    fn older_usage_metric_and_absent_metrics() {
+        let page = "vllm:gpu_cache_usage_perc 0.75\nvllm:num_requests_running 1\n";
+        assert_eq!(
+            parse_vllm_load(page),
+            Some(ScrapedLoad {
+                running: 1.0,
+                waiting: 0.0,
+                kv_usage: 0.75
+            })
+        );
+        assert_eq!(parse_vllm_load("process_cpu_seconds_total 3\n"), None);
+        assert_eq!(
+            parse_vllm_load("vllm:num_requests_running{broken 3\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Per-request context and the one structured `Request handled` line it becomes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pingora::http::RequestHeader;
+
+use super::REQUEST_ID_HEADER;
+
+/// Longest client-supplied request id that is kept; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// What a request did, filled in as it goes and logged once at the end.
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    pub request_id: String,
+    started: Option<Instant>,
+    method: String,
+    path: String,
+    /// `model` as the client sent it.
+    pub model: Option<String>,
+    /// The served base model it resolved to (differs for LoRA adapters).
+    pub target_model: Option<String>,
+    /// The pod that answered, or was tried last.
+    pub endpoint: Option<SocketAddr>,
+    pub policy: Option<String>,
+    pub prompt_tokens: Option<usize>,
+    pub predicted_cached_tokens: Option<usize>,
+    pub actual_cached_tokens: Option<u64>,
+    pub scores: Option<String>,
+    pub attempts: u32,
+    pub upstream_status: Option<u16>,
+    pub time_to_first_byte: Option<Duration>,
+    /// The answering pod's requests in flight once this one was released.
+    pub pod_in_flight: Option<u32>,
+    pub error: Option<String>,
+}
+
+impl RequestCtx {
+    /// Takes the client's `x-request-id` when it is usable, else makes one.
+    pub fn begin(&mut self, header: &RequestHeader) {
+        self.started = Some(Instant::now());
+        self.method = header.method.as_str().to_string();
+        self.path = header.uri.path().to_string();
+        self.request_id = header
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+    }
+
+    pub fn log_handled(&self, status: u16, error: Option<&pingora::Error>) {
+        let duration_ms = self
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
+        let error = error.map(|e| e.to_string()).or_else(|| self.error.clone());
+        tracing::info!(
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            status,
+            model = self.model.as_deref(),
+            target_model = self.target_model.as_deref(),
+            endpoint = self.endpoint.map(tracing::field::display),
+            policy = self.policy.as_deref(),
+            prompt_tokens = self.prompt_tokens,
+            predicted_cached_tokens = self.predicted_cached_tokens,
+            actual_cached_tokens = self.actual_cached_tokens,
+            scores = self.scores.as_deref(),
+            attempts = self.attempts,
+            upstream_status = self.upstream_status,
+            ttfb_ms = self.time_to_first_byte.map(|d| d.as_secs_f64() * 1e3),
+            pod_in_flight = self.pod_in_flight,
+            duration_ms,
+            error = error.as_deref(),
+            "Request handled"
+        );
+    }
+}

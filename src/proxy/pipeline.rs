@@ -1,0 +1,333 @@
+//! The request path: body → parse → model → tokens → block keys → schedule → forward.
+//!
+//! Routing is best effort: when tokenizing fails the request is still routed, on load
+//! alone, and the pod gives the authoritative answer. Only what makes the request
+//! unroutable (unreadable body, unknown model, no pod) is answered here.
+
+use std::sync::Arc;
+
+use http::{header, Method};
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use serde::Deserialize;
+
+use super::body::{self, BodyError};
+use super::errors::ApiError;
+use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
+use super::gateway::{GatewayState, Route};
+use super::log::RequestCtx;
+use super::{KvGateProxy, REQUEST_ID_HEADER, SESSION_HEADER};
+use crate::hash::ExtraKeys;
+use crate::plugins::{RequestOutcome, SchedulingRequest};
+use crate::scheduler::Pipeline;
+use crate::tokenize::{self, Endpoint, RequestError, TokenizeError};
+
+/// Request headers that describe the client connection or that kvgate rewrites.
+const NOT_FORWARDED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+    REQUEST_ID_HEADER,
+];
+
+/// The prompt as the router sees it.
+struct Prompt {
+    tokens: usize,
+    block_keys: Vec<u64>,
+}
+
+impl Prompt {
+    /// No prompt to route on: the scheduler falls back to load.
+    fn unknown() -> Self {
+        Self {
+            tokens: 0,
+            block_keys: Vec::new(),
+        }
+    }
+}
+
+/// Whether a parse error means the request is malformed (vLLM would refuse it too), as
+/// opposed to well-formed input the router cannot read a prompt from.
+fn request_is_faulty(error: &RequestError) -> bool {
+    !matches!(
+        error,
+        RequestError::Multimodal { .. } | RequestError::Unsupported { .. }
+    )
+}
+
+/// Whether a prompt error is the client's (vLLM would answer 400 the same way). The others
+/// (no template configured here, a template our engine renders differently, a tokenizer
+/// failure) are kvgate's limits: the request still goes out, routed on load.
+fn prompt_is_faulty(error: &TokenizeError) -> bool {
+    match error {
+        TokenizeError::Request(e) => request_is_faulty(e),
+        TokenizeError::TemplateRaised { .. }
+        | TokenizeError::ContinueFinalMessage { .. }
+        | TokenizeError::TokenIdOutOfRange { .. } => true,
+        TokenizeError::NoChatTemplate
+        | TokenizeError::Template { .. }
+        | TokenizeError::Tokenizer { .. } => false,
+    }
+}
+
+/// The `model` field of a JSON body, read without the rest.
+fn model_field(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ModelField {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<ModelField>(body).ok()?.model
+}
+
+fn resolve<'a>(state: &'a GatewayState, model: &str) -> Result<&'a Route, ApiError> {
+    state
+        .route(model)
+        .ok_or_else(|| ApiError::model_not_found(model))
+}
+
+impl KvGateProxy {
+    /// `/v1/chat/completions` and `/v1/completions`: routed on the prompt's cached prefix.
+    pub(super) async fn inference(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        endpoint: Endpoint,
+    ) -> Result<(), ApiError> {
+        let state = self.gateway.state();
+        let body = read_body(session, &state).await?;
+        let request = match tokenize::parse_request(endpoint, &body) {
+            Ok(request) => request,
+            Err(error) if !request_is_faulty(&error) => {
+                // Valid for the pod, only not understood by the router (e.g. images).
+                let model = model_field(&body).ok_or_else(|| ApiError::from(&error))?;
+                tracing::info!(request_id = %ctx.request_id, %model, %error, "prompt not routable; routing on load alone");
+                ctx.model = Some(model.clone());
+                let route = resolve(&state, &model)?;
+                return self
+                    .dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
+                    .await;
+            }
+            Err(error) => return Err(ApiError::from(&error)),
+        };
+        ctx.model = Some(request.model.clone());
+        let route = resolve(&state, &request.model)?;
+        let prompt = match route.model.tokenizer.tokens(&request) {
+            Ok(tokens) => {
+                let mut hashes = Vec::with_capacity(tokens.len() / route.model.block_size.max(1));
+                let extra = ExtraKeys {
+                    lora: route.lora.clone(),
+                    cache_salt: request.cache_salt.clone(),
+                };
+                route.model.hasher.hash_prompt(&tokens, &extra, &mut hashes);
+                Prompt {
+                    tokens: tokens.len(),
+                    block_keys: hashes.iter().map(|h| h.key).collect(),
+                }
+            }
+            Err(error) if prompt_is_faulty(&error) => return Err(ApiError::from(&error)),
+            Err(error) => {
+                tracing::warn!(request_id = %ctx.request_id, model = %request.model, %error, "cannot tokenize the request; routing it on load alone");
+                Prompt::unknown()
+            }
+        };
+        self.dispatch(session, ctx, &state, route, &prompt, &body)
+            .await
+    }
+
+    /// Any other `/v1/*` path: sent to a pod of the model the body names (or the only
+    /// model), routed on load.
+    pub(super) async fn passthrough(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), ApiError> {
+        let state = self.gateway.state();
+        let body = read_body(session, &state).await?;
+        let named = is_json(session.req_header())
+            .then(|| model_field(&body))
+            .flatten();
+        let model = match named {
+            Some(model) => model,
+            None => state.sole_model().map(str::to_string).ok_or_else(|| {
+                ApiError::invalid_request(
+                    "model_required",
+                    "Several models are served: name one in the JSON body's `model`.".into(),
+                )
+            })?,
+        };
+        ctx.model = Some(model.clone());
+        let route = resolve(&state, &model)?;
+        self.dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
+            .await
+    }
+
+    /// Schedules the request among the model's pods and forwards it.
+    async fn dispatch(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &Arc<GatewayState>,
+        route: &Route,
+        prompt: &Prompt,
+        body: &bytes::Bytes,
+    ) -> Result<(), ApiError> {
+        let runtime = &route.model;
+        ctx.target_model = Some(runtime.name.clone());
+        ctx.prompt_tokens = Some(prompt.tokens);
+        let server = &state.config.server;
+        let requested_profile = header_str(session.req_header(), &server.profile_header);
+        let profile: &Pipeline = runtime
+            .scheduler
+            .profile(requested_profile)
+            .ok_or_else(|| {
+                ApiError::invalid_request(
+                    "unknown_profile",
+                    format!(
+                        "Unknown scheduling profile {:?} in header {} (defined: {}).",
+                        requested_profile.unwrap_or_default(),
+                        server.profile_header,
+                        runtime
+                            .scheduler
+                            .profile_names()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+        ctx.policy = Some(profile.name().to_string());
+        let affinity = header_str(session.req_header(), SESSION_HEADER).map(str::to_string);
+        let upstream_header = upstream_header(session.req_header(), body.len(), &ctx.request_id)
+            .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
+
+        let pods = self.gateway.pods.pods(&runtime.name).unwrap_or_default();
+        let request = SchedulingRequest {
+            request_id: &ctx.request_id,
+            model: &runtime.name,
+            scope: route.scope,
+            block_keys: &prompt.block_keys,
+            block_size: runtime.block_size,
+            prompt_tokens: prompt.tokens,
+            session: affinity.as_deref(),
+            now: self.gateway.now(),
+        };
+        let decision = profile.schedule(&request, &pods);
+        ctx.scores = Some(decision.scores_summary());
+        if decision.ranked.is_empty() {
+            return Err(ApiError::no_healthy_pod(&runtime.name));
+        }
+        let targets: Vec<Target> = decision
+            .ranked
+            .iter()
+            .map(|c| Target {
+                pod: Arc::clone(&c.pod),
+                uncached_tokens: c.uncached_tokens(&request) as u64,
+            })
+            .collect();
+        let exchange = Exchange {
+            header: &upstream_header,
+            body,
+            request_id: &ctx.request_id,
+        };
+        let settings = ForwardSettings::from(server);
+        let gateway = &self.gateway;
+        let now_ms = || gateway.now().as_millis() as u64;
+        let report = self
+            .forwarder
+            .forward(session, &exchange, &targets, &settings, &now_ms, &mut |i| {
+                if let Some(chosen) = decision.ranked.get(i) {
+                    profile.routed(&request, chosen);
+                }
+            })
+            .await;
+
+        ctx.attempts = report.attempts;
+        ctx.upstream_status = report.status;
+        ctx.time_to_first_byte = report.time_to_first_byte;
+        ctx.actual_cached_tokens = report.usage.and_then(|u| u.cached_tokens);
+        if let Some(i) = report.target {
+            let (Some(candidate), Some(target)) = (decision.ranked.get(i), targets.get(i)) else {
+                return Ok(());
+            };
+            let predicted =
+                (candidate.cached_blocks as usize * runtime.block_size).min(prompt.tokens);
+            ctx.endpoint = Some(target.pod.addr());
+            ctx.predicted_cached_tokens = Some(predicted);
+            ctx.pod_in_flight = Some(target.pod.in_flight());
+            profile.completed(&RequestOutcome {
+                pod: Arc::clone(&target.pod),
+                prompt_tokens: prompt.tokens,
+                queued_uncached_tokens: report.queued_uncached_tokens,
+                predicted_cached_tokens: predicted,
+                actual_cached_tokens: ctx.actual_cached_tokens.map(|n| n as usize),
+                time_to_first_token: report.time_to_first_byte,
+                success: report.error.is_none() && report.status.is_some_and(|s| s < 500),
+            });
+        }
+        match report.error {
+            None => Ok(()),
+            Some(ForwardError::ClientGone) => {
+                ctx.error = Some(ForwardError::ClientGone.to_string());
+                session.set_keepalive(None);
+                Ok(())
+            }
+            Some(error) if report.response_started => {
+                ctx.error = Some(error.to_string());
+                Ok(())
+            }
+            Some(error) => {
+                let response = ApiError::from(&error);
+                ctx.error = Some(error.to_string());
+                Err(response)
+            }
+        }
+    }
+}
+
+async fn read_body(session: &mut Session, state: &GatewayState) -> Result<bytes::Bytes, ApiError> {
+    body::read_body(session, state.config.server.max_body_bytes)
+        .await
+        .map_err(|e: BodyError| ApiError::from(&e))
+}
+
+fn header_str<'a>(header: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    header.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn is_json(header: &RequestHeader) -> bool {
+    header
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+}
+
+/// The client's request header for the pod: same method, path and end-to-end headers,
+/// the exact `Content-Length` of the body (which is sent whole, never chunked), and the
+/// request id.
+fn upstream_header(
+    client: &RequestHeader,
+    body_len: usize,
+    request_id: &str,
+) -> pingora::Result<RequestHeader> {
+    let mut out = RequestHeader::build(
+        client.method.clone(),
+        client.raw_path(),
+        Some(client.headers.len() + 2),
+    )?;
+    for (name, value) in client.headers.iter() {
+        if !NOT_FORWARDED.contains(&name.as_str()) {
+            out.append_header(name.clone(), value.clone())?;
+        }
+    }
+    let body_method = matches!(client.method, Method::POST | Method::PUT | Method::PATCH);
+    if body_len > 0 || body_method {
+        out.insert_header(header::CONTENT_LENGTH, body_len)?;
+    }
+    out.insert_header(REQUEST_ID_HEADER, request_id)?;
+    Ok(out)
+}
