@@ -1,20 +1,53 @@
 //! TEMPORARY interface shim until the `index` branch merges (replaced whole).
+//! Extended on the `ingest` branch with the rest of the final API (remove, clear_pod,
+//! retire_pod, pod_block_count, stats, Tier::from_medium) so ingestion builds and tests.
+use std::collections::{HashMap, HashSet};
+
 pub type PodId = u32;
 pub type ScopeId = u32;
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum Tier {
     Gpu,
     Cpu,
 }
+impl Tier {
+    pub fn from_medium(medium: Option<&str>) -> Self {
+        match medium {
+            None => Tier::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("gpu") => Tier::Gpu,
+            Some(_) => Tier::Cpu,
+        }
+    }
+}
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexConfig {
     pub budget_bytes: usize,
     pub shards: usize,
 }
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            budget_bytes: 1 << 30,
+            shards: 256,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub entries: u64,
+    pub blocks: u64,
+    pub pods: usize,
+}
+#[derive(Default)]
+struct Inner {
+    map: HashMap<(ScopeId, u64), Vec<(PodId, Tier)>>,
+    retired: HashSet<PodId>,
+}
 #[derive(Default)]
 pub struct BlockIndex {
-    map: parking_lot::Mutex<std::collections::HashMap<(ScopeId, u64), Vec<(PodId, Tier)>>>,
+    inner: parking_lot::RwLock<Inner>,
 }
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct PodPrefix {
     pub gpu_blocks: u32,
     pub any_blocks: u32,
@@ -34,46 +67,99 @@ impl PrefixMatch {
             .map(|x| x.1)
             .unwrap_or_default()
     }
+    pub fn iter(&self) -> impl Iterator<Item = (PodId, PodPrefix)> + '_ {
+        self.v.iter().copied()
+    }
 }
 impl BlockIndex {
     pub fn new(_c: IndexConfig) -> Self {
         Self::default()
     }
     pub fn store(&self, pod: PodId, scope: ScopeId, tier: Tier, hashes: &[u64]) {
-        let mut m = self.map.lock();
+        let mut m = self.inner.write();
+        if m.retired.contains(&pod) {
+            return;
+        }
         for h in hashes {
-            let e = m.entry((scope, *h)).or_default();
+            let e = m.map.entry((scope, *h)).or_default();
             if !e.contains(&(pod, tier)) {
                 e.push((pod, tier));
             }
         }
     }
-    pub fn lookup(&self, scope: ScopeId, hashes: &[u64], out: &mut PrefixMatch) {
-        out.v.clear();
-        let m = self.map.lock();
-        let mut pods: Vec<PodId> = m
-            .get(&(scope, hashes.first().copied().unwrap_or(0)))
-            .map(|v| v.iter().map(|x| x.0).collect())
-            .unwrap_or_default();
-        pods.dedup();
-        for p in pods {
-            let mut n = 0;
-            for h in hashes {
-                if m.get(&(scope, *h))
-                    .is_some_and(|v| v.iter().any(|x| x.0 == p))
-                {
-                    n += 1
-                } else {
-                    break;
+    pub fn remove(&self, pod: PodId, scope: ScopeId, tier: Tier, hashes: &[u64]) {
+        let mut m = self.inner.write();
+        for h in hashes {
+            if let Some(e) = m.map.get_mut(&(scope, *h)) {
+                e.retain(|x| *x != (pod, tier));
+                if e.is_empty() {
+                    m.map.remove(&(scope, *h));
                 }
             }
-            out.v.push((
-                p,
-                PodPrefix {
-                    gpu_blocks: n,
-                    any_blocks: n,
-                },
-            ));
+        }
+    }
+    pub fn clear_pod(&self, pod: PodId) {
+        let mut m = self.inner.write();
+        m.map.retain(|_, e| {
+            e.retain(|x| x.0 != pod);
+            !e.is_empty()
+        });
+    }
+    pub fn retire_pod(&self, pod: PodId) {
+        self.inner.write().retired.insert(pod);
+        self.clear_pod(pod);
+    }
+    pub fn pod_block_count(&self, pod: PodId) -> usize {
+        let m = self.inner.read();
+        m.map
+            .values()
+            .filter(|e| e.iter().any(|x| x.0 == pod))
+            .count()
+    }
+    pub fn stats(&self) -> IndexStats {
+        let m = self.inner.read();
+        let mut pods = HashSet::new();
+        let mut entries = 0;
+        for e in m.map.values() {
+            let mut seen = HashSet::new();
+            for x in e {
+                pods.insert(x.0);
+                if seen.insert(x.0) {
+                    entries += 1;
+                }
+            }
+        }
+        IndexStats {
+            entries,
+            blocks: m.map.len() as u64,
+            pods: pods.len(),
+        }
+    }
+    pub fn lookup(&self, scope: ScopeId, hashes: &[u64], out: &mut PrefixMatch) {
+        out.v.clear();
+        let m = self.inner.read();
+        let Some(first) = hashes.first().and_then(|h| m.map.get(&(scope, *h))) else {
+            return;
+        };
+        let mut pods: Vec<PodId> = first.iter().map(|x| x.0).collect();
+        pods.sort_unstable();
+        pods.dedup();
+        for p in pods {
+            let mut prefix = PodPrefix::default();
+            let mut gpu_run = true;
+            for h in hashes {
+                let holders = m.map.get(&(scope, *h));
+                let any = holders.is_some_and(|v| v.iter().any(|x| x.0 == p));
+                if !any {
+                    break;
+                }
+                prefix.any_blocks += 1;
+                gpu_run &= holders.is_some_and(|v| v.contains(&(p, Tier::Gpu)));
+                if gpu_run {
+                    prefix.gpu_blocks += 1;
+                }
+            }
+            out.v.push((p, prefix));
         }
     }
 }
