@@ -163,3 +163,85 @@ impl BlockIndex {
         }
     }
 }
+
+/// Snapshot of the index for a graceful upgrade (the `index` branch's
+/// `src/index/snapshot.rs` replaces this with the same interface).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("reading the index snapshot: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a kvgate index snapshot (version {0})")]
+    Format(u8),
+}
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    pub entries: u64,
+    pub skipped: u64,
+}
+const SNAPSHOT_MAGIC: &[u8; 4] = b"KVIX";
+impl BlockIndex {
+    pub fn snapshot(&self, w: &mut impl std::io::Write) -> std::io::Result<SnapshotStats> {
+        let m = self.inner.read();
+        let mut runs: HashMap<(PodId, ScopeId, Tier), Vec<u64>> = HashMap::new();
+        for ((scope, hash), holders) in &m.map {
+            for (pod, tier) in holders {
+                runs.entry((*pod, *scope, *tier)).or_default().push(*hash);
+            }
+        }
+        w.write_all(SNAPSHOT_MAGIC)?;
+        w.write_all(&[1])?;
+        let mut stats = SnapshotStats::default();
+        for ((pod, scope, tier), hashes) in runs {
+            w.write_all(&pod.to_le_bytes())?;
+            w.write_all(&scope.to_le_bytes())?;
+            w.write_all(&[(tier == Tier::Cpu) as u8])?;
+            w.write_all(&(hashes.len() as u32).to_le_bytes())?;
+            for h in &hashes {
+                w.write_all(&h.to_le_bytes())?;
+            }
+            stats.entries += hashes.len() as u64;
+        }
+        w.write_all(&u32::MAX.to_le_bytes())?;
+        Ok(stats)
+    }
+    pub fn restore(
+        &self,
+        r: &mut impl std::io::Read,
+        mut remap: impl FnMut(PodId) -> Option<PodId>,
+    ) -> Result<SnapshotStats, SnapshotError> {
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head)?;
+        if &head[..4] != SNAPSHOT_MAGIC || head[4] != 1 {
+            return Err(SnapshotError::Format(head[4]));
+        }
+        let mut stats = SnapshotStats::default();
+        let mut word = [0u8; 4];
+        loop {
+            r.read_exact(&mut word)?;
+            let pod = u32::from_le_bytes(word);
+            if pod == u32::MAX {
+                return Ok(stats);
+            }
+            r.read_exact(&mut word)?;
+            let scope = u32::from_le_bytes(word);
+            let mut tier = [0u8; 1];
+            r.read_exact(&mut tier)?;
+            let tier = if tier[0] == 1 { Tier::Cpu } else { Tier::Gpu };
+            r.read_exact(&mut word)?;
+            let count = u32::from_le_bytes(word) as usize;
+            let mut hashes = Vec::with_capacity(count.min(1 << 16));
+            let mut h = [0u8; 8];
+            for _ in 0..count {
+                r.read_exact(&mut h)?;
+                hashes.push(u64::from_le_bytes(h));
+            }
+            match remap(pod) {
+                Some(target) => {
+                    self.store(target, scope, tier, &hashes);
+                    stats.entries += count as u64;
+                }
+                None => stats.skipped += count as u64,
+            }
+        }
+    }
+}

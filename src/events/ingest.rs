@@ -24,7 +24,8 @@ use crate::events::replay::ReplayReply;
 use crate::events::stats::{bump, EventStats, PodEventStats};
 use crate::events::subscriber::{endpoint_for_rank, Origin, PodDelta, PublisherEndpoint};
 use crate::events::tracker::{
-    Action, ClearReason, ReplayToken, ReplayVerdict, Replayed, SeqTracker, TrackerConfig, Verdict,
+    Action, ClearReason, ReplayToken, ReplayVerdict, Replayed, SeqTracker, StreamMark,
+    TrackerConfig, Verdict,
 };
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId, Tier};
@@ -189,6 +190,27 @@ pub struct ReplayDone {
     pub reply: ReplayReply,
 }
 
+/// One pod's event state as a kvgate process hands it to the one taking over from
+/// it (graceful upgrade). Pod ids are per process, so the pod is named by its
+/// discovery key, and each publisher carries the index id its entries are under in
+/// the handing process, for the index snapshot to be mapped onto the new ids.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PodHandover {
+    pub model: String,
+    pub key: String,
+    pub publishers: Vec<PublisherHandover>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PublisherHandover {
+    pub rank: u32,
+    /// Index id of its entries in the handing process.
+    pub target: PodId,
+    /// Scopes it stored into (a BlockRemoved names none).
+    pub scopes: Vec<ScopeId>,
+    pub mark: StreamMark,
+}
+
 /// One publisher: a pod's data-parallel rank.
 #[derive(Debug)]
 struct Publisher {
@@ -238,6 +260,10 @@ pub struct Ingestor {
     held_batch: EventBatch,
     actions: Vec<Action<Bytes>>,
     replays: Vec<ReplayRequest>,
+    /// Handed-over state of pods not discovered yet, by (model, key).
+    handed_over: HashMap<(String, String), PodHandover>,
+    /// Index id in the handing process → index id here, of every resumed publisher.
+    resumed: HashMap<PodId, PodId>,
 }
 
 impl Ingestor {
@@ -266,7 +292,61 @@ impl Ingestor {
             held_batch: EventBatch::default(),
             actions: Vec::new(),
             replays: Vec::new(),
+            handed_over: HashMap::new(),
+            resumed: HashMap::new(),
         }
+    }
+
+    /// The stream position of every discovered pod's publishers, for the process
+    /// taking over. Publishers that never applied a batch have nothing to hand over.
+    pub fn handover(&self) -> Vec<PodHandover> {
+        self.pods
+            .values()
+            .filter_map(|entry| {
+                let pod = entry.pod.as_ref()?;
+                let publishers: Vec<PublisherHandover> = entry
+                    .publishers
+                    .iter()
+                    .filter_map(|p| {
+                        Some(PublisherHandover {
+                            rank: p.rank,
+                            target: p.target,
+                            scopes: p.scopes.clone(),
+                            mark: p.tracker.mark()?,
+                        })
+                    })
+                    .collect();
+                (!publishers.is_empty()).then(|| PodHandover {
+                    model: entry.model.name.clone(),
+                    key: pod.endpoint.key.clone(),
+                    publishers,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the state a previous process handed over. Each pod resumes when
+    /// discovery lists it ([`Ingestor::sync_pods`]); [`Ingestor::resumed_targets`]
+    /// then maps the handed-over index ids onto this process's.
+    pub fn resume(&mut self, pods: Vec<PodHandover>) {
+        self.handed_over = pods
+            .into_iter()
+            .map(|p| ((p.model.clone(), p.key.clone()), p))
+            .collect();
+    }
+
+    /// Index ids of the handing process → ids here, for every publisher resumed.
+    pub fn resumed_targets(&self) -> &HashMap<PodId, PodId> {
+        &self.resumed
+    }
+
+    /// Drops what was handed over for pods discovery has not listed (they left
+    /// during the upgrade); returns how many.
+    pub fn finish_resume(&mut self) -> usize {
+        self.resumed.clear();
+        let dropped = self.handed_over.len();
+        self.handed_over.clear();
+        dropped
     }
 
     /// Replays requested since the last call.
@@ -365,6 +445,26 @@ impl Ingestor {
         entry.events = pod.endpoint.events.clone();
         entry.replay = pod.endpoint.replay.clone();
         entry.pod = Some(Arc::clone(&pod));
+        if let Some(handed) = self
+            .handed_over
+            .remove(&(model.name.clone(), pod.endpoint.key.clone()))
+        {
+            for handed in handed.publishers {
+                let at = publisher_index(
+                    &self.cfg,
+                    &self.registry,
+                    &self.targets,
+                    &mut entry,
+                    pod.id,
+                    handed.rank,
+                );
+                let publisher = &mut entry.publishers[at];
+                publisher.tracker.resume(handed.mark);
+                publisher.scopes = handed.scopes;
+                self.resumed.insert(handed.target, publisher.target);
+            }
+            tracing::info!(pod = %pod.endpoint.name, "KV event stream resumed from the previous process");
+        }
         for publisher in &mut entry.publishers {
             publisher.replay = entry
                 .replay
