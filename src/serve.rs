@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::config::{Config, ConfigError, EventsMode};
 use crate::discovery::DiscoveryConfig;
-use crate::events::{EventServiceError, EventServiceOptions, KvEventService};
+use crate::events::{EventServiceError, EventServiceOptions, KvEventService, ParityVerdict};
 use crate::logging::{self, LoggingError};
 use crate::metrics::{self, AdminListener, AdminState, IndexSample, Metrics};
 use crate::proxy::{DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy};
@@ -397,9 +397,19 @@ fn admin_state(
     };
     let before_scrape = {
         let gateway = Arc::clone(gateway);
+        let stats = events.service().stats();
         let budget = gateway.state().config.index.budget_bytes as u64;
         Arc::new(move |m: &Metrics| {
             m.sample_pods(&gateway.pods, gateway.now().as_millis() as u64);
+            for model in gateway.pods.models() {
+                for pod in gateway.pods.pods(&model).iter().flat_map(|set| &set.pods) {
+                    match stats.of(pod.id).map(|c| c.parity) {
+                        Some(ParityVerdict::Agree) => m.parity(pod.addr(), true),
+                        Some(ParityVerdict::Disagree) => m.parity(pod.addr(), false),
+                        Some(ParityVerdict::Unchecked) | None => {}
+                    }
+                }
+            }
             let index = gateway.index.stats();
             m.index_stats(IndexSample {
                 entries: index.entries,

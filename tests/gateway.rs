@@ -618,6 +618,15 @@ fn sighup_reloads_the_config_or_keeps_the_running_one() {
             .then_some(())
     });
     assert_eq!(post(), 413, "the running config stays");
+    let (status, metrics) = http_request(gateway.admin_addr().port(), "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvgate_config_reloads_total{result=\"failed\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "the refusal is counted:\n{metrics}");
 }
 
 #[test]

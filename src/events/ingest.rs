@@ -997,7 +997,146 @@ fn batch_ts(payload: &[u8]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::batch_ts;
+    use super::*;
+    use crate::config::Config;
+    use crate::discovery::PodEndpoint;
+    use crate::events::codec::{EventEncoder, ExtraKeys as WireExtraKeys, OutEvent, WireHash};
+    use crate::index::IndexConfig;
+
+    const CONFIG: &str = "
+events: {mode: bind, replay: false, paritySample: 0}
+models:
+  - name: m
+    tokenizer: t.json
+    blockSize: 16
+    hashAlgo: sha256_cbor
+    hashSeed: \"0\"
+    vllmRelease: \"0.11.0\"
+    discovery: {static: {pods: []}}
+";
+
+    fn endpoint(port: u16, topic_host: &str) -> PodEndpoint {
+        let http = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        PodEndpoint {
+            key: http.to_string(),
+            name: topic_host.into(),
+            http,
+            events: None,
+            replay: None,
+            topic_host: topic_host.into(),
+        }
+    }
+
+    /// One process's ingestion: its registry, index and ingestor.
+    struct Process {
+        registry: Arc<PodRegistry>,
+        index: Arc<BlockIndex>,
+        ingestor: Ingestor,
+    }
+
+    impl Process {
+        fn new(config: &Config, pods: &[PodEndpoint]) -> Self {
+            let registry = Arc::new(PodRegistry::new(["m"]));
+            registry.apply_snapshot("m", pods);
+            let index = Arc::new(BlockIndex::new(IndexConfig {
+                budget_bytes: 1 << 20,
+                shards: 4,
+            }));
+            let ingestor = Ingestor::new(
+                IngestConfig::from_events(&config.events, 1),
+                vec![ModelEvents::from_config(&config.models[0]).expect("model")],
+                Arc::clone(&index),
+                Arc::clone(&registry),
+                Arc::new(EventStats::default()),
+                Arc::new(IndexTargets::default()),
+            );
+            Self {
+                registry,
+                index,
+                ingestor,
+            }
+        }
+
+        fn id_of(&self, topic_host: &str) -> PodId {
+            self.registry
+                .by_topic_host("m", topic_host)
+                .expect("pod listed")
+                .id
+        }
+
+        fn store(&mut self, topic_host: &str, seq: u64, hashes: &[u64]) {
+            let wire: Vec<WireHash<'_>> = hashes.iter().map(|&h| WireHash::Int(h)).collect();
+            let tokens = vec![1u32; hashes.len() * 16];
+            let event = OutEvent::Stored {
+                block_hashes: &wire,
+                parent: None,
+                token_ids: &tokens,
+                block_size: 16,
+                lora_id: None,
+                lora_name: None,
+                medium: "GPU",
+                extra_keys: &WireExtraKeys::Plain,
+            };
+            let mut payload = Vec::new();
+            EventEncoder::new("0.11.0".parse().expect("release")).encode_batch(
+                1_000.0 + seq as f64,
+                &[event],
+                0,
+                &mut payload,
+            );
+            let frames = vec![
+                Bytes::from(format!("kv@{topic_host}@m")),
+                Bytes::copy_from_slice(&seq.to_be_bytes()),
+                Bytes::from(payload),
+            ];
+            let message = ZmqMessage::try_from(frames).expect("frames");
+            self.ingestor
+                .on_message(Origin::Bound, &message, Instant::now());
+        }
+
+        fn cached_blocks(&self, topic_host: &str, hashes: &[u64]) -> u32 {
+            let mut found = PrefixMatch::new();
+            self.index
+                .lookup(crate::scope::scope_id("m", None), hashes, &mut found);
+            found.get(self.id_of(topic_host)).any_blocks
+        }
+    }
+
+    #[test]
+    fn a_handed_over_stream_resumes_under_the_new_pod_ids() {
+        let config = Config::parse(CONFIG).expect("config");
+        let a = endpoint(8001, "a");
+        let mut old = Process::new(&config, std::slice::from_ref(&a));
+        old.ingestor.sync_pods(Instant::now());
+        old.store("a", 0, &[11, 12, 13]);
+        old.store("a", 1, &[14]);
+        assert_eq!(old.cached_blocks("a", &[11, 12, 13, 14]), 4);
+        let handover = old.ingestor.handover();
+        assert_eq!(handover.len(), 1);
+        let mut snapshot = Vec::new();
+        old.index.snapshot(&mut snapshot).expect("snapshot");
+
+        // Another pod comes first in the new process: ids differ from the old ones.
+        let mut new = Process::new(&config, &[endpoint(8002, "b"), a]);
+        assert_ne!(new.id_of("a"), old.id_of("a"));
+        new.ingestor.resume(handover);
+        new.ingestor.sync_pods(Instant::now());
+        let remap = new.ingestor.resumed_targets().clone();
+        let restored = new
+            .index
+            .restore(&mut snapshot.as_slice(), |id| remap.get(&id).copied())
+            .expect("restore");
+        assert_eq!(restored.entries, 4);
+        assert_eq!(new.ingestor.finish_resume(), 0);
+        assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14]), 4);
+        assert_eq!(new.ingestor.trust(new.id_of("a")), Some(EventTrust::Synced));
+
+        // The stream goes on where the old process left it.
+        new.store("a", 2, &[15]);
+        assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
+        assert_eq!(new.ingestor.trust(new.id_of("a")), Some(EventTrust::Synced));
+        assert!(new.ingestor.take_replays().next().is_none());
+    }
 
     #[test]
     fn batch_ts_reads_the_first_field() {

@@ -8,6 +8,7 @@
 //! the starting config has its first snapshot, or after a bound, so the proxy can
 //! be made to start only with pods to route to.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -116,10 +117,10 @@ impl DiscoveryFeed {
             keep
         });
         for (model, config) in wanted {
-            if !running.contains_key(&model) {
-                tracing::info!(model = %model, "discovery source started");
-                let source = self.spawn(model.clone(), config, None);
-                running.insert(model, source);
+            if let Entry::Vacant(slot) = running.entry(model) {
+                tracing::info!(model = %slot.key(), "discovery source started");
+                let source = self.spawn(slot.key().clone(), config, None);
+                slot.insert(source);
             }
         }
     }
