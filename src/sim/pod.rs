@@ -287,6 +287,9 @@ struct Driver {
     /// command. Stops a busy loop until something changes or time passes.
     stalled_until_ms: Option<f64>,
     paused: bool,
+    /// When the engine was last resumed: no step starts before it, so a
+    /// paused engine does not catch up on the time it was held.
+    resumed_at_ms: f64,
     ttft_bucket_counts: Vec<u64>,
     ttft_sum_s: f64,
 }
@@ -310,6 +313,7 @@ impl Driver {
             after_pending: Vec::new(),
             stalled_until_ms: None,
             paused: false,
+            resumed_at_ms: 0.0,
             ttft_bucket_counts: vec![0; TTFT_BUCKETS.len() + 1],
             ttft_sum_s: 0.0,
         };
@@ -330,8 +334,9 @@ impl Driver {
                 },
             };
             let wake = wake_ms.map(|ms| self.clock.instant_at(ms));
+            // Unbiased: neither a flood of requests nor an engine running
+            // behind the wall clock can starve the other branch.
             tokio::select! {
-                biased;
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
                     None => return,
@@ -345,9 +350,11 @@ impl Driver {
         }
     }
 
-    /// When the next step can start, held back while the engine is stalled.
+    /// When the next step can start: when the engine has work, but not
+    /// before the last resume nor while it is stalled. Steps start at engine
+    /// time, not at the (later, jittery) wall time the driver woke up.
     fn next_step_time(&self) -> Option<f64> {
-        let at = self.engine.next_wakeup()?;
+        let at = self.engine.next_wakeup()?.max(self.resumed_at_ms);
         Some(match self.stalled_until_ms {
             Some(until) => at.max(until),
             None => at,
@@ -472,7 +479,12 @@ impl Driver {
                 }
                 let _ = reply.send(cleared);
             }
-            PodCommand::Pause(paused) => self.paused = paused,
+            PodCommand::Pause(paused) => {
+                if self.paused && !paused {
+                    self.resumed_at_ms = self.clock.now_ms();
+                }
+                self.paused = paused;
+            }
         }
     }
 }
@@ -1157,5 +1169,144 @@ impl PodLifecycle {
                 grace: SELF_KILL_GRACE,
             })
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of 4 tokens, 10 ms steps plus 1 ms per prefill token, 5 ms of
+    /// request overhead: step ends are easy to predict.
+    fn params() -> PodParams {
+        PodParams {
+            kv_blocks: 64,
+            block_size: 4,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+            max_model_len: 256,
+            step_base_ms: 10.0,
+            prefill_ms_per_token: 1.0,
+            attention_ms_per_pair: 0.0,
+            decode_ms_per_million_context_tokens: 0.0,
+            decode_ms_per_seq: 0.0,
+            request_overhead_ms: 5.0,
+        }
+    }
+
+    fn start(time_scale: f64) -> PodHandle {
+        let engine = PodEngine::new(params()).unwrap();
+        let (driver, handle) = Driver::new(engine, SimClock::start(time_scale), None);
+        tokio::spawn(driver.run());
+        handle
+    }
+
+    fn request(prompt_tokens: u32, max_tokens: u32) -> PodRequest {
+        PodRequest {
+            tokens: (0..prompt_tokens).collect(),
+            hashes: Arc::from(Vec::new()),
+            max_tokens,
+            lora: None,
+            cache_salt: None,
+        }
+    }
+
+    fn elapsed_ms(since: Instant) -> u128 {
+        since.elapsed().as_millis()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_arrive_at_the_modelled_step_ends_scaled_to_wall_time() {
+        let handle = start(2.0);
+        let started = Instant::now();
+        let mut submission = handle.submit(request(8, 3)).await.unwrap();
+        // Ready at 5 ms; the prefill step takes 10 + 8 ms; each decode 10 ms.
+        // Simulated 23, 33, 43 ms are wall 46, 66, 86 ms at time scale 2.
+        let mut arrivals = Vec::new();
+        while let Some(item) = submission.stream.recv().await {
+            arrivals.push((elapsed_ms(started), item.clone()));
+            if let StreamItem::Finished(summary) = item {
+                assert_eq!((summary.prompt_tokens, summary.output_tokens), (8, 3));
+                assert!((summary.ttft_ms() - 23.0).abs() < 1e-9);
+                submission.guard.disarm();
+                break;
+            }
+        }
+        let times: Vec<u128> = arrivals.iter().map(|(at, _)| *at).collect();
+        assert_eq!(times, [46, 66, 86, 86]);
+        assert_eq!(arrivals[1].1, StreamItem::Token { index: 1 });
+        let snapshot = handle.snapshot().await.unwrap();
+        assert_eq!(snapshot.metrics.finished_requests, 1);
+        assert_eq!(snapshot.ttft_bucket_counts.iter().sum::<u64>(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_submission_aborts_its_request() {
+        let handle = start(1.0);
+        let submission = handle.submit(request(8, 200)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(handle.snapshot().await.unwrap().metrics.running, 1);
+        drop(submission);
+        let metrics = handle.snapshot().await.unwrap().metrics;
+        assert_eq!((metrics.running, metrics.kv_cache_usage), (0, 0.0));
+        assert_eq!(metrics.finished_requests, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_engine_takes_no_step_until_resumed() {
+        let handle = start(1.0);
+        handle.pause(true).unwrap();
+        let mut submission = handle.submit(request(4, 1)).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(5), submission.stream.recv()).await;
+        assert!(waited.is_err(), "a token arrived while paused");
+        assert!(handle.snapshot().await.unwrap().paused);
+        let resumed = Instant::now();
+        handle.pause(false).unwrap();
+        assert_eq!(
+            submission.stream.recv().await,
+            Some(StreamItem::Token { index: 0 })
+        );
+        // The arrival is long ready; the step (10 + 4 ms) starts on resume.
+        assert_eq!(elapsed_ms(resumed), 14);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_requests_report_the_engine_error() {
+        let handle = start(1.0);
+        let error = handle.submit(request(250, 10)).await.unwrap_err();
+        assert!(matches!(
+            error,
+            PodError::Rejected(SubmitError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn published_extra_keys_follow_the_block_pool() {
+        let plain = request(8, 1);
+        assert_eq!(published_extra_keys(&plain, 0, 2), ExtraKeys::Plain);
+        let salted = PodRequest {
+            lora: Some(EventLora {
+                int_id: 1,
+                name: "sql-lora".into(),
+            }),
+            cache_salt: Some("salt".into()),
+            ..request(8, 1)
+        };
+        let str_key = |s: &str| ExtraKey::Str(s.into());
+        assert_eq!(
+            published_extra_keys(&salted, 0, 2),
+            ExtraKeys::PerBlock(vec![
+                Some(vec![str_key("sql-lora"), str_key("salt")].into_boxed_slice()),
+                Some(vec![str_key("sql-lora")].into_boxed_slice()),
+            ])
+        );
+        let salt_only = PodRequest {
+            cache_salt: Some("salt".into()),
+            ..request(8, 1)
+        };
+        assert_eq!(
+            published_extra_keys(&salt_only, 1, 1),
+            ExtraKeys::PerBlock(vec![None])
+        );
     }
 }

@@ -309,8 +309,9 @@ impl PublisherTask {
     async fn run(mut self, mut batches: mpsc::UnboundedReceiver<Bytes>) {
         loop {
             let due = self.delayed.front().map(|(at, _)| *at);
+            // Unbiased so that a stream of batches cannot starve replay requests;
+            // batches stay in order through their FIFO channel.
             let wake = tokio::select! {
-                biased;
                 batch = batches.recv() => Wake::Batch(batch),
                 wake = connection_change(&mut self.pub_state) => wake,
                 request = replay_request(&mut self.router) => Wake::Replay(request),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,6 +37,10 @@ use super::publisher::{EventFaults, PublisherCounts, PublisherStats};
 use crate::hash::{BlockHasher, ExtraKeys, LoraKey};
 use crate::tokenize::{parse_request, ApiError, Endpoint, ModelTokenizer};
 use crate::vllm::VllmRelease;
+
+/// Largest request body accepted (axum's default of 2 MiB is below long-context
+/// prompts; vLLM itself sets no limit). Matches kvgate's default `maxBodyBytes`.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// vLLM's `CompletionRequest.max_tokens` default.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
@@ -140,6 +144,7 @@ pub fn pod_router(context: Arc<PodContext>) -> Router {
         .route("/sim/resume", post(resume))
         .route("/sim/restart", post(restart))
         .route("/sim/kill", post(kill))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(context)
 }
 
