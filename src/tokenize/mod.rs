@@ -240,6 +240,11 @@ impl ModelTokenizer {
         self.tokenizer.cache_held_tokens()
     }
 
+    /// Empties the segment cache; words seen before stay cached.
+    pub fn clear_segment_cache(&self) {
+        self.tokenizer.clear_segment_cache();
+    }
+
     /// Empties the segment and word caches.
     pub fn clear_caches(&self) {
         self.tokenizer.clear_caches();
