@@ -184,14 +184,19 @@ impl WordEncoder {
             self.cache.insert(hash, word, &ids_scratch);
             Ok(())
         };
+        // Split offsets come from the regex engine; a bad one is an error, not a panic.
+        let word_at = |start: usize, end: usize| -> TkResult<&str> {
+            text.get(start..end)
+                .ok_or_else(|| format!("split regex gave {start}..{end}, not a text range").into())
+        };
         match self.splits.as_slice() {
-            [single] => for_each_split(single, text, 0, &mut |s, e| encode_word(&text[s..e])),
+            [single] => for_each_split(single, text, 0, &mut |s, e| encode_word(word_at(s, e)?)),
             chain => {
                 let mut ranges = vec![(0, text.len())];
                 for split in chain {
                     let mut next = Vec::with_capacity(ranges.len() * 2);
                     for (start, end) in ranges {
-                        for_each_split(split, &text[start..end], start, &mut |s, e| {
+                        for_each_split(split, word_at(start, end)?, start, &mut |s, e| {
                             next.push((s, e));
                             Ok(())
                         })?;
@@ -200,7 +205,7 @@ impl WordEncoder {
                 }
                 ranges
                     .into_iter()
-                    .try_for_each(|(s, e)| encode_word(&text[s..e]))
+                    .try_for_each(|(s, e)| encode_word(word_at(s, e)?))
             }
         }
     }
