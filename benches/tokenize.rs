@@ -38,7 +38,7 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-fn loogle_text(shared: &PathBuf) -> String {
+fn loogle_text(shared: &Path) -> String {
     let mut text = String::new();
     for name in ["loogle_longdep_qa.jsonl", "loogle_shortdep_qa.jsonl"] {
         let path = shared.join("data/traces").join(name);
@@ -120,7 +120,10 @@ fn tokens(model: &ModelTokenizer, body: &[u8]) -> usize {
         .len()
 }
 
-/// Wall-clock and on-CPU time of one timed call.
+/// Which time of a sample a table shows.
+type Clock = fn(&Sample) -> Duration;
+
+/// The time of one call: wall clock (median of the loop) and CPU (mean over the loop).
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     wall: Duration,
@@ -378,7 +381,7 @@ fn main() {
     let python = python_baseline(&tokenizer_dir, &scenarios);
 
     println!("tokenize bench: one thread, parse + render + tokenize of a Qwen3 chat request");
-    let clocks: [(&str, fn(&Sample) -> Duration); 2] = [
+    let clocks: [(&str, Clock); 2] = [
         ("CPU time of the thread, mean per request", |s| s.cpu),
         ("wall clock, median", |s| s.wall),
     ];

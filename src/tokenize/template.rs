@@ -309,7 +309,10 @@ fn message_entries(message: &ChatMessage, format: ContentFormat) -> Vec<(&'stati
 
 fn content_value(message: &ChatMessage, format: ContentFormat) -> Value {
     match format {
-        ContentFormat::String => Value::from(joined_text(&message.content)),
+        ContentFormat::String => match &message.content {
+            MessageContent::Text(text) => Value::from(text.as_str()),
+            other => Value::from(joined_text(other)),
+        },
         ContentFormat::OpenAi => {
             let parts: Vec<Value> = match &message.content {
                 MessageContent::Absent => Vec::new(),
