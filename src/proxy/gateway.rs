@@ -189,11 +189,7 @@ fn build_state(config: Config, index: &Arc<BlockIndex>) -> Result<GatewayState, 
                 adapter.name.clone(),
                 Route {
                     model: Arc::clone(&runtime),
-                    lora: Some(LoraKey {
-                        name: adapter.name.clone(),
-                        int_id: adapter.int_id,
-                        path: adapter.path.clone(),
-                    }),
+                    lora: Some(adapter.hash_key()),
                     scope: scope_id(&model.name, Some(&adapter.name)),
                 },
             );
