@@ -51,7 +51,7 @@ pub struct IngestConfig {
     pub require_known_pods: bool,
     /// Fraction of BlockStored runs re-hashed.
     pub parity_sample: f64,
-    /// Connect mode: data-parallel ranks per pod (rank r publishes on port + r).
+    /// Data-parallel ranks per pod (rank r publishes on port + r).
     pub data_parallel_size: u32,
     pub tracker: TrackerConfig,
 }
@@ -550,13 +550,11 @@ impl Ingestor {
                 .tracker
                 .on_live(seq, batch.ts, payload.clone(), now, actions);
         match verdict {
-            Verdict::Applied | Verdict::Held => {}
+            Verdict::Applied | Verdict::Held | Verdict::Restart => {}
             Verdict::Gap => {
-                bump(&entry.stats.gaps, 1);
                 tracing::debug!(pod = pod_id, rank, seq, last = ?entry.publishers[at].tracker.last_seq(), "KV event gap");
             }
             Verdict::Duplicate => bump(&entry.stats.duplicates, 1),
-            Verdict::Restart => {}
         }
         perform(
             index,
@@ -609,7 +607,7 @@ impl Ingestor {
             .tracker
             .on_replay(done.token, replayed, reply.end, now, actions);
         match verdict {
-            ReplayVerdict::Stale => {}
+            ReplayVerdict::Stale | ReplayVerdict::Probed => {}
             ReplayVerdict::Recovered => bump(&entry.stats.replays_ok, 1),
             ReplayVerdict::Retrying | ReplayVerdict::Lost => bump(&entry.stats.replays_failed, 1),
             ReplayVerdict::Restarted => {}
@@ -694,17 +692,22 @@ fn publisher_index(
         .and_then(|e| endpoint_for_rank(e, rank));
     let mut tracker_cfg = cfg.tracker.clone();
     tracker_cfg.replay = cfg.replay && replay.is_some();
-    entry.publishers.push(Publisher {
-        rank,
-        target,
-        tracker: SeqTracker::new(tracker_cfg),
-        scopes: Vec::new(),
-        replay,
-    });
+    // Kept in rank order, so a pod's index targets are listed by rank.
+    let at = entry.publishers.partition_point(|p| p.rank < rank);
+    entry.publishers.insert(
+        at,
+        Publisher {
+            rank,
+            target,
+            tracker: SeqTracker::new(tracker_cfg),
+            scopes: Vec::new(),
+            replay,
+        },
+    );
     if entry.pod.is_some() {
         targets.set(pod_id, &publisher_targets(entry));
     }
-    entry.publishers.len() - 1
+    at
 }
 
 /// Carries out the tracker's actions for publisher `at` of `entry`.
@@ -719,6 +722,10 @@ fn perform(
     actions: &mut Vec<Action<Bytes>>,
     replays: &mut Vec<ReplayRequest>,
 ) {
+    let gaps = entry.publishers[at].tracker.take_gaps();
+    if gaps > 0 {
+        bump(&entry.stats.gaps, u64::from(gaps));
+    }
     for action in actions.drain(..) {
         match action {
             Action::ApplyLive => {
