@@ -9,7 +9,7 @@
 //! into the index under the pod's index target for that data-parallel rank,
 //! clears, and replay requests that the service carries out and feeds back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -207,7 +207,6 @@ struct PodEntry {
     pod: Option<Arc<Pod>>,
     model: Arc<ModelEvents>,
     topic_host: String,
-    events: Option<String>,
     replay: Option<String>,
     publishers: Vec<Publisher>,
     parity: ParityChecker,
@@ -296,18 +295,16 @@ impl Ingestor {
     /// cannot bring them back). Returns what a connect source must (un)subscribe.
     pub fn sync_pods(&mut self, now: Instant) -> PodDelta {
         let mut delta = PodDelta::default();
-        let mut present: HashMap<PodId, Arc<Pod>> = HashMap::new();
+        let mut present = HashSet::new();
         for model in self.models.keys() {
             if let Some(set) = self.registry.pods(model) {
-                for pod in &set.pods {
-                    present.insert(pod.id, Arc::clone(pod));
-                }
+                present.extend(set.pods.iter().map(|pod| pod.id));
             }
         }
         let gone: Vec<PodId> = self
             .pods
             .iter()
-            .filter(|(id, entry)| entry.pod.is_some() && !present.contains_key(id))
+            .filter(|(id, entry)| entry.pod.is_some() && !present.contains(*id))
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
@@ -353,7 +350,6 @@ impl Ingestor {
                 pod: None,
                 model: Arc::clone(&model),
                 topic_host: pod.endpoint.topic_host.clone(),
-                events: None,
                 replay: None,
                 publishers: Vec::new(),
                 parity: ParityChecker::new(self.cfg.parity_sample),
@@ -362,7 +358,6 @@ impl Ingestor {
                 last_seen: now,
             },
         };
-        entry.events = pod.endpoint.events.clone();
         entry.replay = pod.endpoint.replay.clone();
         entry.pod = Some(Arc::clone(&pod));
         for publisher in &mut entry.publishers {
@@ -375,7 +370,7 @@ impl Ingestor {
                 .set_replay(self.cfg.replay && publisher.replay.is_some());
         }
         if self.cfg.mode == EventsMode::Connect {
-            match entry.events.clone() {
+            match pod.endpoint.events.clone() {
                 Some(events) => {
                     for rank in 0..self.cfg.data_parallel_size {
                         let Some(endpoint) = endpoint_for_rank(&events, rank) else {
@@ -407,7 +402,16 @@ impl Ingestor {
         // Trust is pushed to the pod whenever it differs from what the entry last set.
         entry.trust = pod.trust();
         refresh_trust(&mut entry);
-        self.by_topic_host.insert(topic_key, pod.id);
+        if let Some(other) = self.by_topic_host.insert(topic_key, pod.id) {
+            if self.pods.get(&other).is_some_and(|e| e.pod.is_some()) {
+                tracing::warn!(
+                    pod = %pod.endpoint.name,
+                    topic_host = %pod.endpoint.topic_host,
+                    "two pods of one model publish under the same topic host; only the newer gets events \
+                     (give every pod a distinct topic, kv@<pod-ip>@<model>)"
+                );
+            }
+        }
         self.pods.insert(pod.id, entry);
     }
 
@@ -479,7 +483,6 @@ impl Ingestor {
                 pod: None,
                 model: Arc::clone(model),
                 topic_host: host.to_string(),
-                events: None,
                 replay: None,
                 publishers: Vec::new(),
                 parity: ParityChecker::new(self.cfg.parity_sample),
@@ -656,11 +659,6 @@ impl Ingestor {
             );
             self.retire(id);
         }
-    }
-
-    /// Whether a pod's publishers are all in sequence (for tests and `/debug`).
-    pub fn trust(&self, pod: PodId) -> Option<EventTrust> {
-        self.pods.get(&pod).map(|e| e.trust)
     }
 }
 
