@@ -16,11 +16,21 @@ pub struct VllmRelease {
 
 impl VllmRelease {
     pub const fn new(major: u16, minor: u16, patch: u16) -> Self {
-        Self { major, minor, patch, post: 0 }
+        Self {
+            major,
+            minor,
+            patch,
+            post: 0,
+        }
     }
 
     pub const fn with_post(major: u16, minor: u16, patch: u16, post: u16) -> Self {
-        Self { major, minor, patch, post }
+        Self {
+            major,
+            minor,
+            patch,
+            post,
+        }
     }
 
     /// The oldest release kvgate understands (the first with a usable KV event publisher).
@@ -39,7 +49,9 @@ impl FromStr for VllmRelease {
     type Err = ParseReleaseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseReleaseError { text: s.to_string() };
+        let err = || ParseReleaseError {
+            text: s.to_string(),
+        };
         let trimmed = s.trim().trim_start_matches('v');
         let mut parts = [0u16; 4];
         let mut count = 0;
@@ -90,7 +102,10 @@ mod tests {
         let b: VllmRelease = "0.10.2".parse().unwrap();
         assert!(a < b);
         assert_eq!(a.to_string(), "0.10.1.1");
-        assert_eq!("0.24".parse::<VllmRelease>().unwrap(), VllmRelease::new(0, 24, 0));
+        assert_eq!(
+            "0.24".parse::<VllmRelease>().unwrap(),
+            VllmRelease::new(0, 24, 0)
+        );
         assert!("0.x".parse::<VllmRelease>().is_err());
         assert!("".parse::<VllmRelease>().is_err());
         assert!("1.2.3.4.5".parse::<VllmRelease>().is_err());
