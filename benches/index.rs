@@ -580,6 +580,8 @@ fn main() {
              {large:.2} (2 M blocks) → {}",
             verdict(small >= 5.0 && large >= 5.0)
         );
+    } else if run("update-small") {
+        update_rate(1 << 16, 30);
     }
     if run("lookup") {
         lookup_latency();

@@ -142,15 +142,15 @@ pub(super) const WINDOW: usize = 8;
 #[derive(Default)]
 struct Window {
     keys: [BlockKey; WINDOW],
-    shard_of: [usize; WINDOW],
+    shard_of: [u16; WINDOW],
     blocks: usize,
-    order: [usize; WINDOW],
+    order: [u16; WINDOW],
     shards: usize,
 }
 
 impl Window {
     fn shard_at(&self, i: usize) -> Option<usize> {
-        (i < self.shards).then(|| self.order[i])
+        (i < self.shards).then(|| usize::from(self.order[i]))
     }
 
     /// Index into the lock array of block `j`'s shard.
@@ -210,27 +210,28 @@ impl BlockIndex {
         }
     }
 
-    /// Keys and shards of up to `WINDOW` block hashes.
+    /// Fills `w` with the keys and shards of up to `WINDOW` block hashes.
     #[inline]
-    fn window(&self, scope: ScopeId, hashes: &[u64]) -> Window {
-        let mut w = Window::default();
-        for (j, &hash) in hashes.iter().take(WINDOW).enumerate() {
+    fn fill_window(&self, w: &mut Window, scope: ScopeId, hashes: &[u64]) {
+        w.blocks = 0;
+        w.shards = 0;
+        for &hash in hashes.iter().take(WINDOW) {
             let mixed = mix(self.seed, scope, hash);
-            w.keys[j] = BlockKey { hash, scope, mixed };
-            w.shard_of[j] = ((mixed >> 32) & self.shard_mask) as usize;
-        }
-        w.blocks = hashes.len().min(WINDOW);
-        w.order = w.shard_of;
-        w.order[..w.blocks].sort_unstable();
-        let mut n = 0;
-        for i in 0..w.blocks {
-            if n == 0 || w.order[n - 1] != w.order[i] {
-                w.order[n] = w.order[i];
-                n += 1;
+            let shard = ((mixed >> 32) & self.shard_mask) as u16;
+            w.keys[w.blocks] = BlockKey { hash, scope, mixed };
+            w.shard_of[w.blocks] = shard;
+            w.blocks += 1;
+            if w.order[..w.shards].contains(&shard) {
+                continue;
             }
+            let mut i = w.shards;
+            while i > 0 && w.order[i - 1] > shard {
+                w.order[i] = w.order[i - 1];
+                i -= 1;
+            }
+            w.order[i] = shard;
+            w.shards += 1;
         }
-        w.shards = n;
-        w
     }
 
     /// Write-locks the window's shards (ascending, like every multi-shard locker) and runs
@@ -243,8 +244,9 @@ impl BlockIndex {
         hashes: &[u64],
         mut f: impl FnMut(&mut Shard, &BlockKey),
     ) {
+        let mut w = Window::default();
         for chunk in hashes.chunks(WINDOW) {
-            let w = self.window(scope, chunk);
+            self.fill_window(&mut w, scope, chunk);
             let mut guards: [Option<RwLockWriteGuard<'_, Shard>>; WINDOW] =
                 std::array::from_fn(|i| w.shard_at(i).map(|s| self.shards[s].0.write()));
             for j in 0..w.blocks {
@@ -317,8 +319,9 @@ impl BlockIndex {
     pub fn lookup(&self, scope: ScopeId, hashes: &[u64], out: &mut PrefixMatch) {
         out.begin(self.registry.high().div_ceil(GROUP_SLOTS));
         let mut scanned = 0;
+        let mut w = Window::default();
         for chunk in hashes.chunks(WINDOW) {
-            let w = self.window(scope, chunk);
+            self.fill_window(&mut w, scope, chunk);
             {
                 let guards: [Option<RwLockReadGuard<'_, Shard>>; WINDOW] =
                     std::array::from_fn(|i| w.shard_at(i).map(|s| self.shards[s].0.read()));

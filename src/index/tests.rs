@@ -287,6 +287,13 @@ fn tiny_budget_uses_fewer_shards() {
 }
 
 #[test]
+fn index_is_shareable_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<BlockIndex>();
+    shareable::<Arc<BlockIndex>>();
+}
+
+#[test]
 fn medium_names_map_to_tiers() {
     assert_eq!(Tier::from_medium(None), Tier::Gpu);
     assert_eq!(Tier::from_medium(Some("GPU")), Tier::Gpu);
