@@ -9,7 +9,7 @@
 //! into the index under the pod's index target for that data-parallel rank,
 //! clears, and replay requests that the service carries out and feeds back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,7 @@ pub struct IngestConfig {
     pub require_known_pods: bool,
     /// Fraction of BlockStored runs re-hashed.
     pub parity_sample: f64,
-    /// Connect mode: data-parallel ranks per pod (rank r publishes on port + r).
+    /// Data-parallel ranks per pod (rank r publishes on port + r).
     pub data_parallel_size: u32,
     pub tracker: TrackerConfig,
 }
@@ -229,7 +229,6 @@ struct PodEntry {
     pod: Option<Arc<Pod>>,
     model: Arc<ModelEvents>,
     topic_host: String,
-    events: Option<String>,
     replay: Option<String>,
     publishers: Vec<Publisher>,
     parity: ParityChecker,
@@ -376,18 +375,16 @@ impl Ingestor {
     /// cannot bring them back). Returns what a connect source must (un)subscribe.
     pub fn sync_pods(&mut self, now: Instant) -> PodDelta {
         let mut delta = PodDelta::default();
-        let mut present: HashMap<PodId, Arc<Pod>> = HashMap::new();
+        let mut present = HashSet::new();
         for model in self.models.keys() {
             if let Some(set) = self.registry.pods(model) {
-                for pod in &set.pods {
-                    present.insert(pod.id, Arc::clone(pod));
-                }
+                present.extend(set.pods.iter().map(|pod| pod.id));
             }
         }
         let gone: Vec<PodId> = self
             .pods
             .iter()
-            .filter(|(id, entry)| entry.pod.is_some() && !present.contains_key(id))
+            .filter(|(id, entry)| entry.pod.is_some() && !present.contains(*id))
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
@@ -433,7 +430,6 @@ impl Ingestor {
                 pod: None,
                 model: Arc::clone(&model),
                 topic_host: pod.endpoint.topic_host.clone(),
-                events: None,
                 replay: None,
                 publishers: Vec::new(),
                 parity: ParityChecker::new(self.cfg.parity_sample),
@@ -442,7 +438,6 @@ impl Ingestor {
                 last_seen: now,
             },
         };
-        entry.events = pod.endpoint.events.clone();
         entry.replay = pod.endpoint.replay.clone();
         entry.pod = Some(Arc::clone(&pod));
         if let Some(handed) = self
@@ -475,7 +470,7 @@ impl Ingestor {
                 .set_replay(self.cfg.replay && publisher.replay.is_some());
         }
         if self.cfg.mode == EventsMode::Connect {
-            match entry.events.clone() {
+            match pod.endpoint.events.clone() {
                 Some(events) => {
                     for rank in 0..self.cfg.data_parallel_size {
                         let Some(endpoint) = endpoint_for_rank(&events, rank) else {
@@ -507,7 +502,16 @@ impl Ingestor {
         // Trust is pushed to the pod whenever it differs from what the entry last set.
         entry.trust = pod.trust();
         refresh_trust(&mut entry);
-        self.by_topic_host.insert(topic_key, pod.id);
+        if let Some(other) = self.by_topic_host.insert(topic_key, pod.id) {
+            if self.pods.get(&other).is_some_and(|e| e.pod.is_some()) {
+                tracing::warn!(
+                    pod = %pod.endpoint.name,
+                    topic_host = %pod.endpoint.topic_host,
+                    "two pods of one model publish under the same topic host; only the newer gets events \
+                     (give every pod a distinct topic, kv@<pod-ip>@<model>)"
+                );
+            }
+        }
         self.pods.insert(pod.id, entry);
     }
 
@@ -579,7 +583,6 @@ impl Ingestor {
                 pod: None,
                 model: Arc::clone(model),
                 topic_host: host.to_string(),
-                events: None,
                 replay: None,
                 publishers: Vec::new(),
                 parity: ParityChecker::new(self.cfg.parity_sample),
@@ -650,13 +653,11 @@ impl Ingestor {
                 .tracker
                 .on_live(seq, batch.ts, payload.clone(), now, actions);
         match verdict {
-            Verdict::Applied | Verdict::Held => {}
+            Verdict::Applied | Verdict::Held | Verdict::Restart => {}
             Verdict::Gap => {
-                bump(&entry.stats.gaps, 1);
                 tracing::debug!(pod = pod_id, rank, seq, last = ?entry.publishers[at].tracker.last_seq(), "KV event gap");
             }
             Verdict::Duplicate => bump(&entry.stats.duplicates, 1),
-            Verdict::Restart => {}
         }
         perform(
             index,
@@ -709,7 +710,7 @@ impl Ingestor {
             .tracker
             .on_replay(done.token, replayed, reply.end, now, actions);
         match verdict {
-            ReplayVerdict::Stale => {}
+            ReplayVerdict::Stale | ReplayVerdict::Probed => {}
             ReplayVerdict::Recovered => bump(&entry.stats.replays_ok, 1),
             ReplayVerdict::Retrying | ReplayVerdict::Lost => bump(&entry.stats.replays_failed, 1),
             ReplayVerdict::Restarted => {}
@@ -759,11 +760,6 @@ impl Ingestor {
             self.retire(id);
         }
     }
-
-    /// Whether a pod's publishers are all in sequence (for tests and `/debug`).
-    pub fn trust(&self, pod: PodId) -> Option<EventTrust> {
-        self.pods.get(&pod).map(|e| e.trust)
-    }
 }
 
 fn publisher_targets(entry: &PodEntry) -> Vec<PodId> {
@@ -794,17 +790,22 @@ fn publisher_index(
         .and_then(|e| endpoint_for_rank(e, rank));
     let mut tracker_cfg = cfg.tracker.clone();
     tracker_cfg.replay = cfg.replay && replay.is_some();
-    entry.publishers.push(Publisher {
-        rank,
-        target,
-        tracker: SeqTracker::new(tracker_cfg),
-        scopes: Vec::new(),
-        replay,
-    });
+    // Kept in rank order, so a pod's index targets are listed by rank.
+    let at = entry.publishers.partition_point(|p| p.rank < rank);
+    entry.publishers.insert(
+        at,
+        Publisher {
+            rank,
+            target,
+            tracker: SeqTracker::new(tracker_cfg),
+            scopes: Vec::new(),
+            replay,
+        },
+    );
     if entry.pod.is_some() {
         targets.set(pod_id, &publisher_targets(entry));
     }
-    entry.publishers.len() - 1
+    at
 }
 
 /// Carries out the tracker's actions for publisher `at` of `entry`.
@@ -819,6 +820,10 @@ fn perform(
     actions: &mut Vec<Action<Bytes>>,
     replays: &mut Vec<ReplayRequest>,
 ) {
+    let gaps = entry.publishers[at].tracker.take_gaps();
+    if gaps > 0 {
+        bump(&entry.stats.gaps, u64::from(gaps));
+    }
     for action in actions.drain(..) {
         match action {
             Action::ApplyLive => {
@@ -1094,6 +1099,13 @@ models:
                 .on_message(Origin::Bound, &message, Instant::now());
         }
 
+        fn trust(&self, topic_host: &str) -> EventTrust {
+            self.registry
+                .by_topic_host("m", topic_host)
+                .expect("pod listed")
+                .trust()
+        }
+
         fn cached_blocks(&self, topic_host: &str, hashes: &[u64]) -> u32 {
             let mut found = PrefixMatch::new();
             self.index
@@ -1129,12 +1141,12 @@ models:
         assert_eq!(restored.entries, 4);
         assert_eq!(new.ingestor.finish_resume(), 0);
         assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14]), 4);
-        assert_eq!(new.ingestor.trust(new.id_of("a")), Some(EventTrust::Synced));
+        assert_eq!(new.trust("a"), EventTrust::Synced);
 
         // The stream goes on where the old process left it.
         new.store("a", 2, &[15]);
         assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
-        assert_eq!(new.ingestor.trust(new.id_of("a")), Some(EventTrust::Synced));
+        assert_eq!(new.trust("a"), EventTrust::Synced);
         assert!(new.ingestor.take_replays().next().is_none());
     }
 

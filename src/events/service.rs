@@ -51,8 +51,9 @@ pub enum EventServiceError {
 /// Settings beyond the config file's `events:` section.
 #[derive(Clone, Debug)]
 pub struct EventServiceOptions {
-    /// Connect mode: data-parallel ranks each pod runs (rank r publishes on
-    /// the events port + r, and replays on the replay port + r).
+    /// Data-parallel ranks each pod runs. Rank r publishes on the events port
+    /// + r (connect mode) or connects to kvgate's bind port + r (bind mode), and
+    /// replays on the replay port + r.
     pub data_parallel_size: u32,
 }
 
@@ -122,6 +123,7 @@ impl KvEventService {
             EventsMode::Bind | EventsMode::Off => Box::new(BindSource::new(
                 events.bind.clone(),
                 events.topic_prefix.clone(),
+                options.data_parallel_size,
             )),
         };
         Self::with_source(config, registry, index, options, source)

@@ -74,6 +74,11 @@ pub enum SubscriberError {
         #[source]
         source: zeromq::ZmqError,
     },
+    #[error(
+        "cannot bind the event SUB for data-parallel rank {rank}: {endpoint} has no port to offset \
+         (rank r of a pod connects to the bind port + r)"
+    )]
+    RankEndpoint { endpoint: String, rank: u32 },
     #[error("cannot subscribe to {prefix:?}: {source}")]
     Subscribe {
         prefix: String,
@@ -119,18 +124,22 @@ pub fn endpoint_for_rank(endpoint: &str, rank: u32) -> Option<String> {
     None
 }
 
-/// The bound SUB of the bind topology.
+/// The bound SUB of the bind topology. With data parallelism, rank r of every
+/// pod connects to the bind port + r, so one port per rank is bound; the
+/// batch's `data_parallel_rank` then tells the ranks apart.
 pub struct BindSource {
     endpoint: String,
     prefix: String,
+    ranks: u32,
     task: Option<JoinHandle<()>>,
 }
 
 impl BindSource {
-    pub fn new(endpoint: impl Into<String>, prefix: impl Into<String>) -> Self {
+    pub fn new(endpoint: impl Into<String>, prefix: impl Into<String>, ranks: u32) -> Self {
         Self {
             endpoint: endpoint.into(),
             prefix: prefix.into(),
+            ranks: ranks.max(1),
             task: None,
         }
     }
@@ -151,13 +160,21 @@ impl EventSource for BindSource {
         sink: mpsc::Sender<Inbound>,
     ) -> Result<Option<String>, SubscriberError> {
         let mut socket = SubSocket::new();
-        let bound = socket
-            .bind(&self.endpoint)
-            .await
-            .map_err(|source| SubscriberError::Bind {
-                endpoint: self.endpoint.clone(),
-                source,
+        let mut first = None;
+        for rank in 0..self.ranks {
+            let endpoint = endpoint_for_rank(&self.endpoint, rank).ok_or_else(|| {
+                SubscriberError::RankEndpoint {
+                    endpoint: self.endpoint.clone(),
+                    rank,
+                }
             })?;
+            let bound = socket
+                .bind(&endpoint)
+                .await
+                .map_err(|source| SubscriberError::Bind { endpoint, source })?;
+            first.get_or_insert(bound);
+        }
+        let bound = first.map(|b| b.to_string()).unwrap_or_default();
         socket
             .subscribe(&self.prefix)
             .await
@@ -165,8 +182,7 @@ impl EventSource for BindSource {
                 prefix: self.prefix.clone(),
                 source,
             })?;
-        let bound = bound.to_string();
-        tracing::info!(endpoint = %bound, prefix = %self.prefix, "KV event SUB bound; pods connect to it");
+        tracing::info!(endpoint = %bound, ranks = self.ranks, prefix = %self.prefix, "KV event SUB bound; pods connect to it");
         self.task = Some(tokio::spawn(receive(socket, Origin::Bound, sink)));
         Ok(Some(bound))
     }

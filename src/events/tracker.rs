@@ -19,8 +19,11 @@
 //! blocks it saw stored and not removed, applied contiguously since the index
 //! was last cleared (by the publisher's first batch, an AllBlocksCleared, or a
 //! loss kvgate could not repair). After a loss it is `Settling` (reported as
-//! unknown, routed cold) until the next batch arrives in order, so one lost
-//! batch costs the pod its cache credit only until its stream flows again.
+//! unknown, routed cold) until a contiguous stream from the clear point is
+//! established again: two batches in a row and no gap open. One lost batch
+//! therefore costs the pod its cache credit only until its stream flows again,
+//! and what the index holds meanwhile is sound (only blocks seen stored since
+//! the clear), if incomplete.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -38,6 +41,11 @@ pub struct TrackerConfig {
     pub replay_deadline: Duration,
     /// Most batches held while a gap is open; beyond it the gap counts as lost.
     pub max_held: usize,
+    /// Without live traffic for this long, ask the replay ROUTER whether
+    /// batches were published after the last one seen: a batch lost just
+    /// before a publisher goes quiet is revealed by no later seq. Once per
+    /// quiet stretch; `None` disables it.
+    pub idle_probe: Option<Duration>,
     /// Replay requests per gap. More than one helps only when a replay came
     /// back with holes in the middle: the ROUTER of vLLM before 0.33 drops
     /// replies beyond its send high-water mark and still sends the end marker.
@@ -50,6 +58,7 @@ impl Default for TrackerConfig {
             replay: true,
             reorder_wait: Duration::from_millis(100),
             replay_deadline: Duration::from_millis(2_500),
+            idle_probe: Some(Duration::from_secs(1)),
             max_held: 12_000,
             max_replay_rounds: 3,
         }
@@ -146,6 +155,8 @@ pub enum ReplayVerdict {
     Restarted,
     /// Holes remain that replay cannot fill: entries were cleared.
     Lost,
+    /// An idle probe found nothing new.
+    Probed,
 }
 
 /// A batch from the replay ROUTER.
@@ -182,6 +193,9 @@ struct Recovery {
     deadline: Instant,
     /// The last applied batch, which the replay must return unchanged.
     verify: Option<Mark>,
+    /// Not a known gap: an idle publisher's ROUTER is asked whether anything
+    /// was published after the last batch seen. Failing to ask loses nothing.
+    probe: bool,
 }
 
 /// Sequence state of one publisher. `T` is what the caller needs to apply a
@@ -194,7 +208,17 @@ pub struct SeqTracker<T> {
     held: BTreeMap<u64, Held<T>>,
     recovery: Option<Recovery>,
     next_token: u64,
+    /// Batches applied in a row since entries were last lost.
+    run: u32,
+    /// Gaps opened since [`SeqTracker::take_gaps`] was last called.
+    gaps: u32,
+    /// When the last live batch arrived, and whether the quiet since was probed.
+    last_live: Option<Instant>,
+    probed: bool,
 }
+
+/// Batches in a row after a loss that re-establish the stream.
+const SETTLED_RUN: u32 = 2;
 
 impl<T> SeqTracker<T> {
     pub fn new(cfg: TrackerConfig) -> Self {
@@ -205,6 +229,10 @@ impl<T> SeqTracker<T> {
             held: BTreeMap::new(),
             recovery: None,
             next_token: 0,
+            run: 0,
+            gaps: 0,
+            last_live: None,
+            probed: false,
         }
     }
 
@@ -258,6 +286,11 @@ impl<T> SeqTracker<T> {
         self.held.len()
     }
 
+    /// Gaps opened (live, or left after a loss) since the last call.
+    pub fn take_gaps(&mut self) -> u32 {
+        std::mem::take(&mut self.gaps)
+    }
+
     /// The replay endpoint appeared or went away (discovery update).
     pub fn set_replay(&mut self, replay: bool) {
         self.cfg.replay = replay;
@@ -272,6 +305,19 @@ impl<T> SeqTracker<T> {
     /// cleared the publisher's entries.
     pub fn mark_lost(&mut self) {
         self.state = SyncState::Settling;
+        self.run = 0;
+    }
+
+    fn applied(&mut self, seq: u64, ts: f64) {
+        self.last = Some(Mark { seq, ts });
+        self.run = self.run.saturating_add(1);
+    }
+
+    /// A loss is behind us once the stream has flowed for a while with no gap open.
+    fn settle(&mut self) {
+        if self.state == SyncState::Settling && self.recovery.is_none() && self.run >= SETTLED_RUN {
+            self.state = SyncState::Synced;
+        }
     }
 
     fn expected(&self) -> u64 {
@@ -280,6 +326,21 @@ impl<T> SeqTracker<T> {
 
     /// A batch from the PUB socket.
     pub fn on_live(
+        &mut self,
+        seq: u64,
+        ts: f64,
+        item: T,
+        now: Instant,
+        out: &mut Vec<Action<T>>,
+    ) -> Verdict {
+        self.last_live = Some(now);
+        self.probed = false;
+        let verdict = self.live(seq, ts, item, now, out);
+        self.settle();
+        verdict
+    }
+
+    fn live(
         &mut self,
         seq: u64,
         ts: f64,
@@ -313,10 +374,7 @@ impl<T> SeqTracker<T> {
             None => self.first(seq, ts, item, now, out),
             Some(last) if seq == last.seq + 1 => {
                 out.push(Action::ApplyLive);
-                self.last = Some(Mark { seq, ts });
-                if self.state == SyncState::Settling {
-                    self.state = SyncState::Synced;
-                }
+                self.applied(seq, ts);
                 Verdict::Applied
             }
             Some(last) => {
@@ -338,7 +396,7 @@ impl<T> SeqTracker<T> {
     ) -> Verdict {
         if seq == 0 {
             out.push(Action::ApplyLive);
-            self.last = Some(Mark { seq, ts });
+            self.applied(seq, ts);
             self.state = SyncState::Synced;
             return Verdict::Applied;
         }
@@ -350,8 +408,9 @@ impl<T> SeqTracker<T> {
             return Verdict::Held;
         }
         out.push(Action::ApplyLive);
-        self.last = Some(Mark { seq, ts });
         self.state = SyncState::Settling;
+        self.run = 0;
+        self.applied(seq, ts);
         Verdict::Applied
     }
 
@@ -373,6 +432,9 @@ impl<T> SeqTracker<T> {
     ) {
         let token = ReplayToken(self.next_token);
         self.next_token += 1;
+        if rounds == 1 && verify.is_some() {
+            self.gaps += 1;
+        }
         let (replay_in_flight, deadline) = if self.cfg.replay {
             out.push(Action::Replay {
                 from: verify.map_or(0, |m| m.seq),
@@ -388,7 +450,38 @@ impl<T> SeqTracker<T> {
             rounds,
             deadline,
             verify,
+            probe: false,
         });
+    }
+
+    fn begin_probe(&mut self, now: Instant, out: &mut Vec<Action<T>>) {
+        let token = ReplayToken(self.next_token);
+        self.next_token += 1;
+        self.probed = true;
+        out.push(Action::Replay {
+            from: self.last.map_or(0, |m| m.seq),
+            token,
+        });
+        self.recovery = Some(Recovery {
+            token,
+            replay_in_flight: true,
+            rounds: 1,
+            deadline: now + self.cfg.replay_deadline,
+            verify: self.last,
+            probe: true,
+        });
+    }
+
+    fn probe_due(&self, now: Instant) -> bool {
+        match (self.cfg.idle_probe, self.last_live) {
+            (Some(idle), Some(at)) => {
+                self.cfg.replay
+                    && !self.probed
+                    && self.last.is_some()
+                    && now.duration_since(at) >= idle
+            }
+            _ => false,
+        }
     }
 
     /// Applies held batches while they continue the sequence.
@@ -410,7 +503,7 @@ impl<T> SeqTracker<T> {
                 // The whole history of the process: nothing can be missing.
                 self.state = SyncState::Synced;
             }
-            self.last = Some(Mark { seq, ts: held.ts });
+            self.applied(seq, held.ts);
             out.push(Action::ApplyHeld {
                 seq,
                 item: held.item,
@@ -420,6 +513,19 @@ impl<T> SeqTracker<T> {
 
     /// The answer to a [`Action::Replay`].
     pub fn on_replay(
+        &mut self,
+        token: ReplayToken,
+        batches: Vec<Replayed<T>>,
+        end: ReplayEnd,
+        now: Instant,
+        out: &mut Vec<Action<T>>,
+    ) -> ReplayVerdict {
+        let verdict = self.replayed(token, batches, end, now, out);
+        self.settle();
+        verdict
+    }
+
+    fn replayed(
         &mut self,
         token: ReplayToken,
         batches: Vec<Replayed<T>>,
@@ -455,7 +561,9 @@ impl<T> SeqTracker<T> {
         }
 
         let first_returned = batches.first().map(|b| b.seq);
+        let last_returned = batches.iter().map(|b| b.seq).max();
         let expected = self.expected();
+        let before = self.last_seq();
         for b in batches {
             if b.seq >= expected {
                 self.held.entry(b.seq).or_insert(Held {
@@ -465,8 +573,29 @@ impl<T> SeqTracker<T> {
             }
         }
         self.drain(out);
+        let progressed = self.last_seq() != before;
+        if recovery.probe && progressed {
+            // The quiet publisher had published more: it was a gap after all.
+            self.gaps += 1;
+        }
         if self.held.is_empty() {
             self.recovery = None;
+            return if recovery.probe && !progressed {
+                ReplayVerdict::Probed
+            } else {
+                ReplayVerdict::Recovered
+            };
+        }
+        if recovery.probe && end == ReplayEnd::Failed {
+            // Nothing learned from the ROUTER, but live batches arrived
+            // meanwhile with a hole before them.
+            self.begin_recovery(now, self.last, 1, out);
+            return ReplayVerdict::Probed;
+        }
+        if end == ReplayEnd::Complete && last_returned.is_some_and(|last| self.expected() > last) {
+            // Everything the ROUTER had is applied; what is still missing was
+            // lost live after the replay was served: a new gap.
+            self.begin_recovery(now, self.last, 1, out);
             return ReplayVerdict::Recovered;
         }
         // The ROUTER's buffer reached back to the hole, so the batch was lost
@@ -488,9 +617,23 @@ impl<T> SeqTracker<T> {
     /// Returns whether entries were given up.
     pub fn on_tick(&mut self, now: Instant, out: &mut Vec<Action<T>>) -> bool {
         match self.recovery {
+            Some(recovery) if now >= recovery.deadline && recovery.probe => {
+                // An unanswered probe only means nothing was learned.
+                self.recovery = None;
+                self.drain(out);
+                if !self.held.is_empty() {
+                    self.begin_recovery(now, self.last, 1, out);
+                }
+                false
+            }
             Some(recovery) if now >= recovery.deadline => {
                 self.give_up(now, out);
+                self.settle();
                 true
+            }
+            None if self.probe_due(now) => {
+                self.begin_probe(now, out);
+                false
             }
             _ => false,
         }
@@ -502,8 +645,9 @@ impl<T> SeqTracker<T> {
         self.recovery = None;
         out.push(Action::Clear(ClearReason::Lost));
         self.state = SyncState::Settling;
+        self.run = 0;
         if let Some((seq, held)) = self.held.pop_first() {
-            self.last = Some(Mark { seq, ts: held.ts });
+            self.applied(seq, held.ts);
             out.push(Action::ApplyHeld {
                 seq,
                 item: held.item,
@@ -789,6 +933,61 @@ mod tests {
     }
 
     #[test]
+    fn a_loss_after_the_replay_was_served_is_a_new_gap() {
+        let mut r = Run::new(true);
+        r.live(1, 0);
+        r.live(1, 2);
+        // 3 is lost live after the ROUTER answered up to 2.
+        r.live(1, 4);
+        assert_eq!(
+            r.replay(1, &[0, 1, 2], ReplayEnd::Complete),
+            ReplayVerdict::Recovered
+        );
+        assert_eq!(r.t.take_gaps(), 2);
+        assert_eq!(r.replays.last().map(|x| x.0), Some(2));
+        assert_eq!(
+            r.replay(1, &[2, 3, 4], ReplayEnd::Complete),
+            ReplayVerdict::Recovered
+        );
+        assert_eq!(r.applied, [0, 1, 2, 3, 4]);
+        assert!(r.t.is_synced() && !r.t.recovering());
+    }
+
+    #[test]
+    fn a_quiet_publisher_is_probed_for_a_lost_tail() {
+        let mut r = Run::new(true);
+        r.live(1, 0);
+        r.live(1, 1);
+        // Batch 2 was lost and nothing follows it.
+        assert!(!r.tick(Duration::from_millis(500)));
+        assert!(r.replays.is_empty());
+        r.tick(Duration::from_millis(600));
+        assert_eq!(r.replays.last().map(|x| x.0), Some(1));
+        assert_eq!(
+            r.replay(1, &[1, 2], ReplayEnd::Complete),
+            ReplayVerdict::Recovered
+        );
+        assert_eq!(r.applied, [0, 1, 2]);
+        assert_eq!(r.t.take_gaps(), 1);
+        // Once per quiet stretch; nothing new is nothing lost.
+        r.tick(Duration::from_secs(5));
+        assert!(r.replays.is_empty());
+        r.live(1, 3);
+        r.tick(Duration::from_secs(2));
+        assert_eq!(
+            r.replay(1, &[3], ReplayEnd::Complete),
+            ReplayVerdict::Probed
+        );
+        // A probe that cannot reach the ROUTER clears nothing.
+        r.live(1, 4);
+        r.tick(Duration::from_secs(2));
+        assert!(!r.tick(Duration::from_secs(5)));
+        assert_eq!(r.replay(1, &[4], ReplayEnd::Complete), ReplayVerdict::Stale);
+        assert!(r.clears.is_empty() && r.t.is_synced());
+        assert_eq!(r.applied, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
     fn batches_aged_out_of_the_buffer_are_lost() {
         let mut r = Run::new(true);
         r.live(1, 0);
@@ -799,10 +998,9 @@ mod tests {
             ReplayVerdict::Lost
         );
         assert_eq!(r.clears, [ClearReason::Lost]);
-        // Rebuilt from the oldest batch that is still known.
+        // Rebuilt from the oldest batch that is still known: a contiguous run
+        // with no gap open, so the stream is established again.
         assert_eq!(r.applied, [5, 6, 7, 8, 9]);
-        assert_eq!(r.t.state(), SyncState::Settling);
-        r.live(1, 10);
         assert!(r.t.is_synced());
     }
 
