@@ -456,6 +456,9 @@ fn pods_view(gateway: &Gateway, events: &KvEventService) -> serde_json::Value {
                     "event_batches": counts.map(|c| c.batches),
                     "blocks_stored": counts.map(|c| c.blocks_stored),
                     "event_gaps": counts.map(|c| c.gaps),
+                    "event_replays_ok": counts.map(|c| c.replays_ok),
+                    "events_lost": counts.map(|c| c.unrecoverable),
+                    "event_restarts": counts.map(|c| c.restarts),
                     "parity": counts.map(|c| c.parity.as_str()),
                 })
             })

@@ -48,7 +48,7 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::events::{KvEventService, PodHandover};
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, SnapshotStats};
 use crate::proxy::Gateway;
 
 /// First bytes of a handover: the format and its version.
@@ -344,7 +344,13 @@ impl Signals {
             .name("kvgate-handover".into())
             .spawn(move || {
                 match write_state(stream, &events, &index) {
-                    Ok((pods, bytes)) => tracing::info!(pods, bytes, "state handed over to the new process"),
+                    Ok(sent) => tracing::info!(
+                        pods = sent.pods,
+                        blocks = sent.index.blocks,
+                        entries = sent.index.entries,
+                        bytes = sent.bytes,
+                        "state handed over to the new process"
+                    ),
                     Err(error) => tracing::error!(%error, "handing over the state failed; the new process starts with an empty index"),
                 }
                 handing_over.store(false, Ordering::Release);
@@ -370,12 +376,19 @@ async fn connect(path: &Path) -> Option<UnixStream> {
     }
 }
 
-/// Stops ingestion, snapshots the index and writes both: (pods, bytes written).
+/// What one handover carried.
+struct Sent {
+    pods: usize,
+    index: SnapshotStats,
+    bytes: usize,
+}
+
+/// Stops ingestion, snapshots the index and writes both.
 fn write_state(
     mut stream: UnixStream,
     events: &EventsRunner,
     index: &BlockIndex,
-) -> std::io::Result<(usize, usize)> {
+) -> std::io::Result<Sent> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
@@ -384,11 +397,15 @@ fn write_state(
     }
     let pods = events.service().handover().unwrap_or_default();
     let mut snapshot = Vec::new();
-    index.snapshot(&mut snapshot)?;
+    let stats = index.snapshot(&mut snapshot)?;
     let bytes = Handover::encode(&pods, &snapshot);
     stream.write_all(&bytes)?;
     stream.flush()?;
-    Ok((pods.len(), bytes.len()))
+    Ok(Sent {
+        pods: pods.len(),
+        index: stats,
+        bytes: bytes.len(),
+    })
 }
 
 #[async_trait]

@@ -247,7 +247,8 @@ impl KvEventService {
             match restored {
                 Ok(restored) => tracing::info!(
                     publishers = remap.len(),
-                    blocks = restored.entries,
+                    blocks = restored.blocks,
+                    entries = restored.entries,
                     skipped = restored.skipped,
                     "block index and KV event streams taken over from the previous process"
                 ),

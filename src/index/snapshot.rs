@@ -67,8 +67,7 @@ impl BlockIndex {
                 record.extend_from_slice(&hash.to_le_bytes());
                 let mut live: u16 = 0;
                 for &(slot, tiers) in holders {
-                    let Some(pod) = Registry::tag_pod(self.registry.tag(usize::from(slot)))
-                    else {
+                    let Some(pod) = Registry::tag_pod(self.registry.tag(usize::from(slot))) else {
                         continue;
                     };
                     record.extend_from_slice(&pod.to_le_bytes());
