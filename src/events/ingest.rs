@@ -256,7 +256,7 @@ pub struct Ingestor {
     by_topic_host: HashMap<(String, String), PodId>,
     topics: HashMap<Bytes, TopicRoute>,
     batch: EventBatch,
-    held_batch: EventBatch,
+    scratch: Scratch,
     actions: Vec<Action<Bytes>>,
     replays: Vec<ReplayRequest>,
     /// Handed-over state of pods not discovered yet, by (model, key).
@@ -288,7 +288,7 @@ impl Ingestor {
             by_topic_host: HashMap::new(),
             topics: HashMap::new(),
             batch: EventBatch::default(),
-            held_batch: EventBatch::default(),
+            scratch: Scratch::default(),
             actions: Vec::new(),
             replays: Vec::new(),
             handed_over: HashMap::new(),
@@ -626,7 +626,7 @@ impl Ingestor {
             targets,
             pods,
             batch,
-            held_batch,
+            scratch,
             actions,
             replays,
             index,
@@ -665,7 +665,7 @@ impl Ingestor {
             entry,
             at,
             Some(batch),
-            held_batch,
+            scratch,
             actions,
             replays,
         );
@@ -676,7 +676,7 @@ impl Ingestor {
     pub fn on_replay(&mut self, done: ReplayDone, now: Instant) {
         let Self {
             pods,
-            held_batch,
+            scratch,
             actions,
             replays,
             index,
@@ -715,9 +715,7 @@ impl Ingestor {
             ReplayVerdict::Retrying | ReplayVerdict::Lost => bump(&entry.stats.replays_failed, 1),
             ReplayVerdict::Restarted => {}
         }
-        perform(
-            index, done.pod, entry, at, None, held_batch, actions, replays,
-        );
+        perform(index, done.pod, entry, at, None, scratch, actions, replays);
         refresh_trust(entry);
     }
 
@@ -726,7 +724,7 @@ impl Ingestor {
     pub fn on_tick(&mut self, now: Instant) {
         let Self {
             pods,
-            held_batch,
+            scratch,
             actions,
             replays,
             index,
@@ -747,7 +745,7 @@ impl Ingestor {
                     );
                 }
                 if !actions.is_empty() {
-                    perform(index, id, entry, at, None, held_batch, actions, replays);
+                    perform(index, id, entry, at, None, scratch, actions, replays);
                 }
             }
             refresh_trust(entry);
@@ -808,6 +806,16 @@ fn publisher_index(
     at
 }
 
+/// Buffers reused across batches.
+#[derive(Default)]
+struct Scratch {
+    /// A held batch being applied.
+    held: EventBatch,
+    /// Hashes of consecutive BlockRemoved events (vLLM sends one per block),
+    /// applied with one index call.
+    removals: Vec<u64>,
+}
+
 /// Carries out the tracker's actions for publisher `at` of `entry`.
 #[allow(clippy::too_many_arguments)]
 fn perform(
@@ -816,7 +824,7 @@ fn perform(
     entry: &mut PodEntry,
     at: usize,
     live: Option<&EventBatch>,
-    held_batch: &mut EventBatch,
+    scratch: &mut Scratch,
     actions: &mut Vec<Action<Bytes>>,
     replays: &mut Vec<ReplayRequest>,
 ) {
@@ -828,11 +836,11 @@ fn perform(
         match action {
             Action::ApplyLive => {
                 if let Some(batch) = live {
-                    apply_batch(index, entry, at, batch);
+                    apply_batch(index, entry, at, batch, &mut scratch.removals);
                 }
             }
-            Action::ApplyHeld { item, .. } => match decode_batch_into(&item, held_batch) {
-                Ok(()) => apply_batch(index, entry, at, held_batch),
+            Action::ApplyHeld { item, .. } => match decode_batch_into(&item, &mut scratch.held) {
+                Ok(()) => apply_batch(index, entry, at, &scratch.held, &mut scratch.removals),
                 Err(_) => {
                     bump(&entry.stats.malformed, 1);
                     let publisher = &mut entry.publishers[at];
@@ -883,15 +891,45 @@ fn tier(medium: &Medium) -> Tier {
     Tier::from_medium(Some(medium.as_str()))
 }
 
-/// Applies one decoded batch's events in order.
-fn apply_batch(index: &BlockIndex, entry: &mut PodEntry, at: usize, batch: &EventBatch) {
+/// Removes `hashes` (all on `tier`) from every scope the publisher stored into.
+fn remove_all(index: &BlockIndex, publisher: &Publisher, tier: Tier, hashes: &mut Vec<u64>) {
+    if hashes.is_empty() {
+        return;
+    }
+    for &scope in &publisher.scopes {
+        index.remove(publisher.target, scope, tier, hashes);
+    }
+    hashes.clear();
+}
+
+/// Applies one decoded batch's events in order. Runs of BlockRemoved on one
+/// tier go to the index together; any other event applies them first, so a
+/// block removed and stored again in one batch stays stored.
+fn apply_batch(
+    index: &BlockIndex,
+    entry: &mut PodEntry,
+    at: usize,
+    batch: &EventBatch,
+    removals: &mut Vec<u64>,
+) {
     let stats = &*entry.stats;
     let model = &*entry.model;
     let publisher = &mut entry.publishers[at];
     let target = publisher.target;
+    let mut removal_tier = Tier::Gpu;
     for event in &batch.events {
         match event {
+            KvEvent::Removed(removed) => {
+                let tier = tier(&removed.medium);
+                if tier != removal_tier {
+                    remove_all(index, publisher, removal_tier, removals);
+                    removal_tier = tier;
+                }
+                removals.extend_from_slice(&removed.block_hashes);
+                bump(&stats.blocks_removed, removed.block_hashes.len() as u64);
+            }
             KvEvent::Stored(stored) => {
+                remove_all(index, publisher, removal_tier, removals);
                 let (scope, lora) = match model.adapter(stored.lora_name.as_deref(), stored.lora_id)
                 {
                     Adapter::Base => (model.scope, None),
@@ -933,20 +971,15 @@ fn apply_batch(index: &BlockIndex, entry: &mut PodEntry, at: usize, batch: &Even
                     }
                 }
             }
-            KvEvent::Removed(removed) => {
-                let tier = tier(&removed.medium);
-                for &scope in &publisher.scopes {
-                    index.remove(target, scope, tier, &removed.block_hashes);
-                }
-                bump(&stats.blocks_removed, removed.block_hashes.len() as u64);
-            }
             KvEvent::AllCleared => {
+                removals.clear();
                 index.clear_pod(target);
                 publisher.tracker.mark_cleared();
                 bump(&stats.all_cleared, 1);
             }
         }
     }
+    remove_all(index, publisher, removal_tier, removals);
     bump(&stats.events, batch.events.len() as u64);
     if !batch.dropped.is_empty() {
         // Events it could not read may have removed blocks: nothing indexed
@@ -1005,8 +1038,142 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::discovery::PodEndpoint;
-    use crate::events::codec::{EventEncoder, ExtraKeys as WireExtraKeys, OutEvent, WireHash};
+    use crate::events::codec::{EventEncoder, ExtraKeys, OutEvent, WireHash};
     use crate::index::IndexConfig;
+    use crate::vllm::VllmRelease;
+
+    const MODEL: &str = "m";
+
+    fn ingestor() -> (
+        Ingestor,
+        Arc<BlockIndex>,
+        Arc<PodRegistry>,
+        Arc<IndexTargets>,
+    ) {
+        let config = Config::parse(
+            "events: {mode: bind, replay: false, paritySample: 0}\nmodels:\n  - name: m\n    tokenizer: t.json\n    blockSize: 4\n    \
+             hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.26.0\"\n    discovery: {static: {pods: []}}\n",
+        )
+        .expect("config");
+        let index = Arc::new(BlockIndex::new(crate::index::IndexConfig::default()));
+        let registry = Arc::new(PodRegistry::new([MODEL]));
+        let targets = Arc::new(IndexTargets::default());
+        let ingestor = Ingestor::new(
+            IngestConfig::from_events(&config.events, 2),
+            vec![ModelEvents::from_config(&config.models[0]).expect("model")],
+            Arc::clone(&index),
+            Arc::clone(&registry),
+            Arc::new(EventStats::default()),
+            Arc::clone(&targets),
+        );
+        (ingestor, index, registry, targets)
+    }
+
+    enum Ev<'a> {
+        Store(&'a [u64]),
+        Remove(u64),
+    }
+
+    fn message(seq: u64, rank: u32, events: &[Ev<'_>]) -> ZmqMessage {
+        let hashes: Vec<Vec<WireHash<'_>>> = events
+            .iter()
+            .map(|e| match e {
+                Ev::Store(keys) => keys.iter().map(|&k| WireHash::Int(k)).collect(),
+                Ev::Remove(key) => vec![WireHash::Int(*key)],
+            })
+            .collect();
+        let tokens = vec![7u32; 64];
+        let plain = ExtraKeys::Plain;
+        let out: Vec<OutEvent<'_>> = events
+            .iter()
+            .zip(&hashes)
+            .map(|(e, block_hashes)| match e {
+                Ev::Store(keys) => OutEvent::Stored {
+                    block_hashes,
+                    parent: None,
+                    token_ids: &tokens[..keys.len() * 4],
+                    block_size: 4,
+                    lora_id: None,
+                    lora_name: None,
+                    medium: "GPU",
+                    extra_keys: &plain,
+                },
+                Ev::Remove(_) => OutEvent::Removed {
+                    block_hashes,
+                    medium: "GPU",
+                },
+            })
+            .collect();
+        let mut payload = Vec::new();
+        EventEncoder::new(VllmRelease::new(0, 26, 0)).encode_batch(
+            seq as f64,
+            &out,
+            rank,
+            &mut payload,
+        );
+        let mut message = ZmqMessage::from(Bytes::from_static(b"kv@10.0.0.1@m"));
+        message.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
+        message.push_back(Bytes::from(payload));
+        message
+    }
+
+    fn holds(index: &BlockIndex, target: PodId, key: u64) -> bool {
+        let mut found = PrefixMatch::new();
+        index.lookup(scope_id(MODEL, None), &[key], &mut found);
+        found.get(target).any_blocks == 1
+    }
+
+    #[test]
+    fn events_apply_in_order_per_rank_and_removed_pods_are_retired() {
+        let (mut ingest, index, registry, targets) = ingestor();
+        let endpoint = PodEndpoint {
+            key: "p".into(),
+            name: "p".into(),
+            http: ([10, 0, 0, 1], 8000).into(),
+            events: None,
+            replay: None,
+            topic_host: "10.0.0.1".into(),
+        };
+        registry.apply_snapshot(MODEL, &[endpoint]);
+        ingest.sync_pods(Instant::now());
+        let pod = registry.pods(MODEL).expect("model").pods[0].clone();
+        let now = Instant::now();
+        ingest.on_message(Origin::Bound, &message(0, 0, &[Ev::Store(&[1, 2, 3])]), now);
+        // Evicted and cached again in one step: stays cached.
+        ingest.on_message(
+            Origin::Bound,
+            &message(
+                1,
+                0,
+                &[Ev::Remove(2), Ev::Store(&[2]), Ev::Remove(3), Ev::Remove(1)],
+            ),
+            now,
+        );
+        // Rank 1 of the same pod (same topic) has a cache of its own.
+        ingest.on_message(Origin::Bound, &message(0, 1, &[Ev::Store(&[1, 9])]), now);
+        let ranks = targets.of(pod.id).expect("a target per rank");
+        assert_eq!(ranks[0], pod.id);
+        assert!(
+            holds(&index, ranks[0], 2)
+                && !holds(&index, ranks[0], 1)
+                && !holds(&index, ranks[0], 3)
+        );
+        assert!(holds(&index, ranks[1], 1) && holds(&index, ranks[1], 9));
+        assert_eq!(index.pod_block_count(ranks[0]), 1);
+        assert_eq!(pod.trust(), EventTrust::Synced);
+
+        registry.apply_snapshot(MODEL, &[]);
+        let delta = ingest.sync_pods(now);
+        assert_eq!(delta.removed, [pod.id]);
+        assert_eq!(
+            index.pod_block_count(ranks[0]) + index.pod_block_count(ranks[1]),
+            0
+        );
+        // A late message for the removed pod changes nothing.
+        ingest.on_message(Origin::Bound, &message(2, 0, &[Ev::Store(&[5])]), now);
+        assert!(!holds(&index, ranks[0], 5));
+        assert!(targets.of(pod.id).is_none());
+    }
 
     const CONFIG: &str = "
 events: {mode: bind, replay: false, paritySample: 0}
@@ -1080,7 +1247,7 @@ models:
                 lora_id: None,
                 lora_name: None,
                 medium: "GPU",
-                extra_keys: &WireExtraKeys::Plain,
+                extra_keys: &ExtraKeys::Plain,
             };
             let mut payload = Vec::new();
             EventEncoder::new("0.11.0".parse().expect("release")).encode_batch(

@@ -44,8 +44,8 @@ pub enum EventServiceError {
     },
     #[error(transparent)]
     Source(#[from] SubscriberError),
-    #[error("the KV event service is already running")]
-    AlreadyRunning,
+    #[error("the KV event service was already started (it runs once)")]
+    AlreadyStarted,
 }
 
 /// Settings beyond the config file's `events:` section.
@@ -207,7 +207,8 @@ impl KvEventService {
     }
 
     /// Waits until the source is open and returns its bound endpoint (`None`
-    /// for connect mode), e.g. to learn the port when binding port 0.
+    /// for connect mode, or when opening failed), e.g. to learn the port when
+    /// binding port 0.
     pub async fn ready(&self) -> Option<String> {
         let mut bound = self.bound.subscribe();
         let ready = bound.wait_for(|b| b.is_some()).await;
@@ -215,7 +216,7 @@ impl KvEventService {
     }
 
     /// Runs until `shutdown` turns true. Fails only when the source cannot be
-    /// opened (the bind address is taken) or the service already ran.
+    /// opened (the bind address is taken) or the service was started before.
     pub async fn run(&self, mut shutdown: ShutdownWatch) -> Result<(), EventServiceError> {
         if self.mode == EventsMode::Off {
             tracing::info!(
@@ -231,10 +232,18 @@ impl KvEventService {
             self.command_rx.lock().take(),
         ) {
             (Some(i), Some(s), Some(c)) => (i, s, c),
-            _ => return Err(EventServiceError::AlreadyRunning),
+            _ => return Err(EventServiceError::AlreadyStarted),
         };
         let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
-        let bound = source.open(inbound_tx).await?;
+        let bound = match source.open(inbound_tx).await {
+            Ok(bound) => bound,
+            Err(error) => {
+                // Whoever waits in `ready` learns the outcome either way.
+                self.bound.send_replace(Some(String::new()));
+                return Err(error.into());
+            }
+        };
+        tracing::debug!(?bound, "KV event source open");
         let resume = self.resume.lock().take();
         if let Some(resume) = resume {
             ingestor.resume(resume.pods);
