@@ -510,7 +510,9 @@ mod tests {
                 scopes: vec![3],
                 mark: StreamMark {
                     seq: 41,
-                    ts: 1.5,
+                    // A publisher's wall clock; its shortest decimal does not parse back
+                    // exactly with every JSON reader.
+                    ts: 1795679153.8389897,
                     synced: true,
                 },
             }],
@@ -522,6 +524,11 @@ mod tests {
         let bytes = Handover::encode(&pods(), b"index bytes");
         let back = Handover::decode(&bytes).expect("decodes");
         assert_eq!(back.pods, pods());
+        assert_eq!(
+            back.pods[0].publishers[0].mark.ts.to_bits(),
+            pods()[0].publishers[0].mark.ts.to_bits(),
+            "timestamps cross bit for bit"
+        );
         assert_eq!(&back.index[..], b"index bytes");
 
         let mut flipped = bytes.clone();

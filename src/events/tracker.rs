@@ -84,9 +84,24 @@ pub enum SyncState {
 pub struct StreamMark {
     /// The last applied batch.
     pub seq: u64,
+    /// Carried as its bit pattern: a replay is checked against it bit for bit, and a
+    /// decimal round trip (JSON) can be off by one unit in the last place.
+    #[serde(with = "f64_bits")]
     pub ts: f64,
     /// The entries were contiguous since the index was last cleared.
     pub synced: bool,
+}
+
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(value.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        u64::deserialize(d).map(f64::from_bits)
+    }
 }
 
 /// Identifies one replay request, so a late answer to an abandoned request is
