@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use crate::discovery::PodEndpoint;
 
@@ -231,6 +232,8 @@ pub struct PodRegistry {
     models: HashMap<String, ArcSwap<PodSet>>,
     next_id: AtomicU32,
     write: Mutex<()>,
+    /// Bumped after every snapshot that added or removed a pod.
+    generation: watch::Sender<u64>,
 }
 
 impl PodRegistry {
@@ -242,7 +245,22 @@ impl PodRegistry {
                 .collect(),
             next_id: AtomicU32::new(0),
             write: Mutex::new(()),
+            generation: watch::Sender::new(0),
         }
+    }
+
+    /// Notifies every change of the pod set: the value is a generation counter that
+    /// `apply_snapshot` bumps whenever pods were added or removed. Followers re-read
+    /// [`PodRegistry::pods`] and diff; a watch never loses the latest change, however
+    /// slowly it is read.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// An id that no pod will ever get, for block-index targets that are not pods
+    /// themselves (a data-parallel rank's own cache, a publisher not yet discovered).
+    pub fn reserve_id(&self) -> PodId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn pods(&self, model: &str) -> Option<Arc<PodSet>> {
@@ -282,6 +300,9 @@ impl PodRegistry {
             }
         }
         slot.store(Arc::new(PodSet { pods }));
+        if !changes.added.is_empty() || !changes.removed.is_empty() {
+            self.generation.send_modify(|generation| *generation += 1);
+        }
         changes
     }
 

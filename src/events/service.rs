@@ -1,0 +1,281 @@
+//! `KvEventService`: the Pingora background service that keeps the block index
+//! in step with the pods' KV events.
+//!
+//! One task owns the [`Ingestor`] and serves, in priority order: shutdown,
+//! pod-set changes (from [`PodRegistry::subscribe`]), config reloads, replay
+//! answers, the gap timer, and messages from the [`EventSource`]. Replays run
+//! as their own tasks and report back, so a slow ROUTER never holds up other
+//! pods' events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, EventsMode};
+use crate::events::ingest::{IndexTargets, IngestConfig, Ingestor, ModelEvents, ReplayDone};
+use crate::events::replay::ReplayClient;
+use crate::events::stats::EventStats;
+use crate::events::subscriber::{BindSource, ConnectSource, EventSource, Inbound, SubscriberError};
+use crate::hash::HashConfigError;
+use crate::index::BlockIndex;
+use crate::pods::PodRegistry;
+
+/// Messages queued between the sockets and the ingest task.
+const INBOUND_CAPACITY: usize = 16_384;
+/// Messages taken per wake-up before the other duties are looked at again.
+const INBOUND_BURST: usize = 256;
+/// How often gap waits and idle publishers are checked.
+const TICK: Duration = Duration::from_millis(25);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventServiceError {
+    #[error("model {model:?}: {source}")]
+    Model {
+        model: String,
+        #[source]
+        source: HashConfigError,
+    },
+    #[error(transparent)]
+    Source(#[from] SubscriberError),
+    #[error("the KV event service was already started (it runs once)")]
+    AlreadyStarted,
+}
+
+/// Settings beyond the config file's `events:` section.
+#[derive(Clone, Debug)]
+pub struct EventServiceOptions {
+    /// Data-parallel ranks each pod runs. Rank r publishes on the events port
+    /// + r (connect mode) or connects to kvgate's bind port + r (bind mode), and
+    /// replays on the replay port + r.
+    pub data_parallel_size: u32,
+}
+
+impl Default for EventServiceOptions {
+    fn default() -> Self {
+        Self {
+            data_parallel_size: 1,
+        }
+    }
+}
+
+enum Command {
+    Reload(Vec<ModelEvents>),
+}
+
+/// Ingests the KV events of every pod into the block index. Register it with
+/// Pingora as a background service; keep [`KvEventService::stats`] and
+/// [`KvEventService::targets`] for metrics and scoring.
+pub struct KvEventService {
+    mode: EventsMode,
+    replay: ReplayClient,
+    registry: Arc<PodRegistry>,
+    stats: Arc<EventStats>,
+    targets: Arc<IndexTargets>,
+    ingestor: Mutex<Option<Ingestor>>,
+    source: Mutex<Option<Box<dyn EventSource>>>,
+    commands: mpsc::Sender<Command>,
+    command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
+    bound: watch::Sender<Option<String>>,
+}
+
+fn model_events(config: &Config) -> Result<Vec<ModelEvents>, EventServiceError> {
+    config
+        .models
+        .iter()
+        .map(|m| {
+            ModelEvents::from_config(m).map_err(|source| EventServiceError::Model {
+                model: m.name.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+impl KvEventService {
+    /// The service for `config.events` (bind or connect source as configured).
+    pub fn new(
+        config: &Config,
+        registry: Arc<PodRegistry>,
+        index: Arc<BlockIndex>,
+        options: EventServiceOptions,
+    ) -> Result<Self, EventServiceError> {
+        let events = &config.events;
+        let source: Box<dyn EventSource> = match events.mode {
+            EventsMode::Connect => Box::new(ConnectSource::new(events.topic_prefix.clone())),
+            EventsMode::Bind | EventsMode::Off => Box::new(BindSource::new(
+                events.bind.clone(),
+                events.topic_prefix.clone(),
+                options.data_parallel_size,
+            )),
+        };
+        Self::with_source(config, registry, index, options, source)
+    }
+
+    /// The service reading from a source of the caller's choosing.
+    pub fn with_source(
+        config: &Config,
+        registry: Arc<PodRegistry>,
+        index: Arc<BlockIndex>,
+        options: EventServiceOptions,
+        source: Box<dyn EventSource>,
+    ) -> Result<Self, EventServiceError> {
+        let events = &config.events;
+        let cfg = IngestConfig::from_events(events, options.data_parallel_size);
+        let stats = Arc::new(EventStats::default());
+        let targets = Arc::new(IndexTargets::default());
+        let ingestor = Ingestor::new(
+            cfg.clone(),
+            model_events(config)?,
+            index,
+            Arc::clone(&registry),
+            Arc::clone(&stats),
+            Arc::clone(&targets),
+        );
+        let (commands, command_rx) = mpsc::channel(4);
+        Ok(Self {
+            mode: events.mode,
+            replay: ReplayClient::new(
+                Duration::from_millis(events.replay_timeout_ms),
+                cfg.tracker.max_held,
+            ),
+            registry,
+            stats,
+            targets,
+            ingestor: Mutex::new(Some(ingestor)),
+            source: Mutex::new(Some(source)),
+            commands,
+            command_rx: Mutex::new(Some(command_rx)),
+            bound: watch::Sender::new(None),
+        })
+    }
+
+    /// Ingestion counters, per pod and overall.
+    pub fn stats(&self) -> Arc<EventStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Index ids of pods whose blocks are not (only) under their own id.
+    pub fn targets(&self) -> Arc<IndexTargets> {
+        Arc::clone(&self.targets)
+    }
+
+    /// Takes new hash settings and adapters from a reloaded config; pods
+    /// distrusted for hash disagreement get a new chance. The source (mode,
+    /// bind address) is not changed by a reload.
+    pub fn reload(&self, config: &Config) -> Result<(), EventServiceError> {
+        let models = model_events(config)?;
+        if self.commands.try_send(Command::Reload(models)).is_err() {
+            tracing::warn!("KV event service busy or stopped; config reload not applied to it");
+        }
+        Ok(())
+    }
+
+    /// Waits until the source is open and returns its bound endpoint (`None`
+    /// for connect mode, or when opening failed), e.g. to learn the port when
+    /// binding port 0.
+    pub async fn ready(&self) -> Option<String> {
+        let mut bound = self.bound.subscribe();
+        let ready = bound.wait_for(|b| b.is_some()).await;
+        ready.ok().and_then(|b| b.clone()).filter(|b| !b.is_empty())
+    }
+
+    /// Runs until `shutdown` turns true. Fails only when the source cannot be
+    /// opened (the bind address is taken) or the service was started before.
+    pub async fn run(&self, mut shutdown: ShutdownWatch) -> Result<(), EventServiceError> {
+        if self.mode == EventsMode::Off {
+            tracing::info!(
+                "events.mode is off: no KV events, precise prefix routing is unavailable"
+            );
+            self.bound.send_replace(Some(String::new()));
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            return Ok(());
+        }
+        let (mut ingestor, mut source, mut command_rx) = match (
+            self.ingestor.lock().take(),
+            self.source.lock().take(),
+            self.command_rx.lock().take(),
+        ) {
+            (Some(i), Some(s), Some(c)) => (i, s, c),
+            _ => return Err(EventServiceError::AlreadyStarted),
+        };
+        let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
+        let bound = source.open(inbound_tx).await;
+        // Whoever waits in `ready` learns the outcome either way.
+        self.bound.send_replace(Some(
+            bound.as_ref().ok().cloned().flatten().unwrap_or_default(),
+        ));
+        let bound = bound?;
+        tracing::debug!(?bound, "KV event source open");
+
+        let (replay_tx, mut replays) = mpsc::channel::<ReplayDone>(64);
+        let mut pods = self.registry.subscribe();
+        pods.mark_changed();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Ok(()) = pods.changed() => {
+                    pods.borrow_and_update();
+                    let delta = ingestor.sync_pods(std::time::Instant::now());
+                    source.update(&delta);
+                }
+                Some(Command::Reload(models)) = command_rx.recv() => {
+                    ingestor.reload(models);
+                    tracing::info!("KV event service took the reloaded hash settings");
+                }
+                Some(done) = replays.recv() => ingestor.on_replay(done, std::time::Instant::now()),
+                _ = tick.tick() => ingestor.on_tick(std::time::Instant::now()),
+                Some(first) = inbound.recv() => {
+                    let now = std::time::Instant::now();
+                    ingestor.on_message(first.origin, &first.message, now);
+                    for _ in 1..INBOUND_BURST {
+                        match inbound.try_recv() {
+                            Ok(next) => ingestor.on_message(next.origin, &next.message, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            for request in ingestor.take_replays() {
+                crate::events::stats::bump(&self.stats.global.replay_requests, 1);
+                let client = self.replay;
+                let done = replay_tx.clone();
+                tokio::spawn(async move {
+                    let reply = client.fetch(&request.endpoint, request.from).await;
+                    // The service may be gone by now; then nobody needs the answer.
+                    let _ = done
+                        .send(ReplayDone {
+                            pod: request.pod,
+                            rank: request.rank,
+                            token: request.token,
+                            reply,
+                        })
+                        .await;
+                });
+            }
+        }
+        drop(source);
+        tracing::info!("KV event service stopped");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for KvEventService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        if let Err(error) = self.run(shutdown).await {
+            tracing::error!(%error, "KV event service failed; pods stay unknown and are routed on load only");
+        }
+    }
+}
