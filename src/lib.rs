@@ -10,14 +10,17 @@ pub mod events;
 pub mod hash;
 pub mod index;
 pub mod inspect;
+pub mod logging;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;
+pub mod reload;
 pub mod scheduler;
 pub mod scope;
 pub mod serve;
 pub mod sim;
 pub mod tokenize;
+pub mod upgrade;
 pub mod vllm;
 
 #[path = "../plugins/mod.rs"]

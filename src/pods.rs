@@ -226,10 +226,11 @@ pub struct PodChanges {
     pub removed: Vec<Arc<Pod>>,
 }
 
-/// All models' pods. Writers (discovery) serialize on a mutex; readers load an `Arc<PodSet>`.
+/// All models' pods. Writers (discovery, a config reload changing the models) serialize on
+/// a mutex; readers load the model map and an `Arc<PodSet>` without locks.
 #[derive(Debug)]
 pub struct PodRegistry {
-    models: HashMap<String, ArcSwap<PodSet>>,
+    models: ArcSwap<HashMap<String, Arc<ArcSwap<PodSet>>>>,
     next_id: AtomicU32,
     write: Mutex<()>,
     /// Bumped after every snapshot that added or removed a pod.
@@ -239,10 +240,17 @@ pub struct PodRegistry {
 impl PodRegistry {
     pub fn new<'a>(models: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            models: models
-                .into_iter()
-                .map(|m| (m.to_string(), ArcSwap::from_pointee(PodSet::default())))
-                .collect(),
+            models: ArcSwap::from_pointee(
+                models
+                    .into_iter()
+                    .map(|m| {
+                        (
+                            m.to_string(),
+                            Arc::new(ArcSwap::from_pointee(PodSet::default())),
+                        )
+                    })
+                    .collect(),
+            ),
             next_id: AtomicU32::new(0),
             write: Mutex::new(()),
             generation: watch::Sender::new(0),
@@ -264,20 +272,48 @@ impl PodRegistry {
     }
 
     pub fn pods(&self, model: &str) -> Option<Arc<PodSet>> {
-        self.models.get(model).map(|s| s.load_full())
+        self.models.load().get(model).map(|s| s.load_full())
     }
 
-    pub fn models(&self) -> impl Iterator<Item = &str> {
-        self.models.keys().map(String::as_str)
+    /// The models pods are kept for.
+    pub fn models(&self) -> Vec<String> {
+        self.models.load().keys().cloned().collect()
+    }
+
+    /// Makes `models` the set of models (a config reload added or removed some): new
+    /// models start with no pods, and the pods of dropped models are returned as removed.
+    pub fn set_models<'a>(&self, models: impl IntoIterator<Item = &'a str>) -> PodChanges {
+        let _guard = self.write.lock();
+        let current = self.models.load_full();
+        let mut next = HashMap::new();
+        for model in models {
+            let slot = current.get(model).map_or_else(
+                || Arc::new(ArcSwap::from_pointee(PodSet::default())),
+                Arc::clone,
+            );
+            next.insert(model.to_string(), slot);
+        }
+        let mut changes = PodChanges::default();
+        for (model, slot) in current.iter() {
+            if !next.contains_key(model) {
+                changes.removed.extend(slot.load().pods.iter().cloned());
+            }
+        }
+        let changed = next.len() != current.len() || !changes.removed.is_empty();
+        self.models.store(Arc::new(next));
+        if changed {
+            self.generation.send_modify(|generation| *generation += 1);
+        }
+        changes
     }
 
     /// Replaces a model's pods with a discovery snapshot. Pods whose key is unchanged keep
     /// their id and state; new keys get fresh ids; missing keys are returned as removed.
     pub fn apply_snapshot(&self, model: &str, endpoints: &[PodEndpoint]) -> PodChanges {
-        let Some(slot) = self.models.get(model) else {
+        let _guard = self.write.lock();
+        let Some(slot) = self.models.load().get(model).cloned() else {
             return PodChanges::default();
         };
-        let _guard = self.write.lock();
         let current = slot.load_full();
         let mut changes = PodChanges::default();
         let mut pods = Vec::with_capacity(endpoints.len());
@@ -313,5 +349,51 @@ impl PodRegistry {
             .iter()
             .find(|p| p.endpoint.topic_host == topic_host)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(port: u16) -> PodEndpoint {
+        let http = SocketAddr::from(([127, 0, 0, 1], port));
+        PodEndpoint {
+            key: http.to_string(),
+            name: http.to_string(),
+            http,
+            events: None,
+            replay: None,
+            topic_host: http.to_string(),
+        }
+    }
+
+    #[test]
+    fn models_come_and_go_with_their_pods() {
+        let registry = PodRegistry::new(["a", "b"]);
+        let generations = registry.subscribe();
+        registry.apply_snapshot("a", &[endpoint(1)]);
+        registry.apply_snapshot("b", &[endpoint(2), endpoint(3)]);
+        let kept = registry.pods("a").expect("a").pods[0].id;
+
+        let changes = registry.set_models(["a", "c"]);
+        let mut removed: Vec<u16> = changes.removed.iter().map(|p| p.addr().port()).collect();
+        removed.sort_unstable();
+        assert_eq!(removed, [2, 3]);
+        assert!(changes.added.is_empty());
+        assert!(registry.pods("b").is_none());
+        assert_eq!(registry.pods("a").expect("a kept").pods[0].id, kept);
+        assert!(registry.pods("c").expect("c added").pods.is_empty());
+        let mut models = registry.models();
+        models.sort_unstable();
+        assert_eq!(models, ["a", "c"]);
+        assert!(generations.has_changed().expect("registry alive"));
+
+        // A late snapshot of a dropped model changes nothing.
+        assert!(registry
+            .apply_snapshot("b", &[endpoint(4)])
+            .added
+            .is_empty());
+        assert!(registry.pods("b").is_none());
     }
 }

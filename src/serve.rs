@@ -1,30 +1,60 @@
 //! `kvgate serve`: wires the config, the shared gateway state, the proxy service and
 //! the background services into a Pingora server and runs it.
+//!
+//! Services and their start order (Pingora starts a service once its dependencies
+//! report ready): discovery, KV event ingestion (after discovery, so a handed-over
+//! index finds its pods), config reload, pod health and the admin listener start
+//! first; the ready gate waits for discovery, ingestion and reload, logs the
+//! startup summary and opens readiness; the proxy listens only after the gate.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::ServiceReadyNotifier;
-use tokio::signal::unix::{signal, SignalKind};
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService, GenBackgroundService};
+use pingora::services::{Service, ServiceReadyNotifier};
+use serde_json::json;
 
-use crate::config::{Config, ConfigError, LogFormat, LoggingConfig};
+use crate::config::{Config, ConfigError, EventsMode};
+use crate::discovery::DiscoveryConfig;
+use crate::events::{EventServiceError, EventServiceOptions, KvEventService, ParityVerdict};
+use crate::logging::{self, LoggingError};
+use crate::metrics::{self, AdminListener, AdminState, IndexSample, Metrics};
 use crate::proxy::{DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy};
+use crate::reload::Reloader;
+use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// kvgate's YAML config.
     #[arg(short, long, env = "KVGATE_CONFIG")]
     pub config: PathBuf,
-    /// Take over the listening sockets of a running kvgate (graceful upgrade).
+    /// Take over the listening sockets, block index and KV event streams of a running
+    /// kvgate (graceful upgrade; send the running one SIGQUIT after starting this one).
     #[arg(short, long)]
     pub upgrade: bool,
     /// Run in the background.
     #[arg(short, long)]
     pub daemon: bool,
+    /// Where an upgrading process waits for the running one's sockets; the state
+    /// (index, event streams) goes through `<path>.state`.
+    #[arg(
+        long,
+        env = "KVGATE_UPGRADE_SOCK",
+        default_value = "/tmp/kvgate_upgrade.sock"
+    )]
+    pub upgrade_sock: PathBuf,
+    /// Longest a stopping (or upgraded) process keeps serving its in-flight requests;
+    /// it exits as soon as they are done.
+    #[arg(long, default_value_t = 300)]
+    pub grace_period_secs: u64,
+    /// The process id file of a daemonized kvgate.
+    #[arg(long, default_value = "/tmp/kvgate.pid")]
+    pub pid_file: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,29 +63,114 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
-    #[error("logging.level {level:?} is not a valid filter: {message}")]
-    LogFilter { level: String, message: String },
+    #[error(transparent)]
+    Logging(#[from] LoggingError),
+    #[error(transparent)]
+    Events(#[from] EventServiceError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let config = Config::load(&args.config)?;
-    init_tracing(&config.logging)?;
+    let logs = logging::init(&config.logging)?;
+    let summary = Summary::of(&config);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %args.config.display(),
+        listen = %config.server.listen,
+        admin = %config.server.admin,
+        models = %summary.models,
+        profiles = %summary.profiles,
+        events = %summary.events,
+        upgrade = args.upgrade,
+        "kvgate starting"
+    );
+    let metrics = Arc::clone(metrics::global());
     let listen = config.server.listen;
-    let threads = config.server.threads;
-    let gateway = Arc::new(Gateway::build(config)?);
+    let admin = config.server.admin;
+    let gateway = Arc::new(Gateway::build(config.clone())?);
+    let events = Arc::new(KvEventService::new(
+        &config,
+        Arc::clone(&gateway.pods),
+        Arc::clone(&gateway.index),
+        EventServiceOptions::default(),
+    )?);
 
+    let state_sock = upgrade::state_socket(&args.upgrade_sock);
+    let receiver = args
+        .upgrade
+        .then(|| HandoverReceiver::listen(&state_sock))
+        .transpose()?;
     let opt = Opt {
         upgrade: args.upgrade,
         daemon: args.daemon,
         ..Opt::default()
     };
     let conf = ServerConf {
-        threads,
+        threads: config.server.threads,
+        upgrade_sock: args.upgrade_sock.to_string_lossy().into_owned(),
+        pid_file: args.pid_file.clone(),
+        grace_period_seconds: Some(args.grace_period_secs),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With -u this waits for the running process's sockets (it sends them on SIGQUIT).
     server.bootstrap();
+    if let Some(receiver) = receiver {
+        match receiver.finish() {
+            Ok(Some(handover)) => {
+                tracing::info!(
+                    pods = handover.pods.len(),
+                    index_bytes = handover.index.len(),
+                    "state received from the previous process"
+                );
+                events.resume(handover.pods, handover.index);
+            }
+            Ok(None) => {
+                tracing::warn!("the previous process handed over no state; the index starts empty")
+            }
+            Err(error) => {
+                tracing::error!(%error, "the handed-over state is unusable; the index starts empty")
+            }
+        }
+    }
+
+    let discovery = Arc::new(DiscoveryFeed::new(Arc::clone(&gateway)));
+    let events = Arc::new(EventsRunner::new(events));
+    let reloader = Reloader::new(
+        args.config.clone(),
+        Arc::clone(&gateway),
+        Arc::clone(&discovery),
+        Arc::clone(events.service()),
+        logs,
+        Arc::clone(&metrics),
+    );
+    let gate = Arc::new(ReadyGate {
+        gateway: Arc::clone(&gateway),
+        open: AtomicBool::new(false),
+    });
+    let handing_over = Arc::new(AtomicBool::new(false));
+
+    let discovery_handle = server.add_service(shared_service("discovery", &discovery));
+    let events_handle = server.add_service(shared_service("kv events", &events));
+    events_handle.add_dependency(&discovery_handle);
+    let reload_handle = server.add_service(background_service("config reload", reloader));
+    server.add_service(background_service(
+        "pod health",
+        HealthChecker::new(Arc::clone(&gateway)),
+    ));
+    server.add_service(AdminEndpoint {
+        addr: admin,
+        state: admin_state(&gateway, &discovery, &events, &gate, &metrics),
+    });
+    server.add_service(background_service(
+        "drain",
+        DrainExit::new(Arc::clone(&gateway), Arc::clone(&handing_over)),
+    ));
+    let gate_handle = server.add_service(shared_service("ready gate", &gate));
+    gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -63,85 +178,292 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         "kvgate proxy",
     );
     proxy.add_tcp(&listen.to_string());
-    let discovery = server.add_service(background_service(
-        "discovery",
-        DiscoveryFeed::new(Arc::clone(&gateway)),
-    ));
-    let reloader = server.add_service(background_service(
-        "config reload",
-        Reloader {
-            path: args.config.clone(),
-            gateway: Arc::clone(&gateway),
-        },
-    ));
-    server.add_service(background_service(
-        "pod health",
-        HealthChecker::new(gateway),
-    ));
     let proxy = server.add_service(proxy);
-    // Listen only once pods are known (or the discovery wait ran out) and SIGHUP is
-    // handled (its default action would end the process).
-    proxy.add_dependencies([&discovery, &reloader]);
-    tracing::info!(%listen, "kvgate serving");
-    server.run_forever()
-}
+    proxy.add_dependency(&gate_handle);
 
-fn init_tracing(logging: &LoggingConfig) -> Result<(), ServeError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&logging.level).map_err(|e| {
-        ServeError::LogFilter {
-            level: logging.level.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (a subscriber already set) keeps the first: nothing to report.
-    let _ = match logging.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals::new(state_sock, gateway, events, handing_over)),
+    });
     Ok(())
 }
 
-/// Reloads the config on SIGHUP: the new one is built completely and swapped in, or
-/// refused with the running one untouched. Discovery sources keep running as started.
-struct Reloader {
-    path: PathBuf,
-    gateway: Arc<Gateway>,
+/// A background service whose task the caller keeps a handle to.
+fn shared_service<T: BackgroundService + Send + Sync + 'static>(
+    name: &str,
+    task: &Arc<T>,
+) -> GenBackgroundService<T> {
+    GenBackgroundService::new(format!("BG {name}"), Arc::clone(task))
 }
 
-impl Reloader {
-    fn reload(&self) -> Result<(), ServeError> {
-        self.gateway.reload(Config::load(&self.path)?)?;
-        Ok(())
+/// The config in a few log fields.
+struct Summary {
+    models: String,
+    profiles: String,
+    events: String,
+}
+
+impl Summary {
+    fn of(config: &Config) -> Self {
+        let models = config
+            .models
+            .iter()
+            .map(|m| {
+                let pods = match &m.discovery {
+                    DiscoveryConfig::Static { pods } => format!("{} static pods", pods.len()),
+                    DiscoveryConfig::Kubernetes(k) => format!(
+                        "kubernetes {}",
+                        k.inference_pool
+                            .as_deref()
+                            .or(k.service.as_deref())
+                            .or(k.label_selector.as_deref())
+                            .unwrap_or("endpoints")
+                    ),
+                };
+                let adapters = if m.lora_adapters.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} LoRA adapters", m.lora_adapters.len())
+                };
+                format!(
+                    "{} (profile {}, vLLM {}, {} block {}{adapters}, {pods})",
+                    m.name, m.profile, m.vllm_release, m.hash_algo, m.block_size
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let profiles = config
+            .profiles
+            .iter()
+            .map(|(name, p)| {
+                let filters = p
+                    .filters
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+");
+                let scorers = p
+                    .scorers
+                    .iter()
+                    .map(|s| format!("{}×{}", s.name, s.weight))
+                    .collect::<Vec<_>>()
+                    .join("+");
+                format!("{name}: [{filters}] → [{scorers}] → {}", p.picker.name)
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let e = &config.events;
+        let events = match e.mode {
+            EventsMode::Bind => format!(
+                "bind {} (pods publish kv topics {:?}), replay {}",
+                e.bind,
+                e.topic_prefix,
+                if e.replay { "on" } else { "off" }
+            ),
+            EventsMode::Connect => format!(
+                "connect to each pod's publisher, replay {}",
+                if e.replay { "on" } else { "off" }
+            ),
+            EventsMode::Off => "off (routing on load and approximate prefixes only)".into(),
+        };
+        Self {
+            models,
+            profiles,
+            events,
+        }
     }
 }
 
+/// Holds the proxy back until discovery, ingestion (and a handover) and reload are
+/// up; then logs what the gateway serves and opens readiness.
+struct ReadyGate {
+    gateway: Arc<Gateway>,
+    open: AtomicBool,
+}
+
 #[async_trait]
-impl BackgroundService for Reloader {
+impl BackgroundService for ReadyGate {
     async fn start_with_ready_notifier(
         &self,
         mut shutdown: ShutdownWatch,
         ready: ServiceReadyNotifier,
     ) {
-        let hangups = signal(SignalKind::hangup());
+        let state = self.gateway.state();
+        let pods = state
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                let addrs = self
+                    .gateway
+                    .pods
+                    .pods(&m.name)
+                    .map(|set| {
+                        set.pods
+                            .iter()
+                            .map(|p| p.addr().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                format!("{}: [{}]", m.name, addrs.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let index = self.gateway.index.stats();
+        tracing::info!(
+            listen = %state.config.server.listen,
+            pods = %pods,
+            index_blocks = index.blocks,
+            "kvgate ready"
+        );
+        self.open.store(true, Ordering::Relaxed);
         ready.notify_ready();
-        let mut hangups = match hangups {
-            Ok(s) => s,
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The admin listener as a Pingora service of its own (not a background service), so
+/// that its socket is in Pingora's table and moves to the new process in an upgrade
+/// like the proxy's.
+struct AdminEndpoint {
+    addr: SocketAddr,
+    state: AdminState,
+}
+
+#[async_trait]
+impl Service for AdminEndpoint {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        mut shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let bound = match fds {
+            Some(fds) => upgrade::inherit_or_bind(&fds, self.addr),
+            None => std::net::TcpListener::bind(self.addr),
+        };
+        let listener = match bound.map_err(|source| metrics::AdminError::Bind {
+            addr: self.addr,
+            source,
+        }) {
+            Ok(l) => AdminListener::from_std(l),
+            Err(e) => Err(e),
+        };
+        let listener = match listener {
+            Ok(l) => l,
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; config reload is off");
-                return;
+                // Without its admin port the gateway can be neither probed nor scraped.
+                tracing::error!(%error, "cannot open the admin listener; exiting");
+                std::process::exit(1);
             }
         };
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = hangups.recv() => match self.reload() {
-                    Ok(()) => tracing::info!(path = %self.path.display(), "config reloaded"),
-                    Err(error) => tracing::error!(path = %self.path.display(), %error, "config reload refused; keeping the running config"),
-                },
-            }
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) = listener.serve(self.state.clone(), stop).await {
+            tracing::error!(%error, "admin listener stopped");
         }
     }
+
+    fn name(&self) -> &str {
+        "admin"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        Some(vec![self.addr.to_string()])
+    }
+}
+
+fn admin_state(
+    gateway: &Arc<Gateway>,
+    discovery: &Arc<DiscoveryFeed>,
+    events: &Arc<EventsRunner>,
+    gate: &Arc<ReadyGate>,
+    metrics: &Arc<Metrics>,
+) -> AdminState {
+    let ready = {
+        let (gateway, discovery, gate) =
+            (Arc::clone(gateway), Arc::clone(discovery), Arc::clone(gate));
+        Arc::new(move || {
+            gate.open.load(Ordering::Relaxed) && discovery.is_ready() && !gateway.is_draining()
+        })
+    };
+    let pods = {
+        let (gateway, events) = (Arc::clone(gateway), Arc::clone(events.service()));
+        Arc::new(move || pods_view(&gateway, &events))
+    };
+    let before_scrape = {
+        let gateway = Arc::clone(gateway);
+        let stats = events.service().stats();
+        let budget = gateway.state().config.index.budget_bytes as u64;
+        Arc::new(move |m: &Metrics| {
+            m.sample_pods(&gateway.pods, gateway.now().as_millis() as u64);
+            for model in gateway.pods.models() {
+                for pod in gateway.pods.pods(&model).iter().flat_map(|set| &set.pods) {
+                    match stats.of(pod.id).map(|c| c.parity) {
+                        Some(ParityVerdict::Agree) => m.parity(pod.addr(), true),
+                        Some(ParityVerdict::Disagree) => m.parity(pod.addr(), false),
+                        Some(ParityVerdict::Unchecked) | None => {}
+                    }
+                }
+            }
+            let index = gateway.index.stats();
+            m.index_stats(IndexSample {
+                entries: index.entries,
+                blocks: index.blocks,
+                budget_bytes: budget,
+                ..IndexSample::default()
+            });
+        })
+    };
+    AdminState {
+        metrics: Arc::clone(metrics),
+        ready,
+        pods,
+        before_scrape: Some(before_scrape),
+    }
+}
+
+/// `/debug/pods`: every model's pods with the router's view of each.
+fn pods_view(gateway: &Gateway, events: &KvEventService) -> serde_json::Value {
+    let now_ms = gateway.now().as_millis() as u64;
+    let stats = events.stats();
+    let mut models = serde_json::Map::new();
+    for model in gateway.pods.models() {
+        let Some(set) = gateway.pods.pods(&model) else {
+            continue;
+        };
+        let pods: Vec<serde_json::Value> = set
+            .pods
+            .iter()
+            .map(|pod| {
+                let load = pod.scraped();
+                let counts = stats.of(pod.id);
+                json!({
+                    "id": pod.id,
+                    "name": pod.endpoint.name,
+                    "http": pod.addr().to_string(),
+                    "healthy": pod.is_healthy(now_ms),
+                    "events": pod.trust().as_str(),
+                    "in_flight": pod.in_flight(),
+                    "uncached_tokens_in_flight": pod.uncached_tokens_in_flight(),
+                    "running": load.running,
+                    "waiting": load.waiting,
+                    "kv_usage": load.kv_usage,
+                    "event_batches": counts.map(|c| c.batches),
+                    "blocks_stored": counts.map(|c| c.blocks_stored),
+                    "event_gaps": counts.map(|c| c.gaps),
+                    "event_replays_ok": counts.map(|c| c.replays_ok),
+                    "events_lost": counts.map(|c| c.unrecoverable),
+                    "event_restarts": counts.map(|c| c.restarts),
+                    "parity": counts.map(|c| c.parity.as_str()),
+                })
+            })
+            .collect();
+        models.insert(model, serde_json::Value::Array(pods));
+    }
+    json!({ "models": models })
 }

@@ -603,11 +603,13 @@ fn sighup_reloads_the_config_or_keeps_the_running_one() {
         (post() == 413).then_some(())
     });
 
-    // A reload that changes the set of models is refused whole.
+    // An invalid config is refused whole.
     gateway.reload(
-        &GatewayConfig::default()
-            .with_model("qwen", &[pod.addr()])
-            .with_model("other", &[pod.addr()]),
+        &GatewayConfig {
+            max_attempts: 0,
+            ..GatewayConfig::default()
+        }
+        .with_model("qwen", &[pod.addr()]),
     );
     wait_for("the refusal to be logged", Duration::from_secs(20), || {
         gateway
@@ -616,6 +618,15 @@ fn sighup_reloads_the_config_or_keeps_the_running_one() {
             .then_some(())
     });
     assert_eq!(post(), 413, "the running config stays");
+    let (status, metrics) = http_request(gateway.admin_addr().port(), "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvgate_config_reloads_total{result=\"failed\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "the refusal is counted:\n{metrics}");
 }
 
 #[test]

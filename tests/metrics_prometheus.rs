@@ -3,12 +3,14 @@
 //! its HTTP API must return exactly the values recorded; every query of the
 //! Grafana dashboard (`deploy/grafana/kvgate-dashboard.json`) must return data.
 //!
-//! The gateway binary is wired by the integration work; until then the admin
-//! listener and `Metrics` run in this process. The Prometheus harness
-//! (`support::prometheus`) takes any scrape target, so the end-to-end test points
-//! it at a `kvgate` child process instead.
+//! Most tests run the admin listener and `Metrics` in this process with known
+//! recordings; the last one scrapes the real `kvgate serve` in a child process while
+//! it proxies traffic to fake vLLM pods and reloads its config.
 
 mod support;
+// Shared with the gateway tests, which use more of it.
+#[allow(dead_code)]
+mod upstream;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -565,4 +567,98 @@ impl RecordTick {
             )
         }
     }
+}
+
+/// End to end: real requests through the real gateway, scraped by the real Prometheus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_gateway_serving_traffic_and_reloading() {
+    let pods = [upstream::FakePod::start(), upstream::FakePod::start()];
+    let addrs: Vec<String> = pods.iter().map(upstream::FakePod::addr).collect();
+    let config = upstream::GatewayConfig {
+        health_check_interval_ms: 200,
+        scrape_interval_ms: 200,
+        ..upstream::GatewayConfig::default()
+    }
+    .with_model("qwen", &addrs);
+    let gateway = upstream::Kvgate::start(&config);
+    let client = reqwest::Client::new();
+    let chat = |i: usize, stream: bool| {
+        client
+            .post(gateway.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-fake-cached-tokens", "7")
+            .body(upstream::chat_body(
+                "qwen",
+                &format!("question {i}"),
+                stream,
+            ))
+            .send()
+    };
+    for i in 0..10 {
+        let response = chat(i, i < 6).await.expect("request");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    let unknown = client
+        .post(gateway.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(upstream::chat_body("no-such-model", "hi", false))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status(), 404);
+
+    let prom = Prometheus::start(&[gateway.admin_addr()]).await;
+    prom.wait_for_scrapes(1, 1).await;
+    let pod = |i: usize| format!("pod=\"{}\"", addrs[i]);
+    let checks: Vec<(String, f64)> = vec![
+        (
+            "sum(kvgate_requests_total{model=\"qwen\",status=\"200\"})".into(),
+            10.0,
+        ),
+        (
+            "kvgate_requests_total{model=\"unknown\",pod=\"none\",status=\"404\"}".into(),
+            1.0,
+        ),
+        (
+            "sum(kvgate_time_to_first_token_seconds_count{model=\"qwen\"})".into(),
+            6.0,
+        ),
+        (
+            "sum(kvgate_request_duration_seconds_count{model=\"qwen\"})".into(),
+            10.0,
+        ),
+        ("kvgate_schedule_duration_seconds_count".into(), 10.0),
+        ("sum(kvgate_actual_cached_tokens_total)".into(), 70.0),
+        ("count(kvgate_pod_healthy == 1)".into(), 2.0),
+        (format!("kvgate_pod_in_flight{{{}}}", pod(0)), 0.0),
+        (format!("kvgate_pod_in_flight{{{}}}", pod(1)), 0.0),
+        ("kvgate_index_budget_bytes".into(), f64::from(1u32 << 30)),
+        ("kvgate_build_info".into(), 1.0),
+    ];
+    for (promql, expected) in &checks {
+        prom.wait_for_value(promql, *expected).await;
+    }
+    // The router's prompt token counts are positive wherever a pod reported its cache.
+    prom.wait_for("sum(kvgate_prompt_tokens_total) > 0", |s| s.len() == 1)
+        .await;
+
+    // A good reload, then a bad one: both counted, the running config stays.
+    gateway.reload(&config);
+    prom.wait_for("kvgate_config_reloads_total{result=\"ok\"} >= 1", |s| {
+        s.len() == 1
+    })
+    .await;
+    gateway.reload(&upstream::GatewayConfig {
+        max_attempts: 0,
+        ..upstream::GatewayConfig::default()
+    });
+    prom.wait_for("kvgate_config_reloads_total{result=\"failed\"} >= 1", |s| {
+        s.len() == 1
+    })
+    .await;
+    prom.wait_for_value("kvgate_config_last_reload_successful", 0.0)
+        .await;
+    let response = chat(10, false).await.expect("request");
+    assert_eq!(response.status(), 200, "the running config still serves");
 }

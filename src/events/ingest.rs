@@ -24,7 +24,8 @@ use crate::events::replay::ReplayReply;
 use crate::events::stats::{bump, EventStats, PodEventStats};
 use crate::events::subscriber::{endpoint_for_rank, Origin, PodDelta, PublisherEndpoint};
 use crate::events::tracker::{
-    Action, ClearReason, ReplayToken, ReplayVerdict, Replayed, SeqTracker, TrackerConfig, Verdict,
+    Action, ClearReason, ReplayToken, ReplayVerdict, Replayed, SeqTracker, StreamMark,
+    TrackerConfig, Verdict,
 };
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId, Tier};
@@ -189,6 +190,27 @@ pub struct ReplayDone {
     pub reply: ReplayReply,
 }
 
+/// One pod's event state as a kvgate process hands it to the one taking over from
+/// it (graceful upgrade). Pod ids are per process, so the pod is named by its
+/// discovery key, and each publisher carries the index id its entries are under in
+/// the handing process, for the index snapshot to be mapped onto the new ids.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PodHandover {
+    pub model: String,
+    pub key: String,
+    pub publishers: Vec<PublisherHandover>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PublisherHandover {
+    pub rank: u32,
+    /// Index id of its entries in the handing process.
+    pub target: PodId,
+    /// Scopes it stored into (a BlockRemoved names none).
+    pub scopes: Vec<ScopeId>,
+    pub mark: StreamMark,
+}
+
 /// One publisher: a pod's data-parallel rank.
 #[derive(Debug)]
 struct Publisher {
@@ -237,6 +259,10 @@ pub struct Ingestor {
     scratch: Scratch,
     actions: Vec<Action<Bytes>>,
     replays: Vec<ReplayRequest>,
+    /// Handed-over state of pods not discovered yet, by (model, key).
+    handed_over: HashMap<(String, String), PodHandover>,
+    /// Index id in the handing process → index id here, of every resumed publisher.
+    resumed: HashMap<PodId, PodId>,
 }
 
 impl Ingestor {
@@ -265,7 +291,61 @@ impl Ingestor {
             scratch: Scratch::default(),
             actions: Vec::new(),
             replays: Vec::new(),
+            handed_over: HashMap::new(),
+            resumed: HashMap::new(),
         }
+    }
+
+    /// The stream position of every discovered pod's publishers, for the process
+    /// taking over. Publishers that never applied a batch have nothing to hand over.
+    pub fn handover(&self) -> Vec<PodHandover> {
+        self.pods
+            .values()
+            .filter_map(|entry| {
+                let pod = entry.pod.as_ref()?;
+                let publishers: Vec<PublisherHandover> = entry
+                    .publishers
+                    .iter()
+                    .filter_map(|p| {
+                        Some(PublisherHandover {
+                            rank: p.rank,
+                            target: p.target,
+                            scopes: p.scopes.clone(),
+                            mark: p.tracker.mark()?,
+                        })
+                    })
+                    .collect();
+                (!publishers.is_empty()).then(|| PodHandover {
+                    model: entry.model.name.clone(),
+                    key: pod.endpoint.key.clone(),
+                    publishers,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the state a previous process handed over. Each pod resumes when
+    /// discovery lists it ([`Ingestor::sync_pods`]); [`Ingestor::resumed_targets`]
+    /// then maps the handed-over index ids onto this process's.
+    pub fn resume(&mut self, pods: Vec<PodHandover>) {
+        self.handed_over = pods
+            .into_iter()
+            .map(|p| ((p.model.clone(), p.key.clone()), p))
+            .collect();
+    }
+
+    /// Index ids of the handing process → ids here, for every publisher resumed.
+    pub fn resumed_targets(&self) -> &HashMap<PodId, PodId> {
+        &self.resumed
+    }
+
+    /// Drops what was handed over for pods discovery has not listed (they left
+    /// during the upgrade); returns how many.
+    pub fn finish_resume(&mut self) -> usize {
+        self.resumed.clear();
+        let dropped = self.handed_over.len();
+        self.handed_over.clear();
+        dropped
     }
 
     /// Replays requested since the last call.
@@ -360,6 +440,26 @@ impl Ingestor {
         };
         entry.replay = pod.endpoint.replay.clone();
         entry.pod = Some(Arc::clone(&pod));
+        if let Some(handed) = self
+            .handed_over
+            .remove(&(model.name.clone(), pod.endpoint.key.clone()))
+        {
+            for handed in handed.publishers {
+                let at = publisher_index(
+                    &self.cfg,
+                    &self.registry,
+                    &self.targets,
+                    &mut entry,
+                    pod.id,
+                    handed.rank,
+                );
+                let publisher = &mut entry.publishers[at];
+                publisher.tracker.resume(handed.mark);
+                publisher.scopes = handed.scopes;
+                self.resumed.insert(handed.target, publisher.target);
+            }
+            tracing::info!(pod = %pod.endpoint.name, "KV event stream resumed from the previous process");
+        }
         for publisher in &mut entry.publishers {
             publisher.replay = entry
                 .replay
@@ -939,6 +1039,7 @@ mod tests {
     use crate::config::Config;
     use crate::discovery::PodEndpoint;
     use crate::events::codec::{EventEncoder, ExtraKeys, OutEvent, WireHash};
+    use crate::index::IndexConfig;
     use crate::vllm::VllmRelease;
 
     const MODEL: &str = "m";
@@ -1072,6 +1173,148 @@ mod tests {
         ingest.on_message(Origin::Bound, &message(2, 0, &[Ev::Store(&[5])]), now);
         assert!(!holds(&index, ranks[0], 5));
         assert!(targets.of(pod.id).is_none());
+    }
+
+    const CONFIG: &str = "
+events: {mode: bind, replay: false, paritySample: 0}
+models:
+  - name: m
+    tokenizer: t.json
+    blockSize: 16
+    hashAlgo: sha256_cbor
+    hashSeed: \"0\"
+    vllmRelease: \"0.11.0\"
+    discovery: {static: {pods: []}}
+";
+
+    fn endpoint(port: u16, topic_host: &str) -> PodEndpoint {
+        let http = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        PodEndpoint {
+            key: http.to_string(),
+            name: topic_host.into(),
+            http,
+            events: None,
+            replay: None,
+            topic_host: topic_host.into(),
+        }
+    }
+
+    /// One process's ingestion: its registry, index and ingestor.
+    struct Process {
+        registry: Arc<PodRegistry>,
+        index: Arc<BlockIndex>,
+        ingestor: Ingestor,
+    }
+
+    impl Process {
+        fn new(config: &Config, pods: &[PodEndpoint]) -> Self {
+            let registry = Arc::new(PodRegistry::new(["m"]));
+            registry.apply_snapshot("m", pods);
+            let index = Arc::new(BlockIndex::new(IndexConfig {
+                budget_bytes: 1 << 20,
+                shards: 4,
+            }));
+            let ingestor = Ingestor::new(
+                IngestConfig::from_events(&config.events, 1),
+                vec![ModelEvents::from_config(&config.models[0]).expect("model")],
+                Arc::clone(&index),
+                Arc::clone(&registry),
+                Arc::new(EventStats::default()),
+                Arc::new(IndexTargets::default()),
+            );
+            Self {
+                registry,
+                index,
+                ingestor,
+            }
+        }
+
+        fn id_of(&self, topic_host: &str) -> PodId {
+            self.registry
+                .by_topic_host("m", topic_host)
+                .expect("pod listed")
+                .id
+        }
+
+        fn store(&mut self, topic_host: &str, seq: u64, hashes: &[u64]) {
+            let wire: Vec<WireHash<'_>> = hashes.iter().map(|&h| WireHash::Int(h)).collect();
+            let tokens = vec![1u32; hashes.len() * 16];
+            let event = OutEvent::Stored {
+                block_hashes: &wire,
+                parent: None,
+                token_ids: &tokens,
+                block_size: 16,
+                lora_id: None,
+                lora_name: None,
+                medium: "GPU",
+                extra_keys: &ExtraKeys::Plain,
+            };
+            let mut payload = Vec::new();
+            EventEncoder::new("0.11.0".parse().expect("release")).encode_batch(
+                1_000.0 + seq as f64,
+                &[event],
+                0,
+                &mut payload,
+            );
+            let frames = vec![
+                Bytes::from(format!("kv@{topic_host}@m")),
+                Bytes::copy_from_slice(&seq.to_be_bytes()),
+                Bytes::from(payload),
+            ];
+            let message = ZmqMessage::try_from(frames).expect("frames");
+            self.ingestor
+                .on_message(Origin::Bound, &message, Instant::now());
+        }
+
+        fn trust(&self, topic_host: &str) -> EventTrust {
+            self.registry
+                .by_topic_host("m", topic_host)
+                .expect("pod listed")
+                .trust()
+        }
+
+        fn cached_blocks(&self, topic_host: &str, hashes: &[u64]) -> u32 {
+            let mut found = PrefixMatch::new();
+            self.index
+                .lookup(crate::scope::scope_id("m", None), hashes, &mut found);
+            found.get(self.id_of(topic_host)).any_blocks
+        }
+    }
+
+    #[test]
+    fn a_handed_over_stream_resumes_under_the_new_pod_ids() {
+        let config = Config::parse(CONFIG).expect("config");
+        let a = endpoint(8001, "a");
+        let mut old = Process::new(&config, std::slice::from_ref(&a));
+        old.ingestor.sync_pods(Instant::now());
+        old.store("a", 0, &[11, 12, 13]);
+        old.store("a", 1, &[14]);
+        assert_eq!(old.cached_blocks("a", &[11, 12, 13, 14]), 4);
+        let handover = old.ingestor.handover();
+        assert_eq!(handover.len(), 1);
+        let mut snapshot = Vec::new();
+        old.index.snapshot(&mut snapshot).expect("snapshot");
+
+        // Another pod comes first in the new process: ids differ from the old ones.
+        let mut new = Process::new(&config, &[endpoint(8002, "b"), a]);
+        assert_ne!(new.id_of("a"), old.id_of("a"));
+        new.ingestor.resume(handover);
+        new.ingestor.sync_pods(Instant::now());
+        let remap = new.ingestor.resumed_targets().clone();
+        let restored = new
+            .index
+            .restore(&mut snapshot.as_slice(), |id| remap.get(&id).copied())
+            .expect("restore");
+        assert_eq!(restored.entries, 4);
+        assert_eq!(new.ingestor.finish_resume(), 0);
+        assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14]), 4);
+        assert_eq!(new.trust("a"), EventTrust::Synced);
+
+        // The stream goes on where the old process left it.
+        new.store("a", 2, &[15]);
+        assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
+        assert_eq!(new.trust("a"), EventTrust::Synced);
+        assert!(new.ingestor.take_replays().next().is_none());
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub use codec::{
     EventDecodeError, EventEncoder, EventError, EventMessage, ExtraKey, ExtraKeys, KvEvent, Medium,
     OutEvent, ReplayFrame, WireError, WireHash, REPLAY_END_SEQ, TOPIC_PREFIX,
 };
-pub use ingest::{IndexTargets, IngestConfig, Ingestor, ModelEvents, ReplayDone, ReplayRequest};
+pub use ingest::{
+    IndexTargets, IngestConfig, Ingestor, ModelEvents, PodHandover, PublisherHandover, ReplayDone,
+    ReplayRequest,
+};
 pub use parity::{ParityChecker, ParityMismatch, ParityOutcome};
 pub use replay::{ReplayClient, ReplayError, ReplayReply};
 pub use service::{EventServiceError, EventServiceOptions, KvEventService};
@@ -33,6 +36,6 @@ pub use subscriber::{
     PublisherEndpoint, SubscriberError,
 };
 pub use tracker::{
-    Action, ClearReason, ReplayEnd, ReplayToken, ReplayVerdict, Replayed, SeqTracker, SyncState,
-    TrackerConfig, Verdict,
+    Action, ClearReason, ReplayEnd, ReplayToken, ReplayVerdict, Replayed, SeqTracker, StreamMark,
+    SyncState, TrackerConfig, Verdict,
 };

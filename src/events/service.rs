@@ -17,7 +17,9 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, EventsMode};
-use crate::events::ingest::{IndexTargets, IngestConfig, Ingestor, ModelEvents, ReplayDone};
+use crate::events::ingest::{
+    IndexTargets, IngestConfig, Ingestor, ModelEvents, PodHandover, ReplayDone,
+};
 use crate::events::replay::ReplayClient;
 use crate::events::stats::EventStats;
 use crate::events::subscriber::{BindSource, ConnectSource, EventSource, Inbound, SubscriberError};
@@ -67,6 +69,13 @@ enum Command {
     Reload(Vec<ModelEvents>),
 }
 
+/// What a previous process handed over (graceful upgrade): its publishers' stream
+/// positions and a snapshot of the block index under its own pod ids.
+struct Resume {
+    pods: Vec<PodHandover>,
+    index: bytes::Bytes,
+}
+
 /// Ingests the KV events of every pod into the block index. Register it with
 /// Pingora as a background service; keep [`KvEventService::stats`] and
 /// [`KvEventService::targets`] for metrics and scoring.
@@ -74,9 +83,13 @@ pub struct KvEventService {
     mode: EventsMode,
     replay: ReplayClient,
     registry: Arc<PodRegistry>,
+    index: Arc<BlockIndex>,
     stats: Arc<EventStats>,
     targets: Arc<IndexTargets>,
     ingestor: Mutex<Option<Ingestor>>,
+    /// The ingestor once the service stopped, for [`KvEventService::handover`].
+    stopped: Mutex<Option<Ingestor>>,
+    resume: Mutex<Option<Resume>>,
     source: Mutex<Option<Box<dyn EventSource>>>,
     commands: mpsc::Sender<Command>,
     command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
@@ -131,7 +144,7 @@ impl KvEventService {
         let ingestor = Ingestor::new(
             cfg.clone(),
             model_events(config)?,
-            index,
+            Arc::clone(&index),
             Arc::clone(&registry),
             Arc::clone(&stats),
             Arc::clone(&targets),
@@ -144,9 +157,12 @@ impl KvEventService {
                 cfg.tracker.max_held,
             ),
             registry,
+            index,
             stats,
             targets,
             ingestor: Mutex::new(Some(ingestor)),
+            stopped: Mutex::new(None),
+            resume: Mutex::new(None),
             source: Mutex::new(Some(source)),
             commands,
             command_rx: Mutex::new(Some(command_rx)),
@@ -173,6 +189,21 @@ impl KvEventService {
             tracing::warn!("KV event service busy or stopped; config reload not applied to it");
         }
         Ok(())
+    }
+
+    /// Continues from what a previous process handed over: the index snapshot is
+    /// restored under this process's pod ids, and each pod's streams resume where the
+    /// previous process left them, so batches published in between are replayed
+    /// instead of the pods' entries being dropped. Call before the service runs; it
+    /// applies the handover once the source is open and the discovered pods are known.
+    pub fn resume(&self, pods: Vec<PodHandover>, index: bytes::Bytes) {
+        *self.resume.lock() = Some(Resume { pods, index });
+    }
+
+    /// The stream positions of every pod, for a process taking over. `None` until the
+    /// service has stopped (only then are they final).
+    pub fn handover(&self) -> Option<Vec<PodHandover>> {
+        self.stopped.lock().as_ref().map(Ingestor::handover)
     }
 
     /// Waits until the source is open and returns its bound endpoint (`None`
@@ -204,13 +235,50 @@ impl KvEventService {
             _ => return Err(EventServiceError::AlreadyStarted),
         };
         let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
-        let bound = source.open(inbound_tx).await;
-        // Whoever waits in `ready` learns the outcome either way.
-        self.bound.send_replace(Some(
-            bound.as_ref().ok().cloned().flatten().unwrap_or_default(),
-        ));
-        let bound = bound?;
+        let bound = match source.open(inbound_tx).await {
+            Ok(bound) => bound,
+            Err(error) => {
+                // Whoever waits in `ready` learns the outcome either way.
+                self.bound.send_replace(Some(String::new()));
+                return Err(error.into());
+            }
+        };
         tracing::debug!(?bound, "KV event source open");
+        let resume = self.resume.lock().take();
+        if let Some(resume) = resume {
+            ingestor.resume(resume.pods);
+            let delta = ingestor.sync_pods(std::time::Instant::now());
+            source.update(&delta);
+            let remap = ingestor.resumed_targets();
+            let restored = self
+                .index
+                .restore(&mut resume.index.as_ref(), |old| remap.get(&old).copied());
+            match restored {
+                Ok(restored) => tracing::info!(
+                    publishers = remap.len(),
+                    blocks = restored.blocks,
+                    entries = restored.entries,
+                    skipped = restored.skipped,
+                    "block index and KV event streams taken over from the previous process"
+                ),
+                Err(error) => {
+                    // Whatever part was stored is dropped again: the streams go on from
+                    // their marks and the entries come back with live events.
+                    for &target in remap.values() {
+                        self.index.clear_pod(target);
+                    }
+                    tracing::error!(%error, "the handed-over block index is unreadable; starting it empty");
+                }
+            }
+            let gone = ingestor.finish_resume();
+            if gone > 0 {
+                tracing::info!(
+                    pods = gone,
+                    "handed-over state of pods no longer discovered dropped"
+                );
+            }
+        }
+        self.bound.send_replace(Some(bound.unwrap_or_default()));
 
         let (replay_tx, mut replays) = mpsc::channel::<ReplayDone>(64);
         let mut pods = self.registry.subscribe();
@@ -232,7 +300,11 @@ impl KvEventService {
                 }
                 Some(Command::Reload(models)) = command_rx.recv() => {
                     ingestor.reload(models);
-                    tracing::info!("KV event service took the reloaded hash settings");
+                    // Models may have come or gone with the reload: follow their pods now,
+                    // not only at the next discovery change.
+                    let delta = ingestor.sync_pods(std::time::Instant::now());
+                    source.update(&delta);
+                    tracing::info!("KV event service took the reloaded config");
                 }
                 Some(done) = replays.recv() => ingestor.on_replay(done, std::time::Instant::now()),
                 _ = tick.tick() => ingestor.on_tick(std::time::Instant::now()),
@@ -266,6 +338,7 @@ impl KvEventService {
             }
         }
         drop(source);
+        *self.stopped.lock() = Some(ingestor);
         tracing::info!("KV event service stopped");
         Ok(())
     }

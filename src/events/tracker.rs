@@ -78,6 +78,17 @@ pub enum SyncState {
     Synced,
 }
 
+/// Where a publisher's stream stood, for handing it to another kvgate process
+/// (graceful upgrade) together with the index entries it describes.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StreamMark {
+    /// The last applied batch.
+    pub seq: u64,
+    pub ts: f64,
+    /// The entries were contiguous since the index was last cleared.
+    pub synced: bool,
+}
+
 /// Identifies one replay request, so a late answer to an abandoned request is
 /// ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -236,6 +247,34 @@ impl<T> SeqTracker<T> {
     /// The last applied seq.
     pub fn last_seq(&self) -> Option<u64> {
         self.last.map(|m| m.seq)
+    }
+
+    /// The stream's position, once a batch was applied. Held batches are not part
+    /// of it: the process that resumes from the mark replays them.
+    pub fn mark(&self) -> Option<StreamMark> {
+        self.last.map(|last| StreamMark {
+            seq: last.seq,
+            ts: last.ts,
+            synced: self.state == SyncState::Synced,
+        })
+    }
+
+    /// Continues a stream another process followed up to `mark`, whose entries the
+    /// index now holds: the next batch is checked against it like any other, so a
+    /// gap since the handover is replayed (the replay verifies the marked batch, which
+    /// also catches a publisher that restarted meanwhile).
+    pub fn resume(&mut self, mark: StreamMark) {
+        self.last = Some(Mark {
+            seq: mark.seq,
+            ts: mark.ts,
+        });
+        self.state = if mark.synced {
+            SyncState::Synced
+        } else {
+            SyncState::Settling
+        };
+        self.held.clear();
+        self.recovery = None;
     }
 
     /// A gap is open (batches are held or a replay is outstanding).
@@ -737,6 +776,39 @@ mod tests {
         assert_eq!(r.applied, [0, 1, 2, 3, 4, 5]);
         assert!(r.t.is_synced() && !r.t.recovering());
         assert_eq!(r.live(1, 6), Verdict::Applied);
+    }
+
+    #[test]
+    fn a_resumed_stream_replays_what_it_missed_since_the_handover() {
+        let mut old = Run::new(true);
+        for seq in 0..3 {
+            old.live(1, seq);
+        }
+        let mark = old.t.mark().expect("batches were applied");
+        assert_eq!((mark.seq, mark.synced), (2, true));
+
+        let mut new = Run::new(true);
+        new.t.resume(mark);
+        assert!(new.t.is_synced());
+        // Batches 3 and 4 went out while no process listened.
+        assert_eq!(new.live(1, 5), Verdict::Gap);
+        assert_eq!(new.replays.last().map(|x| x.0), Some(2));
+        assert_eq!(
+            new.replay(1, &[2, 3, 4, 5], ReplayEnd::Complete),
+            ReplayVerdict::Recovered
+        );
+        assert_eq!(new.applied, [3, 4, 5]);
+        assert!(new.clears.is_empty() && new.t.is_synced());
+
+        // A publisher that restarted during the handover is caught by the verify.
+        let mut new = Run::new(true);
+        new.t.resume(mark);
+        assert_eq!(new.live(2, 7), Verdict::Gap);
+        assert_eq!(
+            new.replay(2, &[2, 3, 4, 5, 6, 7], ReplayEnd::Complete),
+            ReplayVerdict::Restarted
+        );
+        assert_eq!(new.clears, [ClearReason::Restart]);
     }
 
     #[test]

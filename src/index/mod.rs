@@ -39,11 +39,13 @@ mod arena;
 mod prefix;
 mod registry;
 mod shard;
+mod snapshot;
 mod table;
 #[cfg(test)]
 mod tests;
 
 pub use prefix::{PodPrefix, PrefixMatch};
+pub use snapshot::{SnapshotError, SnapshotStats};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use registry::Registry;

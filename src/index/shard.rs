@@ -226,6 +226,17 @@ impl Shard {
         }
     }
 
+    /// Every block of the shard with its holders as (slot, tiers), in arena order; for
+    /// snapshots.
+    pub(super) fn for_each_block(&self, mut f: impl FnMut(u32, u64, &[(u16, u32)])) {
+        let mut holders = Vec::new();
+        for (_, cell) in self.cells.nodes() {
+            holders.clear();
+            self.for_each_holder(cell.link, |slot, tiers| holders.push((slot, tiers)));
+            f(cell.mid, cell.wide, &holders);
+        }
+    }
+
     /// Changes the tiers of an existing holder (`tiers` non-zero).
     fn set_tiers(&mut self, node: u32, slot: u16, tiers: u32) {
         let link = self.cells.get(node).link;

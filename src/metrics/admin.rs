@@ -72,6 +72,19 @@ impl AdminListener {
         Ok(Self { listener, addr })
     }
 
+    /// Serves on a socket bound elsewhere (one inherited from the process that handed
+    /// over its sockets in a graceful upgrade).
+    pub fn from_std(listener: std::net::TcpListener) -> Result<Self, AdminError> {
+        let addr = listener.local_addr().map_err(|source| AdminError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        Ok(Self { listener, addr })
+    }
+
     /// The bound address (the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

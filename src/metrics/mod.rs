@@ -634,7 +634,7 @@ impl Metrics {
     /// Meant for the scrape hook ([`AdminState::before_scrape`]): gauges that change
     /// per request are read when Prometheus asks instead of written per request.
     pub fn sample_pods(&self, registry: &PodRegistry, now_ms: u64) {
-        for model in registry.models() {
+        for model in &registry.models() {
             let Some(set) = registry.pods(model) else {
                 continue;
             };

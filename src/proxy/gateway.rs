@@ -4,21 +4,21 @@
 //! their load accounting, index scopes) sits beside it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::config::{Config, ModelConfig};
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, IndexConfig, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
-use crate::pods::PodRegistry;
+use crate::pods::{PodChanges, PodRegistry};
 use crate::scheduler::ModelScheduler;
+use crate::scope::scope_id;
 use crate::tokenize::{ModelTokenizer, TokenizerLoadError};
 
 /// Index shards: enough that concurrent event batches and lookups rarely meet on one lock.
@@ -38,8 +38,6 @@ pub enum GatewayError {
     },
     #[error("model {model:?}: scheduling profiles: {source}")]
     Plugin { model: String, source: PluginError },
-    #[error("a reload cannot change the set of models (was: {was}; now: {now}); restart with `-u` instead")]
-    ModelSetChanged { was: String, now: String },
 }
 
 /// Everything one served model needs on the request path.
@@ -85,57 +83,25 @@ impl GatewayState {
     }
 }
 
-/// Stable scope ids per (model, adapter): the index keys blocks by scope, and the index
-/// outlives reloads, so an id once given is never reassigned. Lookups of known scopes
-/// (every event batch, every request) take a read lock and allocate nothing.
-#[derive(Default)]
-struct ScopeTable {
-    models: RwLock<HashMap<String, ModelScopes>>,
-    next: AtomicU32,
-}
-
-#[derive(Default)]
-struct ModelScopes {
-    base: Option<ScopeId>,
-    adapters: HashMap<String, ScopeId>,
-}
-
-impl ModelScopes {
-    fn get(&self, adapter: Option<&str>) -> Option<ScopeId> {
-        match adapter {
-            None => self.base,
-            Some(name) => self.adapters.get(name).copied(),
-        }
-    }
-}
-
-impl ScopeTable {
-    fn get(&self, model: &str, adapter: Option<&str>) -> ScopeId {
-        if let Some(id) = self.models.read().get(model).and_then(|m| m.get(adapter)) {
-            return id;
-        }
-        let mut models = self.models.write();
-        let scopes = models.entry(model.to_string()).or_default();
-        if let Some(id) = scopes.get(adapter) {
-            return id;
-        }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        match adapter {
-            None => scopes.base = Some(id),
-            Some(name) => {
-                scopes.adapters.insert(name.to_string(), id);
-            }
-        }
-        id
-    }
-}
-
 pub struct Gateway {
     pub index: Arc<BlockIndex>,
     pub pods: Arc<PodRegistry>,
     state: ArcSwap<GatewayState>,
-    scopes: ScopeTable,
     epoch: Instant,
+    /// The process is handing over to a new one or stopping: responses close their
+    /// connections so clients reconnect to whichever process still listens.
+    draining: AtomicBool,
+    active: Arc<AtomicUsize>,
+}
+
+/// One request being handled; counted until dropped.
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<AtomicUsize>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Gateway {
@@ -147,14 +113,14 @@ impl Gateway {
         let pods = Arc::new(PodRegistry::new(
             config.models.iter().map(|m| m.name.as_str()),
         ));
-        let scopes = ScopeTable::default();
-        let state = build_state(config, &index, &scopes)?;
+        let state = build_state(config, &index)?;
         Ok(Self {
             index,
             pods,
             state: ArcSwap::from_pointee(state),
-            scopes,
             epoch: Instant::now(),
+            draining: AtomicBool::new(false),
+            active: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -164,33 +130,40 @@ impl Gateway {
     }
 
     /// Builds the new state completely before swapping, so a bad config leaves the
-    /// running one untouched. Pods, their load and the index carry over.
-    pub fn reload(&self, config: Config) -> Result<(), GatewayError> {
-        let current = self.state.load();
-        let mut was: Vec<&str> = current
-            .config
-            .models
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect();
-        let mut now: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
-        was.sort_unstable();
-        now.sort_unstable();
-        if was != now {
-            return Err(GatewayError::ModelSetChanged {
-                was: was.join(", "),
-                now: now.join(", "),
-            });
-        }
-        let state = build_state(config, &self.index, &self.scopes)?;
+    /// running one untouched. Pods, their load and the index carry over; models may come
+    /// and go: the pods of a dropped model are returned as removed.
+    pub fn reload(&self, config: Config) -> Result<PodChanges, GatewayError> {
+        let state = build_state(config, &self.index)?;
+        let changes = self
+            .pods
+            .set_models(state.config.models.iter().map(|m| m.name.as_str()));
         self.state.store(Arc::new(state));
-        Ok(())
+        Ok(changes)
     }
 
     /// The index scope of a model or one of its adapters (also for event ingestion, which
     /// learns the adapter from `lora_name`).
     pub fn scope(&self, model: &str, adapter: Option<&str>) -> ScopeId {
-        self.scopes.get(model, adapter)
+        scope_id(model, adapter)
+    }
+
+    /// Counts a request until the returned guard drops.
+    pub fn begin_request(&self) -> ActiveRequest {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(Arc::clone(&self.active))
+    }
+
+    /// Requests being handled right now.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Monotonic time since start: the clock of pod ejection and scheduling decisions.
@@ -199,11 +172,7 @@ impl Gateway {
     }
 }
 
-fn build_state(
-    config: Config,
-    index: &Arc<BlockIndex>,
-    scopes: &ScopeTable,
-) -> Result<GatewayState, GatewayError> {
+fn build_state(config: Config, index: &Arc<BlockIndex>) -> Result<GatewayState, GatewayError> {
     let mut routes = HashMap::new();
     for model in &config.models {
         let runtime = Arc::new(build_model(&config, model, index)?);
@@ -212,7 +181,7 @@ fn build_state(
             Route {
                 model: Arc::clone(&runtime),
                 lora: None,
-                scope: scopes.get(&model.name, None),
+                scope: scope_id(&model.name, None),
             },
         );
         for adapter in &model.lora_adapters {
@@ -221,7 +190,7 @@ fn build_state(
                 Route {
                     model: Arc::clone(&runtime),
                     lora: Some(adapter.hash_key()),
-                    scope: scopes.get(&model.name, Some(&adapter.name)),
+                    scope: scope_id(&model.name, Some(&adapter.name)),
                 },
             );
         }
@@ -327,27 +296,4 @@ fn render_models(config: &Config) -> Bytes {
         })
         .unwrap_or_default(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_are_stable_and_distinct() {
-        let table = ScopeTable::default();
-        let base = table.get("m", None);
-        let lora = table.get("m", Some("a"));
-        let other = table.get("n", None);
-        assert_eq!(
-            [base, lora, other]
-                .iter()
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-            3
-        );
-        assert_eq!(table.get("m", Some("a")), lora);
-        assert_eq!(table.get("m", None), base);
-        assert_eq!(table.get("n", None), other);
-    }
 }

@@ -43,6 +43,7 @@ impl HealthChecker {
         let registry = &self.gateway.pods;
         registry
             .models()
+            .iter()
             .filter_map(|m| registry.pods(m))
             .flat_map(|set| set.pods.clone())
             .collect()

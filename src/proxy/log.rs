@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use pingora::http::RequestHeader;
 
+use super::gateway::ActiveRequest;
 use super::REQUEST_ID_HEADER;
+use crate::metrics::{Metrics, RequestRecord, UNKNOWN};
 
 /// Longest client-supplied request id that is kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
@@ -34,6 +36,8 @@ pub struct RequestCtx {
     /// The answering pod's requests in flight once this one was released.
     pub pod_in_flight: Option<u32>,
     pub error: Option<String>,
+    /// Counts the request as in progress (drain on shutdown) until the context drops.
+    pub active: Option<ActiveRequest>,
 }
 
 impl RequestCtx {
@@ -77,5 +81,22 @@ impl RequestCtx {
             error = error.as_deref(),
             "Request handled"
         );
+    }
+
+    /// Records the request in the Prometheus metrics. `status` is what the client got
+    /// (0 when nothing was written: the client went away first, counted as 499).
+    pub fn record_metrics(&self, metrics: &Metrics, status: u16, streamed: bool) {
+        let total = self.started.map_or(Duration::ZERO, |s| s.elapsed());
+        metrics.request_finished(&RequestRecord {
+            model: self.target_model.as_deref().unwrap_or(UNKNOWN),
+            pod: self.endpoint,
+            policy: self.policy.as_deref().unwrap_or(UNKNOWN),
+            status: if status == 0 { 499 } else { status },
+            ttft: self.time_to_first_byte.filter(|_| streamed),
+            total,
+            prompt_tokens: self.prompt_tokens.unwrap_or(0),
+            predicted_cached: self.predicted_cached_tokens.unwrap_or(0),
+            actual_cached: self.actual_cached_tokens.map(|n| n as usize),
+        });
     }
 }

@@ -28,7 +28,7 @@ use pingora::{Error, ErrorType};
 pub use discovery::DiscoveryFeed;
 pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
-pub use gateway::{Gateway, GatewayError, GatewayState, ModelRuntime, Route};
+pub use gateway::{ActiveRequest, Gateway, GatewayError, GatewayState, ModelRuntime, Route};
 pub use health::HealthChecker;
 pub use log::RequestCtx;
 pub use usage::{Usage, UsageTap};
@@ -99,6 +99,12 @@ impl ProxyHttp for KvGateProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.begin(session.req_header());
+        ctx.active = Some(self.gateway.begin_request());
+        if self.gateway.is_draining() {
+            // This process is going away: the client's next request must open a new
+            // connection, which lands on the process that took over the socket.
+            session.set_keepalive(None);
+        }
         let header = session.req_header();
         let kind = classify(&header.method, header.uri.path());
         let outcome = match kind {
@@ -141,8 +147,13 @@ impl ProxyHttp for KvGateProxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let response = session.response_written();
+        let status = response.map_or(0, |h| h.status.as_u16());
+        let streamed = response
+            .and_then(|h| h.headers.get(http::header::CONTENT_TYPE))
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         ctx.log_handled(status, error);
+        ctx.record_metrics(crate::metrics::global(), status, streamed);
     }
 }
 

@@ -5,6 +5,7 @@
 //! unroutable (unreadable body, unknown model, no pod) is answered here.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{header, Method};
 use pingora::http::RequestHeader;
@@ -40,14 +41,17 @@ const NOT_FORWARDED: [&str; 10] = [
 struct Prompt {
     tokens: usize,
     block_keys: Vec<u64>,
+    /// When routing began (the body was read), for the decision latency.
+    routing_since: Instant,
 }
 
 impl Prompt {
     /// No prompt to route on: the scheduler falls back to load.
-    fn unknown() -> Self {
+    fn unknown(routing_since: Instant) -> Self {
         Self {
             tokens: 0,
             block_keys: Vec::new(),
+            routing_since,
         }
     }
 }
@@ -101,6 +105,7 @@ impl KvGateProxy {
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
         let body = read_body(session, &state).await?;
+        let routing_since = Instant::now();
         let request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
             Err(error) if !request_is_faulty(&error) => {
@@ -110,7 +115,14 @@ impl KvGateProxy {
                 ctx.model = Some(model.clone());
                 let route = resolve(&state, &model)?;
                 return self
-                    .dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
+                    .dispatch(
+                        session,
+                        ctx,
+                        &state,
+                        route,
+                        &Prompt::unknown(routing_since),
+                        &body,
+                    )
                     .await;
             }
             Err(error) => return Err(ApiError::from(&error)),
@@ -128,12 +140,13 @@ impl KvGateProxy {
                 Prompt {
                     tokens: tokens.len(),
                     block_keys: hashes.iter().map(|h| h.key).collect(),
+                    routing_since,
                 }
             }
             Err(error) if prompt_is_faulty(&error) => return Err(ApiError::from(&error)),
             Err(error) => {
                 tracing::warn!(request_id = %ctx.request_id, model = %request.model, %error, "cannot tokenize the request; routing it on load alone");
-                Prompt::unknown()
+                Prompt::unknown(routing_since)
             }
         };
         self.dispatch(session, ctx, &state, route, &prompt, &body)
@@ -149,6 +162,7 @@ impl KvGateProxy {
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
         let body = read_body(session, &state).await?;
+        let routing_since = Instant::now();
         let named = is_json(session.req_header())
             .then(|| model_field(&body))
             .flatten();
@@ -163,8 +177,15 @@ impl KvGateProxy {
         };
         ctx.model = Some(model.clone());
         let route = resolve(&state, &model)?;
-        self.dispatch(session, ctx, &state, route, &Prompt::unknown(), &body)
-            .await
+        self.dispatch(
+            session,
+            ctx,
+            &state,
+            route,
+            &Prompt::unknown(routing_since),
+            &body,
+        )
+        .await
     }
 
     /// Schedules the request among the model's pods and forwards it.
@@ -217,6 +238,7 @@ impl KvGateProxy {
             now: self.gateway.now(),
         };
         let decision = profile.schedule(&request, &pods);
+        crate::metrics::global().decision_latency(prompt.routing_since.elapsed());
         ctx.scores = Some(decision.scores_summary());
         if decision.ranked.is_empty() {
             return Err(ApiError::no_healthy_pod(&runtime.name));

@@ -13,7 +13,7 @@ received so a test can check it. Test control lives under /_test/:
   POST /_test/publish    {"events": [...]}: publishes one KVEventBatch of these
                          events on the ZeroMQ PUB socket (--zmq), msgpack-encoded
                          as vLLM does (array form: [ts, events, dp_rank]; each
-                         event an array [tag, fields...]); topic kv@<ip>@<model>
+                         event an array [tag, fields...]); topic kv@<--topic-host>@<model>
 
 Per-request behaviour is chosen by request headers (kvgate forwards them):
   x-fake-tokens: N        tokens to generate (default 4)
@@ -260,6 +260,7 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="qwen")
     parser.add_argument("--zmq", help="ZeroMQ endpoint the PUB socket connects to (kvgate's SUB)")
+    parser.add_argument("--topic-host", default="127.0.0.1", help="the <ip> of the topic kv@<ip>@<model>")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
@@ -269,7 +270,7 @@ def main():
 
         socket = zmq.Context.instance().socket(zmq.PUB)
         socket.connect(args.zmq)
-        PUBLISHER.update(socket=socket, seq=0, topic=("kv@127.0.0.1@%s" % args.model).encode())
+        PUBLISHER.update(socket=socket, seq=0, topic=("kv@%s@%s" % (args.topic_host, args.model)).encode())
     print("READY %d" % server.server_port, flush=True)
     server.serve_forever()
 

@@ -154,6 +154,8 @@ impl GatewayConfig {
   scrapeIntervalMs: {}
   profileHeader: x-kvgate-profile
   threads: 2
+events:
+  mode: off
 logging:
   level: info
   format: json
@@ -247,6 +249,11 @@ impl Kvgate {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The admin listener (`/metrics`, `/readyz`, `/debug/pods`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_port))
     }
 
     pub fn log(&self) -> String {
