@@ -23,7 +23,7 @@ use crate::config::{Config, ConfigError, EventsMode};
 use crate::discovery::DiscoveryConfig;
 use crate::events::{EventServiceError, EventServiceOptions, KvEventService, ParityVerdict};
 use crate::logging::{self, LoggingError};
-use crate::metrics::{self, AdminListener, AdminState, IndexSample, Metrics};
+use crate::metrics::{self, AdminListener, AdminState, EventTotals, IndexSample, Metrics};
 use crate::proxy::{DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy};
 use crate::reload::Reloader;
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
@@ -403,10 +403,23 @@ fn admin_state(
             m.sample_pods(&gateway.pods, gateway.now().as_millis() as u64);
             for model in gateway.pods.models() {
                 for pod in gateway.pods.pods(&model).iter().flat_map(|set| &set.pods) {
-                    match stats.of(pod.id).map(|c| c.parity) {
-                        Some(ParityVerdict::Agree) => m.parity(pod.addr(), true),
-                        Some(ParityVerdict::Disagree) => m.parity(pod.addr(), false),
-                        Some(ParityVerdict::Unchecked) | None => {}
+                    let Some(counts) = stats.of(pod.id) else {
+                        continue;
+                    };
+                    m.event_totals(
+                        pod.addr(),
+                        &EventTotals {
+                            batches: counts.batches,
+                            events: counts.events,
+                            gaps: counts.gaps,
+                            replays_ok: counts.replays_ok,
+                            replays_failed: counts.replays_failed,
+                        },
+                    );
+                    match counts.parity {
+                        ParityVerdict::Agree => m.parity(pod.addr(), true),
+                        ParityVerdict::Disagree => m.parity(pod.addr(), false),
+                        ParityVerdict::Unchecked => {}
                     }
                 }
             }
@@ -414,8 +427,10 @@ fn admin_state(
             m.index_stats(IndexSample {
                 entries: index.entries,
                 blocks: index.blocks,
+                bytes: index.bytes as u64,
                 budget_bytes: budget,
-                ..IndexSample::default()
+                evicted_blocks_total: index.evicted_blocks,
+                rejected_stores_total: index.rejected,
             });
         })
     };

@@ -112,6 +112,16 @@ pub struct PodLoad {
     pub in_flight: u32,
 }
 
+/// Running totals of one pod's KV events, as the ingestion service counts them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventTotals {
+    pub batches: u64,
+    pub events: u64,
+    pub gaps: u64,
+    pub replays_ok: u64,
+    pub replays_failed: u64,
+}
+
 /// A sample of the block index's counters and sizes, for [`Metrics::index_stats`].
 /// Totals are cumulative since the index was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -538,6 +548,24 @@ impl Metrics {
         self.with_pod(pod, |s| {
             s.event_batches.inc();
             s.events.inc_by(events as u64);
+        });
+    }
+
+    /// Brings `pod`'s event counters up to the running totals the ingestion
+    /// service keeps (it counts on its own hot path; this runs once per scrape).
+    pub fn event_totals(&self, pod: SocketAddr, totals: &EventTotals) {
+        fn catch_up(counter: &IntCounter, total: u64) {
+            let current = counter.get();
+            if total > current {
+                counter.inc_by(total - current);
+            }
+        }
+        self.with_pod(pod, |s| {
+            catch_up(&s.event_batches, totals.batches);
+            catch_up(&s.events, totals.events);
+            catch_up(&s.seq_gaps, totals.gaps);
+            catch_up(&s.replays_ok, totals.replays_ok);
+            catch_up(&s.replays_failed, totals.replays_failed);
         });
     }
 
@@ -1098,6 +1126,42 @@ mod tests {
             predicted_cached: predicted,
             actual_cached: actual,
         }
+    }
+
+    #[test]
+    fn event_counters_follow_the_ingestion_totals() {
+        let m = Metrics::new().expect("metrics");
+        m.add_pod(pod());
+        let totals = EventTotals {
+            batches: 10,
+            events: 40,
+            gaps: 2,
+            replays_ok: 1,
+            replays_failed: 1,
+        };
+        m.event_totals(pod(), &totals);
+        // A second scrape with the same totals adds nothing; counters never go back.
+        m.event_totals(pod(), &totals);
+        m.event_totals(
+            pod(),
+            &EventTotals {
+                batches: 3,
+                ..totals
+            },
+        );
+        let get = |name: &str| value(&m, name, &[("pod", POD)]);
+        assert_eq!(get("kvgate_kv_event_batches_total"), Some(10.0));
+        assert_eq!(get("kvgate_kv_events_total"), Some(40.0));
+        assert_eq!(get("kvgate_kv_event_sequence_gaps_total"), Some(2.0));
+        let replays = |result: &str| {
+            value(
+                &m,
+                "kvgate_kv_event_replays_total",
+                &[("pod", POD), ("result", result)],
+            )
+        };
+        assert_eq!(replays("ok"), Some(1.0));
+        assert_eq!(replays("failed"), Some(1.0));
     }
 
     #[test]
