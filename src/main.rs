@@ -14,11 +14,14 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve(kvgate::serve::ServeArgs),
+    /// Compare routing policies on the evaluation workloads (virtual time or live).
+    Bench(kvgate::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => kvgate::serve::run(&args).map_err(|e| e.to_string()),
+        Command::Bench(args) => kvgate::bench::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
