@@ -14,6 +14,8 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve(kvgate::serve::ServeArgs),
+    /// Run simulated vLLM pods.
+    Sim(kvgate::sim::SimArgs),
     /// Compare routing policies on the evaluation workloads (virtual time or live).
     Bench(kvgate::bench::BenchArgs),
 }
@@ -21,6 +23,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => kvgate::serve::run(&args).map_err(|e| e.to_string()),
+        Command::Sim(args) => kvgate::sim::run(&args).map_err(|e| e.to_string()),
         Command::Bench(args) => kvgate::bench::run(&args).map_err(|e| e.to_string()),
     };
     match result {
