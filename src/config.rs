@@ -189,6 +189,17 @@ pub struct PluginConfig {
     pub params: Option<yaml_serde::Value>,
 }
 
+impl LoraAdapterConfig {
+    /// The adapter as it enters vLLM's block hashes.
+    pub fn hash_key(&self) -> crate::hash::LoraKey {
+        crate::hash::LoraKey {
+            name: self.name.clone(),
+            int_id: self.int_id,
+            path: self.path.clone(),
+        }
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -418,6 +429,21 @@ impl Config {
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The model a client's `model` field names: a served model, or a LoRA adapter
+    /// together with its base model.
+    pub fn served_model(&self, name: &str) -> Option<(&ModelConfig, Option<&LoraAdapterConfig>)> {
+        self.models.iter().find_map(|m| {
+            if m.name == name {
+                Some((m, None))
+            } else {
+                m.lora_adapters
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| (m, Some(a)))
+            }
+        })
     }
 }
 

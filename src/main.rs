@@ -14,6 +14,8 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve(kvgate::serve::ServeArgs),
+    /// Show the rendered prompt, token ids and block hashes kvgate computes for a request body.
+    Inspect(kvgate::inspect::InspectArgs),
     /// Run simulated vLLM pods.
     Sim(kvgate::sim::SimArgs),
     /// Compare routing policies on the evaluation workloads (virtual time or live).
@@ -23,6 +25,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => kvgate::serve::run(&args).map_err(|e| e.to_string()),
+        Command::Inspect(args) => kvgate::inspect::run(&args).map_err(|e| e.to_string()),
         Command::Sim(args) => kvgate::sim::run(&args).map_err(|e| e.to_string()),
         Command::Bench(args) => kvgate::bench::run(&args).map_err(|e| e.to_string()),
     };

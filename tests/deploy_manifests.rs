@@ -1,13 +1,19 @@
 //! The manifests under deploy/: rendered with `kubectl kustomize` (offline), validated strictly
 //! against the Kubernetes 1.33 OpenAPI schemas (the API version kvgate's k8s-openapi feature
 //! targets) with the `kubernetes-validate` package, then checked for what schemas cannot see:
-//! selectors that match, probes on the admin port, least-privilege RBAC, and a kvgate config
-//! that agrees with the vLLM fleet it fronts.
+//! selectors that match, probes on the admin port, least-privilege RBAC, a kvgate config that
+//! kvgate itself accepts, and one that agrees with the vLLM fleet it fronts.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
+use kvgate::config::{Config, EventsMode, LogFormat};
 use kvgate::discovery::{DiscoveryConfig, PortRef};
+use kvgate::index::{BlockIndex, IndexConfig};
+use kvgate::plugins::PluginContext;
+use kvgate::scheduler::ModelScheduler;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -153,7 +159,8 @@ fn kvgate_deployment_is_highly_available_and_locked_down() {
         .iter()
         .filter_map(|p| p["containerPort"].as_u64())
         .collect();
-    assert_eq!(ports, [8080, 9090, 5557]);
+    // No events port: in connect mode kvgate dials the pods, nothing dials kvgate.
+    assert_eq!(ports, [8080, 9090]);
 
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(kvgate["securityContext"]["readOnlyRootFilesystem"], true);
@@ -199,11 +206,11 @@ fn services_and_budget_select_the_kvgate_pods() {
         &labels
     ));
 
-    for (name, kind, port) in [
+    let services = [
         ("kvgate", "LoadBalancer", 8080),
-        ("kvgate-events", "ClusterIP", 5557),
         ("kvgate-admin", "ClusterIP", 9090),
-    ] {
+    ];
+    for (name, kind, port) in services {
         let service = find(&docs, "Service", name);
         assert_eq!(service["spec"]["type"], kind, "{name}");
         assert!(
@@ -218,6 +225,17 @@ fn services_and_budget_select_the_kvgate_pods() {
             "{name} targetPort"
         );
     }
+    // A Service in front of kvgate's events would spread pods' connections over the replicas,
+    // so each replica would see only some pods' events: connect mode needs none.
+    let fronting: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service" && selector_matches(&d["spec"]["selector"], &labels))
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(fronting, services.map(|(name, _, _)| name));
+    assert!(!docs
+        .iter()
+        .any(|d| d["kind"] == "Service" && d["metadata"]["name"] == "kvgate-events"));
     let budget = find(&docs, "PodDisruptionBudget", "kvgate");
     assert!(selector_matches(
         &budget["spec"]["selector"]["matchLabels"],
@@ -277,21 +295,76 @@ fn rbac_is_read_only_on_what_discovery_watches() {
     );
 }
 
-#[test]
-fn kvgate_config_agrees_with_the_vllm_fleet() {
-    let docs = rendered();
-    let kvgate_deployment = find(&docs, "Deployment", "kvgate");
+/// The kvgate.yaml that the kvgate pods mount, as rendered into their ConfigMap.
+fn mounted_config(docs: &[Value]) -> &str {
+    let kvgate_deployment = find(docs, "Deployment", "kvgate");
     let config_map_name = kvgate_deployment["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .and_then(|vs| vs.iter().find_map(|v| v["configMap"]["name"].as_str()))
         .expect("config volume");
-    let config_map = find(&docs, "ConfigMap", config_map_name);
-    let config: Value = yaml_serde::from_str(
-        config_map["data"]["kvgate.yaml"]
-            .as_str()
-            .expect("kvgate.yaml"),
-    )
-    .expect("kvgate.yaml is YAML");
+    let mount_dir = container(kvgate_deployment, "kvgate")["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "config"))
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("config mount");
+    assert_eq!(
+        arg_after(container(kvgate_deployment, "kvgate"), "--config"),
+        format!("{mount_dir}/kvgate.yaml")
+    );
+    find(docs, "ConfigMap", config_map_name)["data"]["kvgate.yaml"]
+        .as_str()
+        .expect("kvgate.yaml")
+}
+
+#[test]
+fn deploy_config_is_a_valid_kvgate_config() {
+    let docs = rendered();
+    let text = mounted_config(&docs);
+    // Its paths are absolute (/models/...), so `load`'s path resolution would change nothing.
+    let config = Config::parse(text).expect("kvgate.yaml parses as kvgate's Config");
+    config.validate().expect("kvgate.yaml is valid");
+
+    // Reachable from the Services and the kubelet's probes, not only from inside the pod.
+    let any_interface = |addr: SocketAddr| addr.ip().is_unspecified();
+    assert!(any_interface(config.server.listen) && config.server.listen.port() == 8080);
+    assert!(any_interface(config.server.admin) && config.server.admin.port() == 9090);
+    assert_eq!(config.events.mode, EventsMode::Connect);
+    assert_eq!(config.logging.format, LogFormat::Json);
+
+    // Every profile builds with kvgate's own plugin registry.
+    let model = &config.models[0];
+    assert_eq!(model.profile, "default");
+    let ctx = PluginContext {
+        index: Arc::new(BlockIndex::new(IndexConfig {
+            budget_bytes: 16 << 20,
+            shards: 4,
+        })),
+        block_size: model.block_size,
+        pod_kv_blocks: model.pod_kv_blocks,
+    };
+    let scheduler = ModelScheduler::build(&config.profiles, &model.profile, &ctx)
+        .expect("every profile builds");
+    assert_eq!(
+        scheduler.profile_names().collect::<Vec<_>>(),
+        ["approximate", "default"]
+    );
+    let default = &config.profiles["default"];
+    let scorers: Vec<(&str, f64)> = default
+        .scorers
+        .iter()
+        .map(|s| (s.name.as_str(), s.weight))
+        .collect();
+    assert_eq!(scorers, [("kv-cache", 2.0), ("load", 1.0)]);
+    assert_eq!(default.filters[0].name, "healthy");
+    assert_eq!(default.picker.name, "max-score");
+}
+
+#[test]
+fn kvgate_config_agrees_with_the_vllm_fleet() {
+    let docs = rendered();
+    let kvgate_deployment = find(&docs, "Deployment", "kvgate");
+    let text = mounted_config(&docs);
+    let config: Value = yaml_serde::from_str(text).expect("kvgate.yaml is YAML");
     let model = &config["models"][0];
     let model_name = model["name"].as_str().expect("model name");
 
@@ -340,32 +413,44 @@ fn kvgate_config_agrees_with_the_vllm_fleet() {
         Some(format!("v{}", model["vllmRelease"].as_str().expect("release")).as_str())
     );
 
-    // Events: the pods connect to kvgate's bound SUB through the events Service, topic per pod IP.
+    // Events in connect mode: each pod binds its PUB and replay ROUTER on the ports discovery
+    // hands every kvgate replica, topic per pod IP.
     let events: Value = serde_json::from_str(arg_after(engine, "--kv-events-config"))
         .expect("--kv-events-config is JSON");
     assert_eq!(events["enable_kv_cache_events"], true);
     assert_eq!(events["publisher"], "zmq");
     assert_eq!(events["topic"], format!("kv@$(POD_IP)@{model_name}"));
+    assert!(events["topic"].as_str().expect("topic").starts_with(
+        config["events"]["topicPrefix"]
+            .as_str()
+            .expect("topicPrefix")
+    ));
     assert_eq!(
         env(engine, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
         "status.podIP"
     );
-    let events_service = find(&docs, "Service", "kvgate-events");
-    let events_port = &events_service["spec"]["ports"][0]["port"];
+    assert_eq!(config["events"]["mode"], "connect");
+    assert_eq!(config["events"]["replay"], true);
+    let events_port = kube.events_port.expect("discovery eventsPort");
+    let replay_port = kube.replay_port.expect("discovery replayPort");
+    assert_ne!(events_port, replay_port);
+    assert_ne!(events_port, port);
+    assert_ne!(replay_port, port);
+    // A `*` host makes vLLM bind (a host name would make it connect out).
+    assert_eq!(events["endpoint"], format!("tcp://*:{events_port}"));
+    assert_eq!(events["replay_endpoint"], format!("tcp://*:{replay_port}"));
     assert_eq!(
-        events["endpoint"],
-        format!(
-            "tcp://kvgate-events.{}.svc:{events_port}",
-            events_service["metadata"]["namespace"]
-                .as_str()
-                .expect("ns")
-        )
+        resolve_port(engine, &Value::from("kv-events")),
+        u64::from(events_port)
     );
-    assert_eq!(config["events"]["mode"], "bind");
-    assert!(config["events"]["bind"]
-        .as_str()
-        .expect("bind")
-        .ends_with(&format!(":{events_port}")));
+    assert_eq!(
+        resolve_port(engine, &Value::from("kv-replay")),
+        u64::from(replay_port)
+    );
+    assert!(
+        config["events"].get("bind").is_none(),
+        "events.bind is unused in connect mode"
+    );
     assert!(engine["args"]
         .as_array()
         .expect("args")

@@ -5,6 +5,7 @@
 //! Needs `python3` with `transformers` (tests/requirements.txt) and the Qwen3
 //! tokenizer in `.tokenizers/qwen3` (`.ci/setup`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -18,6 +19,8 @@ struct CorpusEntry<'a> {
     endpoint: String,
     #[serde(borrow)]
     body: &'a RawValue,
+    /// A test template from tests/parity/templates instead of the model's own.
+    template: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -105,12 +108,18 @@ fn token_parity_with_transformers() {
     assert_eq!(corpus.len(), references.len());
     assert!(corpus.len() >= 200, "corpus too small: {}", corpus.len());
 
-    let model = ModelTokenizer::load(
-        &tokenizer_dir.join("tokenizer.json"),
-        Some(&tokenizer_dir.join("tokenizer_config.json")),
-        None,
-    )
-    .unwrap();
+    let load = |template: Option<&str>| {
+        let template =
+            template.map(|name| manifest_dir().join("tests/parity/templates").join(name));
+        ModelTokenizer::load(
+            &tokenizer_dir.join("tokenizer.json"),
+            Some(&tokenizer_dir.join("tokenizer_config.json")),
+            template.as_deref(),
+        )
+        .unwrap()
+    };
+    let model = load(None);
+    let mut with_test_templates: HashMap<String, ModelTokenizer> = HashMap::new();
 
     let mut identical = 0;
     let mut failures = Vec::new();
@@ -119,6 +128,12 @@ fn token_parity_with_transformers() {
         let endpoint = match entry.endpoint.as_str() {
             "chat" => Endpoint::ChatCompletions,
             _ => Endpoint::Completions,
+        };
+        let model = match &entry.template {
+            None => &model,
+            Some(name) => with_test_templates
+                .entry(name.clone())
+                .or_insert_with(|| load(Some(name))),
         };
         let outcome = parse_request(endpoint, entry.body.get().as_bytes())
             .map_err(|e| e.to_string())

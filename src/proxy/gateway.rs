@@ -220,11 +220,7 @@ fn build_state(
                 adapter.name.clone(),
                 Route {
                     model: Arc::clone(&runtime),
-                    lora: Some(LoraKey {
-                        name: adapter.name.clone(),
-                        int_id: adapter.int_id,
-                        path: adapter.path.clone(),
-                    }),
+                    lora: Some(adapter.hash_key()),
                     scope: scopes.get(&model.name, Some(&adapter.name)),
                 },
             );

@@ -147,8 +147,11 @@ impl SegmentCache {
 
 /// Pre-tokenized word → token ids. Words repeat heavily within and across
 /// documents, so this spares most calls into the model even on new text.
+/// One shard of the word cache: word → ids.
+type WordShard = HashTable<(Box<str>, Box<[u32]>)>;
+
 pub(crate) struct WordCache {
-    shards: Box<[RwLock<HashTable<(Box<str>, Box<[u32]>)>>]>,
+    shards: Box<[RwLock<WordShard>]>,
     shard_entries: usize,
     hasher: DefaultHashBuilder,
 }
@@ -169,7 +172,7 @@ impl WordCache {
         self.hasher.hash_one(word)
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<HashTable<(Box<str>, Box<[u32]>)>> {
+    fn shard(&self, hash: u64) -> &RwLock<WordShard> {
         &self.shards[(hash >> 60) as usize % SHARDS]
     }
 

@@ -240,6 +240,11 @@ impl ModelTokenizer {
         self.tokenizer.cache_held_tokens()
     }
 
+    /// Empties the segment cache; words seen before stay cached.
+    pub fn clear_segment_cache(&self) {
+        self.tokenizer.clear_segment_cache();
+    }
+
     /// Empties the segment and word caches.
     pub fn clear_caches(&self) {
         self.tokenizer.clear_caches();
@@ -375,6 +380,51 @@ mod tests {
             model.tokens(&out_of_range),
             Err(TokenizeError::TokenIdOutOfRange { param, id: 4_000_000, .. }) if param == "prompt[1]"
         ));
+    }
+
+    #[test]
+    fn concurrent_requests_share_the_caches() {
+        let model = qwen();
+        let turns: Vec<String> = (0..6)
+            .map(|i| {
+                format!("Turn {i}: the quick brown fox {i} jumps over the lazy dog. ünïcödé 日本語")
+            })
+            .collect();
+        let bodies: Vec<Vec<u8>> = (1..=turns.len())
+            .map(|n| {
+                let messages: Vec<serde_json::Value> = turns[..n]
+                    .iter()
+                    .map(|t| serde_json::json!({"role": "user", "content": t}))
+                    .collect();
+                serde_json::to_vec(&serde_json::json!({"model": "m", "messages": messages}))
+                    .unwrap()
+            })
+            .collect();
+        let expected: Vec<Vec<u32>> = bodies
+            .iter()
+            .map(|body| {
+                let request = parse_request(Endpoint::ChatCompletions, body).unwrap();
+                let prompt = model.render(&request).unwrap().unwrap();
+                model.encode_text_uncached(&prompt, false).unwrap()
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for worker in 0..4 {
+                let (model, bodies, expected) = (&model, &bodies, &expected);
+                scope.spawn(move || {
+                    for round in 0..3 {
+                        for (i, body) in bodies.iter().enumerate().rev().skip((worker + round) % 2)
+                        {
+                            let request = parse_request(Endpoint::ChatCompletions, body).unwrap();
+                            assert_eq!(model.tokens(&request).unwrap(), expected[i]);
+                        }
+                    }
+                });
+            }
+        });
+        let (hits, _) = model.cache_stats();
+        assert!(hits > 0);
+        assert!(model.cache_held_tokens() > 0);
     }
 
     #[test]

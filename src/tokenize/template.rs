@@ -98,6 +98,8 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("tojson", tojson);
         env.add_filter("string", python_string);
+        env.add_filter("truncate", truncate);
+        env.add_filter("wordcount", wordcount);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_formatter(|out, _state, value| {
@@ -307,7 +309,10 @@ fn message_entries(message: &ChatMessage, format: ContentFormat) -> Vec<(&'stati
 
 fn content_value(message: &ChatMessage, format: ContentFormat) -> Value {
     match format {
-        ContentFormat::String => Value::from(joined_text(&message.content)),
+        ContentFormat::String => match &message.content {
+            MessageContent::Text(text) => Value::from(text.as_str()),
+            other => Value::from(joined_text(other)),
+        },
         ContentFormat::OpenAi => {
             let parts: Vec<Value> = match &message.content {
                 MessageContent::Absent => Vec::new(),
@@ -542,6 +547,69 @@ fn python_string(value: &Value) -> String {
     out
 }
 
+/// Jinja2's `truncate(s, length=255, killwords=False, end='...', leeway=5)`, in characters.
+fn truncate(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Error> {
+    let names = ["length", "killwords", "end", "leeway"];
+    if args.len() > names.len() {
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "truncate takes at most 4 arguments",
+        ));
+    }
+    let mut given: [Option<Value>; 4] = Default::default();
+    for (slot, arg) in given.iter_mut().zip(args.iter()) {
+        *slot = Some(arg.clone());
+    }
+    for (slot, name) in given.iter_mut().zip(names) {
+        if kwargs.has(name) {
+            *slot = Some(kwargs.get::<Value>(name)?);
+        }
+    }
+    kwargs.assert_all_used()?;
+    let [length, killwords, end, leeway] = given;
+    let int = |v: Option<Value>, default: i64| -> Result<i64, Error> {
+        match v {
+            None => Ok(default),
+            Some(v) => i64::try_from(v),
+        }
+    };
+    let length = int(length, 255)?;
+    let leeway = int(leeway, 5)?;
+    let end = match end {
+        None => "...".to_owned(),
+        Some(v) => python_string(&v),
+    };
+    let end_len = end.chars().count() as i64;
+    if length < end_len || leeway < 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("expected length >= {end_len} and leeway >= 0, got {length} and {leeway}"),
+        ));
+    }
+    let text = python_string(value);
+    let chars = text.chars().count() as i64;
+    if chars <= length + leeway {
+        return Ok(text);
+    }
+    let keep: String = text.chars().take((length - end_len) as usize).collect();
+    if killwords.is_some_and(|v| v.is_true()) {
+        return Ok(keep + &end);
+    }
+    let kept = match keep.rsplit_once(' ') {
+        Some((before, _)) => before.to_owned(),
+        None => keep,
+    };
+    Ok(kept + &end)
+}
+
+/// Jinja2's `wordcount`: runs of word characters (`\w`: alphanumerics and `_`).
+fn wordcount(value: &Value) -> usize {
+    let text = python_string(value);
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|word| !word.is_empty())
+        .count()
+}
+
 fn raise_exception(message: &Value) -> Result<Value, Error> {
     let text = python_string(message);
     Err(Error::new(ErrorKind::InvalidOperation, text.clone()).with_source(RaisedByTemplate(text)))
@@ -697,7 +765,7 @@ fn split_keyword<'a>(text: &'a str, keyword: &str) -> Option<(&'a str, &'a str)>
             (None, b'\'' | b'"') => quote = Some(b),
             (None, b'(' | b'[' | b'{') => depth += 1,
             (None, b')' | b']' | b'}') => depth -= 1,
-            (None, _) if depth == 0 && text[i..].starts_with(keyword) => {
+            (None, _) if depth == 0 && bytes[i..].starts_with(keyword.as_bytes()) => {
                 let before = i == 0 || bytes[i - 1].is_ascii_whitespace();
                 let after = bytes
                     .get(i + keyword.len())
@@ -904,6 +972,12 @@ mod tests {
                 "{% for m in other %}{% for c in m.content %}{% endfor %}{% endfor %}"
             ),
             ContentFormat::String
+        );
+        assert_eq!(
+            detect_content_format(
+                "{% set é = 'ü' %}{% set ü = messages %}{% for m in ü %}{% for c in m.content %}{% endfor %}{% endfor %}"
+            ),
+            ContentFormat::OpenAi
         );
     }
 

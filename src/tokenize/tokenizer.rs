@@ -128,6 +128,10 @@ impl TextTokenizer {
         self.segments.held_tokens()
     }
 
+    pub(crate) fn clear_segment_cache(&self) {
+        self.segments.clear();
+    }
+
     pub(crate) fn clear_caches(&self) {
         self.segments.clear();
         if let Some(words) = &self.words {

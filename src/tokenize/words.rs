@@ -25,7 +25,7 @@ use super::cache::WordCache;
 type TkResult<T> = tokenizers::Result<T>;
 
 /// How the normalizer is applied to a piece.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum NormalizerUse {
     None,
     /// NFC/NFD/NFKC/NFKD: ASCII text is already normal, and the text can be
@@ -33,7 +33,30 @@ enum NormalizerUse {
     /// canonical composition has an ASCII character as its second element
     /// and ASCII characters have combining class 0.
     UnicodeForm,
+    /// NFC, which also leaves runs of [`nfc_inert`] characters as they are.
+    Nfc,
     Other,
+}
+
+/// Characters that NFC leaves alone wherever they stand between ASCII text:
+/// canonical combining class 0, NFC quick-check "Yes" (nothing composes onto
+/// them from behind, they decompose to nothing else). Latin-1 and Latin
+/// Extended-A/B letters, general punctuation after the two quads, CJK
+/// symbols, kana, CJK ideographs, Hangul syllables, variation selectors,
+/// fullwidth forms and emoji. Checked against the tokenizer's NFC in tests.
+fn nfc_inert(c: char) -> bool {
+    matches!(c,
+        '\u{a0}'..='\u{24f}'
+        | '\u{2002}'..='\u{205e}'
+        | '\u{3000}'..='\u{3029}'
+        | '\u{3030}'..='\u{303f}'
+        | '\u{3041}'..='\u{3096}'
+        | '\u{30a1}'..='\u{30fa}'
+        | '\u{4e00}'..='\u{9fff}'
+        | '\u{ac00}'..='\u{d7a3}'
+        | '\u{fe00}'..='\u{fe0f}'
+        | '\u{ff01}'..='\u{ffef}'
+        | '\u{1f300}'..='\u{1faff}')
 }
 
 /// What happens to each word after the regex splits.
@@ -89,11 +112,9 @@ impl WordEncoder {
         }
         let normalizer = match tokenizer.get_normalizer() {
             None => NormalizerUse::None,
+            Some(NormalizerWrapper::NFC(_)) => NormalizerUse::Nfc,
             Some(
-                NormalizerWrapper::NFC(_)
-                | NormalizerWrapper::NFD(_)
-                | NormalizerWrapper::NFKC(_)
-                | NormalizerWrapper::NFKD(_),
+                NormalizerWrapper::NFD(_) | NormalizerWrapper::NFKC(_) | NormalizerWrapper::NFKD(_),
             ) => NormalizerUse::UnicodeForm,
             Some(_) => NormalizerUse::Other,
         };
@@ -163,14 +184,19 @@ impl WordEncoder {
             self.cache.insert(hash, word, &ids_scratch);
             Ok(())
         };
+        // Split offsets come from the regex engine; a bad one is an error, not a panic.
+        let word_at = |start: usize, end: usize| -> TkResult<&str> {
+            text.get(start..end)
+                .ok_or_else(|| format!("split regex gave {start}..{end}, not a text range").into())
+        };
         match self.splits.as_slice() {
-            [single] => for_each_split(single, text, 0, &mut |s, e| encode_word(&text[s..e])),
+            [single] => for_each_split(single, text, 0, &mut |s, e| encode_word(word_at(s, e)?)),
             chain => {
                 let mut ranges = vec![(0, text.len())];
                 for split in chain {
                     let mut next = Vec::with_capacity(ranges.len() * 2);
                     for (start, end) in ranges {
-                        for_each_split(split, &text[start..end], start, &mut |s, e| {
+                        for_each_split(split, word_at(start, end)?, start, &mut |s, e| {
                             next.push((s, e));
                             Ok(())
                         })?;
@@ -179,7 +205,7 @@ impl WordEncoder {
                 }
                 ranges
                     .into_iter()
-                    .try_for_each(|(s, e)| encode_word(&text[s..e]))
+                    .try_for_each(|(s, e)| encode_word(word_at(s, e)?))
             }
         }
     }
@@ -188,10 +214,16 @@ impl WordEncoder {
         let Some(normalizer) = tokenizer.get_normalizer() else {
             return Ok(Cow::Borrowed(text));
         };
+        let nfc = self.normalizer == NormalizerUse::Nfc;
         match self.normalizer {
             NormalizerUse::None => Ok(Cow::Borrowed(text)),
-            NormalizerUse::UnicodeForm if text.is_ascii() => Ok(Cow::Borrowed(text)),
-            NormalizerUse::UnicodeForm => {
+            NormalizerUse::UnicodeForm | NormalizerUse::Nfc if text.is_ascii() => {
+                Ok(Cow::Borrowed(text))
+            }
+            NormalizerUse::Nfc if text.chars().all(|c| c.is_ascii() || nfc_inert(c)) => {
+                Ok(Cow::Borrowed(text))
+            }
+            NormalizerUse::UnicodeForm | NormalizerUse::Nfc => {
                 let bytes = text.as_bytes();
                 let mut out = String::with_capacity(text.len());
                 let mut copied = 0;
@@ -201,12 +233,16 @@ impl WordEncoder {
                         i += 1;
                         continue;
                     }
-                    // The preceding ASCII character may compose with the run.
-                    let chunk_start = if i > copied { i - 1 } else { i };
                     let mut run_end = i;
                     while run_end < bytes.len() && !bytes[run_end].is_ascii() {
                         run_end += 1;
                     }
+                    if nfc && text[i..run_end].chars().all(nfc_inert) {
+                        i = run_end;
+                        continue;
+                    }
+                    // The preceding ASCII character may compose with the run.
+                    let chunk_start = if i > copied { i - 1 } else { i };
                     out.push_str(&text[copied..chunk_start]);
                     out.push_str(&normalize_all(normalizer, &text[chunk_start..run_end])?);
                     copied = run_end;
@@ -322,4 +358,50 @@ fn byte_table(byte_level: &ByteLevel) -> Option<Box<[char; 256]>> {
     // Only C0, C1 and F5..FF never occur in UTF-8.
     let missing = (0..256).filter(|&b| !known[b]).count();
     (missing == 13).then_some(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::normalizers::unicode::NFC;
+
+    fn nfc(text: &str) -> String {
+        normalize_all(&NormalizerWrapper::NFC(NFC), text).unwrap()
+    }
+
+    #[test]
+    fn nfc_inert_characters_are_left_alone_by_nfc() {
+        let inert: Vec<char> = (0u32..0x110000)
+            .filter_map(char::from_u32)
+            .filter(|c| nfc_inert(*c))
+            .collect();
+        // Each one on its own, and behind a combining mark (a character with a
+        // nonzero combining class before it would be reordered past it).
+        let alone: String = inert.iter().flat_map(|c| [*c, ' ']).collect();
+        assert_eq!(nfc(&alone), alone);
+        let behind_mark: String = inert.iter().flat_map(|c| ['\u{301}', *c, ' ']).collect();
+        assert_eq!(nfc(&behind_mark), behind_mark);
+    }
+
+    #[test]
+    fn chunked_normalization_equals_whole_normalization() {
+        let tokenizer = Tokenizer::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/.tokenizers/qwen3/tokenizer.json"
+        ))
+        .expect("run .ci/setup to fetch the Qwen3 tokenizer");
+        let encoder = WordEncoder::new(&tokenizer, 1024).unwrap();
+        assert_eq!(encoder.normalizer, NormalizerUse::Nfc);
+        for text in [
+            "plain ascii",
+            "Cádiz e\u{301} a\u{308}\u{323} 한국어 \u{1100}\u{1161}\u{11a8} ﬁ Å \u{212b} \u{2000}x",
+            "\u{301}leading mark, é\u{301}, 日本語\u{3099}カ\u{3099}",
+        ] {
+            assert_eq!(
+                encoder.normalize(&tokenizer, text).unwrap(),
+                nfc(text),
+                "{text:?}"
+            );
+        }
+    }
 }

@@ -284,6 +284,49 @@ def random_fuzz(rng, out):
             out.append(chat(messages, **extra))
 
 
+def custom_templates(rng, out):
+    """Requests rendered with the test templates in templates/ instead of Qwen3's."""
+    def add(template, messages, **extra):
+        endpoint, body = chat(messages, **extra)
+        out.append((endpoint, body, template))
+
+    for i in range(24):
+        messages = []
+        if i % 3 == 0:
+            messages.append({"role": "system", "content": "  " + text(rng) + "  "})
+        for turn in range(rng.randint(1, 8)):
+            messages.append({"role": "user", "content": pick(rng, [text(rng), "!" + text(rng), "a secret " + text(rng)])})
+            answer = {"role": "assistant", "content": text(rng)}
+            if rng.random() < 0.3:
+                answer["tool_calls"] = [tool_call(rng, f"t{i}_{turn}", as_dict_chance=0.5)]
+            if rng.random() < 0.2:
+                answer["reasoning_content"] = text(rng)
+            if rng.random() < 0.2:
+                answer["name"] = "helper"
+            messages.append(answer)
+            if "tool_calls" in answer and rng.random() < 0.7:
+                messages.append({"role": "tool", "tool_call_id": answer["tool_calls"][0]["id"], "content": text(rng)})
+        messages.append({"role": "user", "content": text(rng)})
+        extra = {}
+        if i % 2 == 0:
+            extra["tools"] = rng.sample(TOOLS, rng.randint(1, 3))
+        if i % 5 == 0:
+            extra["documents"] = [{"title": "First", "text": "A document body that is longer than twenty characters."},
+                                  {"text": "untitled and short"}]
+        if i % 7 == 0:
+            extra["add_generation_prompt"] = False
+        add("features.jinja", messages, **extra)
+    add("features.jinja", [{"role": "developer", "content": "raises"}, {"role": "user", "content": "x"}])
+    add("features.jinja", [{"role": "user", "content": ""}])
+    for parts in ([{"type": "text", "text": "a"}, {"type": "text", "text": ""}, "bare"],
+                  [{"type": "text", "text": "x"}, {"type": "tool_reference", "name": "search"}], [], "plain string"):
+        add("parts.jinja", [{"role": "system", "content": "s"}, {"role": "user", "content": parts},
+                            {"role": "tool", "content": parts, "tool_call_id": "c"},
+                            {"role": "assistant", "content": None}])
+    add("parts.jinja", [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text", "text": "partial"}]}],
+        add_generation_prompt=False, continue_final_message=True)
+
+
 def errors(out):
     user = [{"role": "user", "content": "x"}]
     out.append(chat([{"role": "user", "content": [{"type": "text", "text": "look"},
@@ -315,7 +358,13 @@ def main():
     completions(rng, requests)
     random_fuzz(rng, requests)
     errors(requests)
-    corpus = [{"id": i, "endpoint": endpoint, "body": body} for i, (endpoint, body) in enumerate(requests)]
+    custom_templates(rng, requests)
+    corpus = []
+    for i, (endpoint, body, *template) in enumerate(requests):
+        entry = {"id": i, "endpoint": endpoint, "body": body}
+        if template:
+            entry["template"] = template[0]
+        corpus.append(entry)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(corpus, f, ensure_ascii=False)
 

@@ -196,7 +196,7 @@ def postprocess(conversation):
                 call["function"]["arguments"] = {}
 
 
-def chat_tokens(tok, body):
+def chat_tokens(tok, body, template_source=None):
     if not isinstance(body.get("model"), str):
         raise RequestRejected("model")
     messages = body.get("messages")
@@ -209,7 +209,7 @@ def chat_tokens(tok, body):
     tools = body.get("tools")
     if tools is not None:
         tools = [ChatCompletionToolsParam.model_validate(t).model_dump() for t in tools]
-    template = tok.get_chat_template(None, tools=tools)
+    template = template_source or tok.get_chat_template(None, tools=tools)
     fmt = content_format(template)
     conversation = [parse_message(m, fmt) for m in messages]
     postprocess(conversation)
@@ -268,7 +268,12 @@ def main():
         body = json.loads(json.dumps(request["body"]))
         try:
             if request["endpoint"] == "chat":
-                text, ids = chat_tokens(tok, body)
+                template = None
+                if "template" in request:
+                    with open(os.path.join(os.path.dirname(__file__), "templates", request["template"]),
+                              encoding="utf-8") as f:
+                        template = f.read()
+                text, ids = chat_tokens(tok, body, template)
             else:
                 text, ids = completion_tokens(tok, body)
             results.append({"id": request["id"], "text": text, "tokens": list(ids)})
