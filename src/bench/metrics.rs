@@ -19,8 +19,8 @@ pub struct RequestRecord {
     pub cached_tokens: u32,
     pub output_tokens: u32,
     /// Prompt tokens some pod held when the request arrived beyond what its pod reused:
-    /// prefill wasted by the routing decision (virtual runs only; 0 live).
-    pub missed_tokens: u32,
+    /// prefill wasted by the routing decision. Known in virtual time only.
+    pub missed_tokens: Option<u32>,
     pub preemptions: u32,
 }
 
@@ -82,8 +82,8 @@ pub struct Figures {
     pub tpot_p99_ms: Option<f64>,
     pub e2e_p99_s: Option<f64>,
     /// Missed reuse: prompt tokens cached on some pod at arrival but recomputed, as a
-    /// fraction of prompt tokens.
-    pub wasted_prefill: f64,
+    /// fraction of prompt tokens (virtual runs only).
+    pub wasted_prefill: Option<f64>,
     pub preemptions: u64,
 }
 
@@ -91,14 +91,14 @@ impl Figures {
     fn of<'a>(records: impl Iterator<Item = &'a RequestRecord> + Clone) -> Self {
         let mut prompt = 0u64;
         let mut cached = 0u64;
-        let mut missed = 0u64;
+        let mut missed = Some(0u64);
         let mut preemptions = 0u64;
         let mut requests = 0;
         for r in records.clone() {
             requests += 1;
             prompt += u64::from(r.prompt_tokens);
             cached += u64::from(r.cached_tokens);
-            missed += u64::from(r.missed_tokens);
+            missed = missed.zip(r.missed_tokens).map(|(a, b)| a + u64::from(b));
             preemptions += u64::from(r.preemptions);
         }
         let ttft = sorted(records.clone().map(|r| r.ttft_ms / 1e3));
@@ -121,7 +121,7 @@ impl Figures {
             tpot_p50_ms: percentile(&tpot, 50.0),
             tpot_p99_ms: percentile(&tpot, 99.0),
             e2e_p99_s: percentile(&e2e, 99.0),
-            wasted_prefill: ratio(missed),
+            wasted_prefill: missed.map(ratio),
             preemptions,
         }
     }

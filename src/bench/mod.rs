@@ -6,13 +6,18 @@
 //! ([`metrics`]) and the output ([`report`]): a markdown table on stdout, and JSON, the
 //! same markdown and SVG plots in the output directory.
 
+pub mod demo;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod report;
 pub mod virtual_time;
 pub mod workload;
 
+pub use self::demo::DemoArgs;
+
 use std::io::{IsTerminal, Write as _};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -23,6 +28,7 @@ use crate::hash::{BlockHasher, HashConfigError};
 use crate::index::IndexConfig;
 use crate::sim::PodParams;
 
+use self::live::{LiveError, LiveSetup};
 use self::metrics::RunData;
 use self::policy::{PolicyError, PolicySpec};
 use self::report::{BenchReport, ReportError, SegmentReport};
@@ -150,6 +156,21 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Live mode: the running gateway's base URL (e.g. http://127.0.0.1:8080). Requests
+    /// go through it to its pods; each policy is selected with the profile header.
+    #[arg(long)]
+    pub live: Option<String>,
+    /// Live mode: the pods' HTTP addresses, comma-separated, for cache resets and request
+    /// counts (default: the model's static pods in the config).
+    #[arg(long, value_delimiter = ',')]
+    pub pod_addrs: Vec<SocketAddr>,
+    /// Live mode: wall seconds per workload second, as the pods run (`kvgate sim
+    /// --time-scale`); reported times are in workload seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Live mode: most requests in flight at once.
+    #[arg(long, default_value_t = 512)]
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +191,14 @@ pub enum BenchError {
     Sim {
         policy: String,
         segment: String,
-        source: SimError,
+        source: Box<SimError>,
     },
     #[error(transparent)]
     Report(#[from] ReportError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error("starting the HTTP client runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -377,14 +402,141 @@ pub fn evaluate(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     let ctx = load_context(args)?;
     let policies = policies(args, &ctx)?;
     let started = Instant::now();
-    let workload = build_workload(args, &ctx, false)?;
+    let workload = build_workload(args, &ctx, args.live.is_some())?;
     tracing::info!(
         workload = %workload.name,
         requests = workload.request_count(),
         seconds = started.elapsed().as_secs_f64(),
         "workload built"
     );
-    run_virtual(args, &ctx, &workload, &policies)
+    match &args.live {
+        Some(gateway) => {
+            let setup = live_setup(args, &ctx, gateway)?;
+            let profiles: Vec<&str> = ctx.config.profiles.keys().map(String::as_str).collect();
+            for policy in &policies {
+                live::check_live(policy, &profiles)?;
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(BenchError::Runtime)?;
+            let mut bar = ProgressBar::new(workload.request_count() * policies.len(), args.quiet);
+            let segments = runtime.block_on(run_live(&setup, &workload, &policies, &mut bar))?;
+            Ok(report_of(
+                args, &ctx, &workload, &policies, segments, "live",
+            ))
+        }
+        None => {
+            let segments = run_virtual(args, &ctx, &workload, &policies)?;
+            Ok(report_of(
+                args, &ctx, &workload, &policies, segments, "virtual",
+            ))
+        }
+    }
+}
+
+fn live_setup(args: &BenchArgs, ctx: &Context, gateway: &str) -> Result<LiveSetup, BenchError> {
+    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+        return Err(BenchError::Usage("--time-scale must be > 0".into()));
+    }
+    let pods = if args.pod_addrs.is_empty() {
+        match &ctx.model.discovery {
+            crate::discovery::DiscoveryConfig::Static { pods } => {
+                pods.iter().map(|p| p.http).collect()
+            }
+            crate::discovery::DiscoveryConfig::Kubernetes(_) => {
+                return Err(BenchError::Usage(
+                    "the model's pods come from Kubernetes: name them with --pod-addrs".into(),
+                ))
+            }
+        }
+    } else {
+        args.pod_addrs.clone()
+    };
+    Ok(LiveSetup {
+        gateway: gateway.trim_end_matches('/').to_string(),
+        pods,
+        model: ctx.model.name.clone(),
+        profile_header: ctx.config.server.profile_header.clone(),
+        time_scale: args.time_scale,
+        max_in_flight: args.max_in_flight,
+    })
+}
+
+/// Runs every policy on every segment through the gateway, one after the other.
+pub async fn run_live(
+    setup: &LiveSetup,
+    workload: &Workload,
+    policies: &[PolicySpec],
+    bar: &mut ProgressBar,
+) -> Result<Vec<Vec<RunData>>, LiveError> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(setup.max_in_flight.max(1))
+        .build()
+        .map_err(|e| LiveError::Http {
+            url: setup.gateway.clone(),
+            message: e.to_string(),
+        })?;
+    let progress = AtomicUsize::new(0);
+    let mut runs = Vec::with_capacity(workload.segments.len());
+    for segment in &workload.segments {
+        let mut segment_runs = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let label = if workload.segments.len() > 1 {
+                format!("{} {}", policy.name, segment.label)
+            } else {
+                policy.name.clone()
+            };
+            let run = live::run_policy(&client, setup, segment, policy, &progress);
+            tokio::pin!(run);
+            let data = loop {
+                tokio::select! {
+                    result = &mut run => break result?,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        bar.show(progress.load(Ordering::Relaxed), std::slice::from_ref(&label), false);
+                    }
+                }
+            };
+            segment_runs.push(data);
+        }
+        runs.push(segment_runs);
+    }
+    bar.show(progress.load(Ordering::Relaxed), &[], true);
+    Ok(runs)
+}
+
+fn report_of(
+    args: &BenchArgs,
+    ctx: &Context,
+    workload: &Workload,
+    policies: &[PolicySpec],
+    runs: Vec<Vec<RunData>>,
+    mode: &str,
+) -> BenchReport {
+    let segments = workload
+        .segments
+        .iter()
+        .zip(&runs)
+        .map(|(segment, runs)| SegmentReport::new(segment, policies, runs, args.slo_ttft_p90))
+        .collect();
+    BenchReport {
+        workload: workload.name.clone(),
+        description: workload.description.clone(),
+        mode: mode.into(),
+        pods: if mode == "live" {
+            runs.first()
+                .and_then(|r| r.first())
+                .map_or(args.pods, |r| r.pod_requests.len())
+        } else {
+            args.pods
+        },
+        model: ctx.model.name.clone(),
+        pod_params: ctx.pod_params.clone(),
+        slo_ttft_p90_s: args.slo_ttft_p90,
+        seed: args.seed,
+        segments,
+    }
 }
 
 /// `kvgate bench`: evaluates, writes the report files and prints the markdown table.
@@ -408,7 +560,7 @@ fn run_virtual(
     ctx: &Context,
     workload: &Workload,
     policies: &[PolicySpec],
-) -> Result<BenchReport, BenchError> {
+) -> Result<Vec<Vec<RunData>>, BenchError> {
     let setup = SimSetup {
         pods: args.pods,
         pod_params: ctx.pod_params.clone(),
@@ -489,31 +641,15 @@ fn run_virtual(
         let data = outcome.map_err(|source| BenchError::Sim {
             policy: policies[policy].name.clone(),
             segment: workload.segments[segment].label.clone(),
-            source,
+            source: Box::new(source),
         })?;
         runs[segment].push(data);
     }
-    let segments = workload
-        .segments
-        .iter()
-        .zip(&runs)
-        .map(|(segment, runs)| SegmentReport::new(segment, policies, runs, args.slo_ttft_p90))
-        .collect();
-    Ok(BenchReport {
-        workload: workload.name.clone(),
-        description: workload.description.clone(),
-        mode: "virtual".into(),
-        pods: args.pods,
-        model: ctx.model.name.clone(),
-        pod_params: ctx.pod_params.clone(),
-        slo_ttft_p90_s: args.slo_ttft_p90,
-        seed: args.seed,
-        segments,
-    })
+    Ok(runs)
 }
 
 /// A one-line progress bar on stderr (a line every few seconds when it is not a terminal).
-struct ProgressBar {
+pub struct ProgressBar {
     total: usize,
     started: Instant,
     terminal: bool,
@@ -522,7 +658,7 @@ struct ProgressBar {
 }
 
 impl ProgressBar {
-    fn new(total: usize, quiet: bool) -> Self {
+    pub fn new(total: usize, quiet: bool) -> Self {
         Self {
             total,
             started: Instant::now(),
@@ -532,7 +668,7 @@ impl ProgressBar {
         }
     }
 
-    fn show(&mut self, done: usize, running: &[String], finished: bool) {
+    pub fn show(&mut self, done: usize, running: &[String], finished: bool) {
         if self.quiet {
             return;
         }

@@ -218,7 +218,7 @@ pub fn markdown(report: &BenchReport) -> String {
                 percent(Some(f.hit_rate)),
                 percent(s.hit_vs_oracle),
                 percent(s.hit_vs_ceiling),
-                percent(Some(f.wasted_prefill)),
+                percent(f.wasted_prefill),
                 seconds(f.ttft_p50_s),
                 seconds(f.ttft_p90_s),
                 seconds(f.ttft_p99_s),

@@ -438,7 +438,7 @@ impl<'a> Run<'a> {
             prompt_tokens: summary.prompt_tokens,
             cached_tokens: summary.cached_tokens,
             output_tokens: summary.output_tokens,
-            missed_tokens: available_tokens.saturating_sub(summary.cached_tokens),
+            missed_tokens: Some(available_tokens.saturating_sub(summary.cached_tokens)),
             preemptions: summary.preemptions,
         });
         self.finished += 1;

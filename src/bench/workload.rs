@@ -347,6 +347,9 @@ fn ladder_arrivals(stages: &[Stage], rng: &mut StdRng) -> Vec<(f64, u32)> {
     arrivals
 }
 
+/// A distinct prompt's block keys and, for live runs, what is sent.
+type SharedPrompt = (Arc<[u64]>, Option<Arc<LivePrompt>>);
+
 /// W1 and the control: shared prefixes over a QPS ladder.
 pub fn shared_prefix(
     name: &str,
@@ -381,7 +384,7 @@ pub fn shared_prefix(
         (tokens, block_keys)
     };
     // Fixed questions: each distinct prompt is built once and shared by its requests.
-    let mut fixed: Vec<(Arc<[u64]>, Option<Arc<LivePrompt>>)> = Vec::new();
+    let mut fixed: Vec<SharedPrompt> = Vec::new();
     if !shape.fresh_questions {
         for group in 0..shape.groups {
             for question in 0..shape.prompts_per_group {
