@@ -18,6 +18,10 @@ enum Command {
     Inspect(kvgate::inspect::InspectArgs),
     /// Run simulated vLLM pods.
     Sim(kvgate::sim::SimArgs),
+    /// Compare routing policies on the evaluation workloads (virtual time or live).
+    Bench(Box<kvgate::bench::BenchArgs>),
+    /// Start simulated pods and the gateway, show a two-round chat and a live comparison.
+    Demo(kvgate::bench::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +29,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => kvgate::serve::run(&args).map_err(|e| e.to_string()),
         Command::Inspect(args) => kvgate::inspect::run(&args).map_err(|e| e.to_string()),
         Command::Sim(args) => kvgate::sim::run(&args).map_err(|e| e.to_string()),
+        Command::Bench(args) => kvgate::bench::run(&args).map_err(|e| e.to_string()),
+        Command::Demo(args) => kvgate::bench::demo::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

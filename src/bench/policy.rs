@@ -1,0 +1,235 @@
+//! The routing policies a benchmark compares, resolved to real scheduling profiles.
+//!
+//! Profiles come from the gateway's own config where it defines them (`default` or the
+//! model's profile for precise routing, `approximate`, `round-robin`), so the benchmark
+//! measures what `kvgate serve` would run; the load-only baselines have built-in profiles.
+//! A policy name may carry the event conditions of precise routing:
+//! `precise-50ms`, `precise-loss1%`, `precise-500ms-loss10%`.
+
+use crate::config::{Config, ModelConfig, ProfileConfig};
+
+/// How the block index of a run is fed.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum IndexFeed {
+    /// The policy never reads the index: nothing is fed.
+    None,
+    /// The pods' KV events, each step's batch delivered `delay_ms` after the step ends;
+    /// a batch is lost with probability `loss` (undetected: no replay repairs it).
+    Events { delay_ms: f64, loss: f64 },
+    /// The pods' true caches with no lag: every change is applied the moment the pod's
+    /// engine makes it, so the index always equals what the pods hold.
+    Oracle,
+}
+
+/// One policy of a comparison.
+#[derive(Clone, Debug)]
+pub struct PolicySpec {
+    /// Name in reports and on the command line.
+    pub name: String,
+    /// The gateway profile that runs it (`x-kvgate-profile` in a live run).
+    pub profile_name: String,
+    pub profile: ProfileConfig,
+    pub feed: IndexFeed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("unknown policy {name:?}: use round-robin, random, least-request, approximate, precise[-<ms>ms][-loss<p>%], oracle, or a profile of the config ({profiles})")]
+    Unknown { name: String, profiles: String },
+    #[error("policy {name:?}: {message}")]
+    Variant { name: String, message: String },
+    #[error("built-in profile {name:?} does not parse: {message}")]
+    BuiltIn { name: String, message: String },
+}
+
+/// W1's comparison: load-only baselines, approximate, precise under event delay and loss, oracle.
+pub const W1_POLICIES: &[&str] = &[
+    "round-robin",
+    "random",
+    "least-request",
+    "approximate",
+    "precise",
+    "precise-50ms",
+    "precise-500ms",
+    "precise-loss1%",
+    "precise-loss10%",
+    "oracle",
+];
+
+/// The shorter comparison used for the control and the traces.
+pub const SHORT_POLICIES: &[&str] = &[
+    "round-robin",
+    "least-request",
+    "approximate",
+    "precise",
+    "oracle",
+];
+
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "round-robin",
+        "{filters: [{name: healthy}], picker: {name: round-robin}}",
+    ),
+    (
+        "random",
+        "{filters: [{name: healthy}], picker: {name: random}}",
+    ),
+    (
+        "least-request",
+        "{filters: [{name: healthy}], scorers: [{name: least-request}], picker: {name: max-score}}",
+    ),
+    (
+        "approximate",
+        "{filters: [{name: healthy}], scorers: [{name: prefix, weight: 2}, {name: load, weight: 1}], picker: {name: max-score}}",
+    ),
+];
+
+fn built_in(name: &str) -> Result<Option<ProfileConfig>, PolicyError> {
+    let Some((_, yaml)) = BUILT_IN.iter().find(|(n, _)| *n == name) else {
+        return Ok(None);
+    };
+    yaml_serde::from_str(yaml)
+        .map(Some)
+        .map_err(|e| PolicyError::BuiltIn {
+            name: name.to_string(),
+            message: e.to_string(),
+        })
+}
+
+fn uses_index(profile: &ProfileConfig) -> bool {
+    profile.scorers.iter().any(|s| s.name == "kv-cache")
+}
+
+/// Parses the `-50ms` / `-loss1%` suffixes of a precise policy.
+fn event_conditions(name: &str, suffix: &str) -> Result<(f64, f64), PolicyError> {
+    let bad = |message: String| PolicyError::Variant {
+        name: name.to_string(),
+        message,
+    };
+    let mut delay_ms = 0.0;
+    let mut loss = 0.0;
+    for part in suffix.split('-').filter(|p| !p.is_empty()) {
+        if let Some(ms) = part.strip_suffix("ms") {
+            delay_ms = ms
+                .parse::<f64>()
+                .ok()
+                .filter(|d| d.is_finite() && *d >= 0.0)
+                .ok_or_else(|| bad(format!("bad delay {part:?} (e.g. 50ms)")))?;
+        } else if let Some(percent) = part.strip_prefix("loss").and_then(|p| p.strip_suffix('%')) {
+            loss = percent
+                .parse::<f64>()
+                .ok()
+                .filter(|p| (0.0..=100.0).contains(p))
+                .ok_or_else(|| bad(format!("bad loss {part:?} (e.g. loss1%)")))?
+                / 100.0;
+        } else {
+            return Err(bad(format!(
+                "unknown condition {part:?} (use <ms>ms or loss<p>%)"
+            )));
+        }
+    }
+    Ok((delay_ms, loss))
+}
+
+/// Resolves a policy name against the config and the benchmarked model.
+pub fn resolve(
+    name: &str,
+    config: &Config,
+    model: &ModelConfig,
+) -> Result<PolicySpec, PolicyError> {
+    let configured = |profile: &str| config.profiles.get(profile).cloned();
+    let precise = || {
+        configured(&model.profile).ok_or_else(|| PolicyError::Variant {
+            name: name.to_string(),
+            message: format!(
+                "the model's profile {:?} is not in the config",
+                model.profile
+            ),
+        })
+    };
+    let spec = |profile_name: &str, profile: ProfileConfig, feed: IndexFeed| PolicySpec {
+        name: name.to_string(),
+        profile_name: profile_name.to_string(),
+        profile,
+        feed,
+    };
+    if name == "oracle" {
+        return Ok(spec(&model.profile, precise()?, IndexFeed::Oracle));
+    }
+    if let Some(suffix) = name.strip_prefix("precise") {
+        if suffix.is_empty() || suffix.starts_with('-') {
+            let (delay_ms, loss) = event_conditions(name, suffix)?;
+            return Ok(spec(
+                &model.profile,
+                precise()?,
+                IndexFeed::Events { delay_ms, loss },
+            ));
+        }
+    }
+    let profile = match configured(name) {
+        Some(profile) => profile,
+        None => match built_in(name)? {
+            Some(profile) => profile,
+            None => {
+                return Err(PolicyError::Unknown {
+                    name: name.to_string(),
+                    profiles: config
+                        .profiles
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+        },
+    };
+    let feed = if uses_index(&profile) {
+        IndexFeed::Events {
+            delay_ms: 0.0,
+            loss: 0.0,
+        }
+    } else {
+        IndexFeed::None
+    };
+    Ok(spec(name, profile, feed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kvgate.yaml");
+        Config::load(&path).expect("shipped config loads")
+    }
+
+    #[test]
+    fn names_resolve_to_profiles_and_feeds() {
+        let config = config();
+        let model = &config.models[0];
+        for name in W1_POLICIES {
+            resolve(name, &config, model).expect("every default policy resolves");
+        }
+        let delayed = resolve("precise-500ms-loss10%", &config, model).unwrap();
+        assert_eq!(
+            delayed.feed,
+            IndexFeed::Events {
+                delay_ms: 500.0,
+                loss: 0.1
+            }
+        );
+        assert_eq!(delayed.profile_name, "default");
+        assert_eq!(
+            resolve("approximate", &config, model).unwrap().feed,
+            IndexFeed::None
+        );
+        assert_eq!(
+            resolve("oracle", &config, model).unwrap().feed,
+            IndexFeed::Oracle
+        );
+        assert!(resolve("precise-fast", &config, model).is_err());
+        assert!(resolve("precise-loss200%", &config, model).is_err());
+        assert!(resolve("nope", &config, model).is_err());
+    }
+}

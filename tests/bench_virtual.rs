@@ -1,0 +1,187 @@
+//! A small virtual-time benchmark through the public CLI options: the real profiles of
+//! `conf/kvgate.yaml`, the real block index fed by the simulated pods' KV events, and the
+//! written report. Asserts what must hold whatever the timings: every request finishes,
+//! cache-aware routing reuses more than cache-blind routing, the oracle's index equals the
+//! pods' caches, and the JSON parses.
+
+use clap::Parser;
+use kvgate::bench::{self, BenchArgs};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn args(extra: &[&str]) -> BenchArgs {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/kvgate.yaml");
+    let mut argv = vec!["kvgate-bench", "--config", config, "--quiet"];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).expect("valid options").bench
+}
+
+/// W1 scaled down: 4 pods whose KV holds about 60% of the prefixes, light load.
+const W1_SMALL: &[&str] = &[
+    "--workload",
+    "w1",
+    "--pods",
+    "4",
+    "--pod-kv-blocks",
+    "600",
+    "--groups",
+    "40",
+    "--prefix-tokens",
+    "1024",
+    "--question-tokens",
+    "256",
+    "--output-tokens",
+    "24",
+    "--qps",
+    "4,8",
+    "--duration",
+    "30",
+    "--warmup",
+    "20",
+    "--warmup-qps",
+    "8",
+    "--policies",
+    "round-robin,least-request,approximate,precise,precise-500ms,precise-loss10%,oracle",
+];
+
+#[test]
+fn w1_small_orders_policies_by_cache_reuse() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut args = args(W1_SMALL);
+    args.out = out.path().to_path_buf();
+    let report = bench::evaluate(&args).expect("benchmark runs");
+    assert_eq!(report.segments.len(), 1);
+    let segment = &report.segments[0];
+    let hit = |name: &str| {
+        segment
+            .policies
+            .iter()
+            .find(|p| p.summary.policy == name)
+            .unwrap_or_else(|| panic!("{name} was run"))
+            .summary
+            .figures
+            .hit_rate
+    };
+    for policy in &segment.policies {
+        let finished: usize = policy.stages.iter().map(|s| s.figures.requests).sum();
+        assert_eq!(
+            finished, segment.requests,
+            "{}: every request finishes",
+            policy.summary.policy
+        );
+        assert_eq!(policy.summary.failed, 0);
+        assert_eq!(
+            policy.summary.pod_requests.iter().sum::<u64>(),
+            segment.requests as u64
+        );
+        assert!(
+            policy.summary.figures.hit_rate <= segment.pooled_hit_ceiling + 1e-9,
+            "{} beats the pooled ceiling",
+            policy.summary.policy
+        );
+    }
+    let (rr, least, approximate, precise, oracle) = (
+        hit("round-robin"),
+        hit("least-request"),
+        hit("approximate"),
+        hit("precise"),
+        hit("oracle"),
+    );
+    assert!(
+        approximate > rr + 0.2,
+        "approximate {approximate} vs round-robin {rr}"
+    );
+    assert!(
+        approximate > least + 0.2,
+        "approximate {approximate} vs least-request {least}"
+    );
+    assert!(
+        precise >= approximate - 0.01,
+        "precise {precise} vs approximate {approximate}"
+    );
+    assert!(
+        oracle >= precise - 0.01,
+        "oracle {oracle} vs precise {precise}"
+    );
+    assert!(hit("precise-500ms") > rr + 0.2);
+
+    let by_name = |name: &str| {
+        &segment
+            .policies
+            .iter()
+            .find(|p| p.summary.policy == name)
+            .expect("policy ran")
+            .summary
+    };
+    assert_eq!(
+        by_name("oracle").oracle_mismatches,
+        0,
+        "the oracle index mirrors the pods"
+    );
+    assert!(by_name("precise").event_batches > 0);
+    assert_eq!(by_name("precise").event_batches_lost, 0);
+    let lossy = by_name("precise-loss10%");
+    let lost =
+        lossy.event_batches_lost as f64 / (lossy.event_batches + lossy.event_batches_lost) as f64;
+    assert!((0.05..0.15).contains(&lost), "lost {lost} of batches");
+    assert_eq!(by_name("round-robin").event_batches, 0);
+
+    let written = bench::report::write(&report, out.path(), "w1-small").expect("report written");
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("w1-small.json")).expect("JSON written"),
+    )
+    .expect("JSON parses");
+    assert_eq!(json["workload"], "w1");
+    assert_eq!(
+        json["segments"][0]["policies"].as_array().map(Vec::len),
+        Some(7)
+    );
+    assert!(json["segments"][0]["policies"][3]["stages"][1]["ttftP90S"].is_number());
+    assert!(written.markdown.contains("| precise |"));
+    for svg in [
+        "w1-small-ttft-p90.svg",
+        "w1-small-throughput.svg",
+        "w1-small-hit-rate.svg",
+    ] {
+        let text = std::fs::read_to_string(out.path().join(svg)).expect("plot written");
+        assert!(
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>"),
+            "{svg}"
+        );
+        assert!(text.contains("oracle"), "{svg} has a legend");
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_results() {
+    let mut small: Vec<&str> = W1_SMALL.to_vec();
+    let policies = small.len() - 1;
+    small[policies] = "precise";
+    let first = bench::evaluate(&args(&small)).expect("runs");
+    let second = bench::evaluate(&args(&small)).expect("runs");
+    let figures = |r: &bench::report::BenchReport| {
+        let s = &r.segments[0].policies[0].summary;
+        (
+            s.figures.hit_rate,
+            s.figures.ttft_p90_s,
+            s.pod_requests.clone(),
+        )
+    };
+    assert_eq!(figures(&first), figures(&second));
+}
+
+#[test]
+fn bad_options_are_refused_with_a_reason() {
+    let err = bench::evaluate(&args(&["--policies", "precise-fast"]))
+        .expect_err("unknown condition")
+        .to_string();
+    assert!(err.contains("precise-fast"), "{err}");
+    let err = bench::evaluate(&args(&["--qps", "0", "--warmup", "0"]))
+        .expect_err("zero QPS")
+        .to_string();
+    assert!(err.contains("QPS"), "{err}");
+}
