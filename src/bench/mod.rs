@@ -129,7 +129,8 @@ pub struct BenchArgs {
     /// Model of the config to benchmark (default: the first).
     #[arg(long)]
     pub model: Option<String>,
-    /// A JSON file of simulated pod parameters (camelCase `PodParams`), to re-calibrate.
+    /// A YAML (or JSON) file of simulated pod parameter overrides (camelCase `PodParams`
+    /// fields, as `kvgate sim --pod-params` reads them), to re-calibrate.
     #[arg(long)]
     pub pod_params: Option<PathBuf>,
     /// KV blocks per pod (default: the model's podKvBlocks).
@@ -225,6 +226,16 @@ fn load_context(args: &BenchArgs) -> Result<Context, BenchError> {
             .ok_or_else(|| BenchError::UnknownModel("(none)".into()))?,
     };
     let hasher = BlockHasher::new(&model.hash_settings())?;
+    let as_u32 = |value: usize, what: &str| {
+        u32::try_from(value).map_err(|_| BenchError::Usage(format!("{what} {value} is too large")))
+    };
+    let block_size = as_u32(model.block_size, "blockSize")?;
+    let model_pod = PodParams {
+        kv_blocks: as_u32(model.pod_kv_blocks, "podKvBlocks")?,
+        block_size,
+        ..PodParams::default()
+    };
+    // Overrides on top of the model's pod, the way `kvgate sim --pod-params` reads them.
     let mut pod_params = match &args.pod_params {
         Some(path) => {
             let bad = |message: String| BenchError::PodParams {
@@ -232,15 +243,27 @@ fn load_context(args: &BenchArgs) -> Result<Context, BenchError> {
                 message,
             };
             let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-            serde_json::from_str::<PodParams>(&text).map_err(|e| bad(e.to_string()))?
+            let overrides: serde_json::Value =
+                yaml_serde::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let mut merged = serde_json::to_value(&model_pod).map_err(|e| bad(e.to_string()))?;
+            match (merged.as_object_mut(), overrides) {
+                (Some(merged), serde_json::Value::Object(overrides)) => merged.extend(overrides),
+                (_, serde_json::Value::Null) => {}
+                _ => return Err(bad("must be a mapping of PodParams fields".into())),
+            }
+            serde_json::from_value::<PodParams>(merged).map_err(|e| bad(e.to_string()))?
         }
-        None => PodParams::default(),
+        None => model_pod,
     };
-    pod_params.block_size = u32::try_from(model.block_size)
-        .map_err(|_| BenchError::Usage(format!("block size {} is too large", model.block_size)))?;
-    pod_params.kv_blocks = args
-        .pod_kv_blocks
-        .unwrap_or_else(|| u32::try_from(model.pod_kv_blocks).unwrap_or(pod_params.kv_blocks));
+    if pod_params.block_size != block_size {
+        return Err(BenchError::Usage(format!(
+            "pod blockSize {} differs from the model's blockSize {block_size}: hashes would not match",
+            pod_params.block_size
+        )));
+    }
+    if let Some(blocks) = args.pod_kv_blocks {
+        pod_params.kv_blocks = blocks;
+    }
     let kv_tokens = u64::from(pod_params.kv_blocks) * u64::from(pod_params.block_size);
     let trace = matches!(
         args.workload,

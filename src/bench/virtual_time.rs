@@ -46,7 +46,7 @@ pub struct SimSetup {
     pub model: String,
     pub scope: ScopeId,
     pub index: IndexConfig,
-    /// The gateway's metrics scrape period (`server.scrapeIntervalMs`).
+    /// The gateway's metrics scrape period (`server.scrapeIntervalMs`; 0 = none).
     pub scrape_interval_ms: f64,
     pub seed: u64,
 }
@@ -587,8 +587,11 @@ pub fn simulate(
         }
     };
     push_next_first(&mut run, &mut next_first);
-    let scrape_every = setup.scrape_interval_ms.max(1.0);
-    run.queue.push(0.0, EventKind::Scrape);
+    // A zero interval switches the gateway's scraper off: no scrapes here either.
+    let scrape_every = setup.scrape_interval_ms;
+    if scrape_every > 0.0 {
+        run.queue.push(0.0, EventKind::Scrape);
+    }
     let mut now_ms = 0.0;
     while let Some(event) = run.queue.heap.pop() {
         now_ms = event.at_ms;
