@@ -141,14 +141,14 @@ fn overloaded_holder_yields_to_load() {
     let precise = pipeline(PRECISE, &ctx);
     let req = request("r", &prefix, 0);
 
-    // A moderate backlog (below saturationTokens = 16,384 more than the idlest pod):
+    // A moderate backlog (below saturationTokens = 262,144 more than the idlest pod):
     // affinity holds.
-    let busy = set.pods[1].begin_request(12_000);
+    let busy = set.pods[1].begin_request(200_000);
     assert_eq!(chosen_id(&precise.schedule(&req, &set)), 1);
 
     // Past twice the threshold the cache credit is gone and load decides; the least
     // loaded pod wins.
-    let _more = set.pods[1].begin_request(30_000);
+    let _more = set.pods[1].begin_request(400_000);
     let _other = set.pods[3].begin_request(2_000);
     let decision = precise.schedule(&req, &set);
     assert_eq!(scorer_score(&decision, 1, "kv-cache"), 0.0);
@@ -159,7 +159,7 @@ fn overloaded_holder_yields_to_load() {
     drop(busy);
     let _load: Vec<InFlight> = [0, 2, 3]
         .iter()
-        .map(|&i| set.pods[i].begin_request(30_000))
+        .map(|&i| set.pods[i].begin_request(600_000))
         .collect();
     assert_eq!(chosen_id(&precise.schedule(&req, &set)), 1);
 }
