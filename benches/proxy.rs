@@ -174,8 +174,12 @@ async fn timed_post(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> 
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let status = resp.status();
-    resp.bytes().await.expect("read response body");
-    assert!(status.is_success(), "POST {url}: {status}");
+    let answer = resp.bytes().await.expect("read response body");
+    assert!(
+        status.is_success(),
+        "POST {url}: {status} {}",
+        String::from_utf8_lossy(&answer)
+    );
     start.elapsed()
 }
 
@@ -306,6 +310,8 @@ async fn run() {
                 "--time-scale",
                 "0.001",
             ])
+            .arg("--pod-params")
+            .arg(&pod_params)
             .stdout(log("sim.log"))
             .stderr(log("sim.err"))
             .spawn()
