@@ -79,12 +79,7 @@ pub fn build(
     ctx: &PluginContext,
 ) -> Result<Arc<dyn Plugin>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
-    let bad = |message: &str| {
-        Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: message.to_string(),
-        })
-    };
+    let bad = |message: &str| Err(PluginError::params(NAME, message));
     if !(0.0..=1.0).contains(&p.cpu_discount) {
         return bad("cpuDiscount must be between 0 and 1");
     }

@@ -58,12 +58,7 @@ pub fn build(
     _ctx: &PluginContext,
 ) -> Result<Arc<dyn Plugin>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
-    let bad = |message: &str| {
-        Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: message.to_string(),
-        })
-    };
+    let bad = |message: &str| Err(PluginError::params(NAME, message));
     let weights = [
         p.in_flight_weight,
         p.uncached_tokens_weight,

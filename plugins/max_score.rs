@@ -39,10 +39,7 @@ pub fn build(
 ) -> Result<Arc<dyn Plugin>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     if !(p.epsilon.is_finite() && p.epsilon >= 0.0) {
-        return Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: "epsilon must be finite and ≥ 0".to_string(),
-        });
+        return Err(PluginError::params(NAME, "epsilon must be finite and ≥ 0"));
     }
     Ok(Arc::new(MaxScore { epsilon: p.epsilon }))
 }

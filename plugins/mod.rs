@@ -177,6 +177,16 @@ pub enum PluginError {
     Params { name: String, message: String },
 }
 
+impl PluginError {
+    /// A plugin refused its parameters for the reason given.
+    pub fn params(name: &str, message: &str) -> Self {
+        Self::Params {
+            name: name.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RolesDisplay(pub Roles);
 
@@ -239,10 +249,8 @@ pub fn parse_params<T: serde::de::DeserializeOwned + Default>(
 ) -> Result<T, PluginError> {
     match params {
         None => Ok(T::default()),
-        Some(value) => yaml_serde::from_value(value.clone()).map_err(|e| PluginError::Params {
-            name: name.to_string(),
-            message: e.to_string(),
-        }),
+        Some(value) => yaml_serde::from_value(value.clone())
+            .map_err(|e| PluginError::params(name, &e.to_string())),
     }
 }
 

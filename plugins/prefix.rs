@@ -49,16 +49,13 @@ pub fn build(
     let p: Params = parse_params(NAME, params)?;
     let capacity = p.capacity_blocks.unwrap_or(ctx.pod_kv_blocks);
     if capacity == 0 || capacity >= NIL as usize {
-        return Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: format!("capacityBlocks must be between 1 and {}", NIL - 1),
-        });
+        return Err(PluginError::params(
+            NAME,
+            &format!("capacityBlocks must be between 1 and {}", NIL - 1),
+        ));
     }
     if p.forget_after_ms == 0 {
-        return Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: "forgetAfterMs must be > 0".to_string(),
-        });
+        return Err(PluginError::params(NAME, "forgetAfterMs must be > 0"));
     }
     Ok(Arc::new(Prefix {
         capacity,

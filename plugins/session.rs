@@ -43,10 +43,10 @@ pub fn build(
 ) -> Result<Arc<dyn Plugin>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     if p.ttl_ms == 0 || p.max_sessions == 0 {
-        return Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: "ttlMs and maxSessions must be > 0".to_string(),
-        });
+        return Err(PluginError::params(
+            NAME,
+            "ttlMs and maxSessions must be > 0",
+        ));
     }
     Ok(Arc::new(Session {
         hasher: RandomState::new(),

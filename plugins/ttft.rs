@@ -56,12 +56,7 @@ pub fn build(
     _ctx: &PluginContext,
 ) -> Result<Arc<dyn Plugin>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
-    let bad = |message: &str| {
-        Err(PluginError::Params {
-            name: NAME.to_string(),
-            message: message.to_string(),
-        })
-    };
+    let bad = |message: &str| Err(PluginError::params(NAME, message));
     if !(p.prior_tokens_per_second.is_finite() && p.prior_tokens_per_second > 0.0) {
         return bad("priorTokensPerSecond must be > 0");
     }
