@@ -1,9 +1,10 @@
 //! `load` (scorer): how busy each pod is, 1 = least loaded.
 //!
-//! Four signals, each weighted: the router's own accounting (requests in flight and
-//! uncached prompt tokens in flight — immediate, so a burst is seen as it is routed)
-//! and vLLM's scraped metrics (waiting queue and KV-cache usage — they also see the
-//! traffic of other kvgate replicas, but lag by a scrape period).
+//! Four signals, each weighted: requests on the pod (the router's own count, raised to
+//! the last scrape's running + waiting plus what it routed since when that is higher, so
+//! other kvgate replicas' traffic shows), uncached prompt tokens in flight (the router's
+//! own accounting: immediate, so a burst is seen as it is routed), and vLLM's scraped
+//! waiting queue and KV-cache usage (they lag by a scrape period).
 //!
 //! Each signal is scored relative to the other candidates:
 //! `1 − (m − min) / max(max, scale)`. The least loaded pod scores 1; when every pod is
@@ -97,7 +98,7 @@ pub struct Load {
 fn signals(pod: &Pod) -> [f64; SIGNALS] {
     let scraped = pod.scraped();
     [
-        f64::from(pod.in_flight()),
+        pod.estimated_requests(),
         pod.uncached_tokens_in_flight() as f64,
         scraped.waiting.max(0.0),
         scraped.kv_usage.clamp(0.0, 1.0),
@@ -184,10 +185,32 @@ mod tests {
             kv_usage: 0.5,
         });
         let got = scores(plugin(None).as_ref(), &request(&[1]), &mut cands);
-        // Pod 0: in-flight 1/8 and tokens 1 below the best; pod 1: waiting 1 and KV 0.5.
-        assert!((got[0] - (1.0 - (0.125 + 1.0) / 4.0)).abs() < 1e-12);
-        assert!((got[1] - (1.0 - (1.0 + 0.5) / 4.0)).abs() < 1e-12);
+        // Pod 1 runs 7 requests routed by other replicas (3 running + 4 waiting) against
+        // pod 0's 1: requests (7 − 1) / 8 and waiting 1 and KV 0.5 below the best for
+        // pod 1; tokens 1 below the best for pod 0.
+        assert!((got[0] - (1.0 - 1.0 / 4.0)).abs() < 1e-12);
+        assert!((got[1] - (1.0 - (0.75 + 1.0 + 0.5) / 4.0)).abs() < 1e-12);
         assert!(got[0] > got[1]);
+    }
+
+    #[test]
+    fn scraped_requests_move_with_the_routers_own_since_the_scrape() {
+        let pod = candidates(1).remove(0).pod;
+        let first = pod.begin_request(0);
+        assert_eq!(pod.estimated_requests(), 1.0);
+        pod.set_scraped(ScrapedLoad {
+            running: 5.0,
+            waiting: 1.0,
+            kv_usage: 0.0,
+        });
+        assert_eq!(pod.estimated_requests(), 6.0, "others' traffic shows");
+        let second = pod.begin_request(0);
+        assert_eq!(pod.estimated_requests(), 7.0);
+        drop(first);
+        drop(second);
+        assert_eq!(pod.estimated_requests(), 5.0);
+        pod.set_scraped(ScrapedLoad::default());
+        assert_eq!(pod.estimated_requests(), 0.0, "a fresh scrape replaces the guess");
     }
 
     #[test]

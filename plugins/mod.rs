@@ -147,6 +147,12 @@ pub trait Plugin: Send + Sync {
     ) {
     }
 
+    /// Whether `pick` moves the plugin's own state (a rotation, a random draw), so that
+    /// ranking a request without routing it is not free of consequences.
+    fn pick_moves_state(&self) -> bool {
+        false
+    }
+
     /// The request was sent to `pod`.
     fn routed(&self, _req: &SchedulingRequest<'_>, _pod: &Candidate) {}
 

@@ -44,6 +44,10 @@ impl Plugin for Random {
         Roles::PICKER
     }
 
+    fn pick_moves_state(&self) -> bool {
+        true
+    }
+
     fn pick(
         &self,
         _req: &SchedulingRequest<'_>,

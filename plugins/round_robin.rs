@@ -40,6 +40,10 @@ impl Plugin for RoundRobin {
         Roles::PICKER
     }
 
+    fn pick_moves_state(&self) -> bool {
+        true
+    }
+
     fn pick(
         &self,
         _req: &SchedulingRequest<'_>,

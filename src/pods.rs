@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ pub struct Pod {
     health_ok: AtomicU8,
     trust: AtomicU8,
     scraped: ArcSwap<ScrapedLoad>,
+    /// Requests this router began here minus those that ended, since the last scrape.
+    in_flight_change_since_scrape: AtomicI32,
     /// Learned prefill rate in tokens/s (f64 bits); 0 = not learned yet.
     prefill_rate_bits: AtomicU64,
 }
@@ -88,6 +90,7 @@ impl Pod {
             health_ok: AtomicU8::new(1),
             trust: AtomicU8::new(EventTrust::Unknown as u8),
             scraped: ArcSwap::from_pointee(ScrapedLoad::default()),
+            in_flight_change_since_scrape: AtomicI32::new(0),
             prefill_rate_bits: AtomicU64::new(0),
         }
     }
@@ -108,6 +111,8 @@ impl Pod {
     /// finished, failed, or the client went away).
     pub fn begin_request(self: &Arc<Self>, uncached_tokens: u64) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_change_since_scrape
+            .fetch_add(1, Ordering::Relaxed);
         self.uncached_tokens_in_flight
             .fetch_add(uncached_tokens, Ordering::Relaxed);
         InFlight {
@@ -130,7 +135,22 @@ impl Pod {
     }
 
     pub fn set_scraped(&self, load: ScrapedLoad) {
+        self.in_flight_change_since_scrape
+            .store(0, Ordering::Relaxed);
         self.scraped.store(Arc::new(load));
+    }
+
+    /// Requests on the pod as far as this router can tell: its own in flight or, when
+    /// higher, what the pod reported at the last scrape moved by what this router has
+    /// begun and ended since. The scrape sees other replicas' traffic, which the router's
+    /// own count cannot, so replicas sharing a fleet do not all pile onto the pod each
+    /// thinks idle; alone, the estimate is the router's own count.
+    pub fn estimated_requests(&self) -> f64 {
+        let scraped = self.scraped();
+        let reported = scraped.running.max(0.0)
+            + scraped.waiting.max(0.0)
+            + f64::from(self.in_flight_change_since_scrape.load(Ordering::Relaxed));
+        f64::from(self.in_flight()).max(reported)
     }
 
     /// Usable for new requests at `now_ms`: passes health checks and is not ejected.
@@ -204,6 +224,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.prefill_finished();
         self.pod.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pod
+            .in_flight_change_since_scrape
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -94,6 +94,11 @@ impl Pipeline {
         &self.name
     }
 
+    /// Whether `schedule` can be asked without changing later decisions.
+    pub fn ranking_is_pure(&self) -> bool {
+        !self.picker.pick_moves_state()
+    }
+
     /// Ranks the pods for a request. An empty ranking means no pod can take it.
     pub fn schedule(&self, req: &SchedulingRequest<'_>, pods: &PodSet) -> Decision {
         let mut candidates: Vec<Candidate> =

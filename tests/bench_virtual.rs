@@ -156,6 +156,64 @@ fn w1_small_orders_policies_by_cache_reuse() {
     }
 }
 
+/// Issue 7.4: gateway replicas in connect mode, each with its own index fed by every
+/// pod's events and no shared store, against one gateway. Precise replicas agree on the
+/// pod and keep the hit rate; approximate replicas, which only remember their own routing,
+/// scatter each prefix over as many pods as there are replicas.
+#[test]
+fn replicas_agree_without_a_shared_store() {
+    let mut argv = W1_SMALL.to_vec();
+    let last = argv.len() - 1;
+    argv[last] = "precise,precise-x2,precise-x4,approximate,approximate-x4,round-robin-x2";
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut args = args(&argv);
+    args.out = out.path().to_path_buf();
+    let report = bench::evaluate(&args).expect("benchmark runs");
+    let segment = &report.segments[0];
+    let summary = |name: &str| {
+        &segment
+            .policies
+            .iter()
+            .find(|p| p.summary.policy == name)
+            .unwrap_or_else(|| panic!("{name} was run"))
+            .summary
+    };
+    let one = summary("precise");
+    assert_eq!(one.replicas, 1);
+    assert_eq!(one.same_pick_rate, None);
+    for name in ["precise-x2", "precise-x4"] {
+        let many = summary(name);
+        let same = many.same_pick_rate.expect("replicas were asked");
+        assert!(same > 0.85, "{name}: replicas picked the same pod {same}");
+        assert!(
+            many.figures.hit_rate > one.figures.hit_rate - 0.02,
+            "{name}: hit {} vs one gateway {}",
+            many.figures.hit_rate,
+            one.figures.hit_rate
+        );
+        assert_eq!(
+            many.pod_requests.iter().sum::<u64>(),
+            segment.requests as u64
+        );
+    }
+    assert_eq!(summary("precise-x4").replicas, 4);
+    let approximate = summary("approximate").figures.hit_rate;
+    let scattered = summary("approximate-x4");
+    assert!(
+        scattered.figures.hit_rate < approximate - 0.1,
+        "unshared approximate replicas lose reuse: {} vs {approximate}",
+        scattered.figures.hit_rate
+    );
+    assert!(scattered.same_pick_rate.expect("asked") < 0.6);
+    assert_eq!(
+        summary("round-robin-x2").same_pick_rate,
+        None,
+        "asking a rotating picker would move it"
+    );
+    let markdown = bench::report::markdown(&report);
+    assert!(markdown.contains("| replicas | same pick |"));
+}
+
 #[test]
 fn the_same_seed_gives_the_same_results() {
     let mut small: Vec<&str> = W1_SMALL.to_vec();

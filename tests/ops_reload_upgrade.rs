@@ -18,12 +18,13 @@
 //! rate before. Printed: request rate, failures, p50/p99 latency at steady state and
 //! during each switch, hit rates.
 
+#[path = "support/sim.rs"]
+mod sim;
 // Shared with the gateway tests, which use more of it.
 #[allow(dead_code)]
 mod upstream;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use sim::SimPods;
 use upstream::{free_port, http_request, wait_for, FakePod, TOKENIZER_DIR};
 
 /// Target request rate of the load (the goal is at least 100/s).
@@ -74,10 +76,9 @@ impl Default for Variant {
     }
 }
 
-/// A `kvgate sim` process running the model's pods.
+/// The model's pods, as (HTTP address, topic host, replay endpoint).
 struct Sim {
-    child: Child,
-    /// (HTTP address, topic host, replay endpoint) of each pod.
+    _pods: SimPods,
     pods: Vec<(String, String, String)>,
 }
 
@@ -85,51 +86,34 @@ impl Sim {
     fn start(dir: &std::path::Path, events: u16) -> Self {
         let config = dir.join("sim.yaml");
         fs::write(&config, model_yaml("qwen", "[]")).expect("write sim config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .arg("sim")
-            .arg("--config")
-            .arg(&config)
-            .args(["--pods", &PODS.to_string(), "--base-port", "0"])
-            .args(["--events-connect", &format!("tcp://127.0.0.1:{events}")])
-            .args(["--replay-base-port", "0", "--time-scale", "0.25"])
-            // A replay buffer that covers the seconds of a switch, not the pods' whole
-            // history: a new process that only replayed would start cold.
-            .args(["--buffer-steps", &REPLAY_BUFFER.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kvgate sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read the sim's ready line");
-        let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
-        let pods = ready["ready"]["pods"]
-            .as_array()
-            .expect("pods")
-            .iter()
-            .map(|p| {
-                let topic = p["topic"].as_str().expect("topic");
-                let host = topic
-                    .strip_prefix("kv@")
-                    .and_then(|t| t.strip_suffix("@qwen"))
-                    .unwrap_or_else(|| panic!("unexpected topic {topic}"));
+        let events = format!("tcp://127.0.0.1:{events}");
+        let buffer = REPLAY_BUFFER.to_string();
+        let sim = SimPods::start(
+            &config,
+            PODS,
+            &[
+                "--events-connect",
+                &events,
+                "--replay-base-port",
+                "0",
+                "--time-scale",
+                "0.25",
+                // A replay buffer that covers the seconds of a switch, not the pods' whole
+                // history: a new process that only replayed would start cold.
+                "--buffer-steps",
+                &buffer,
+            ],
+        );
+        let pods = (0..PODS)
+            .map(|i| {
                 (
-                    p["http"].as_str().expect("http").to_string(),
-                    host.to_string(),
-                    p["replayEndpoint"].as_str().expect("replay").to_string(),
+                    sim.field(i, "http").to_string(),
+                    sim.topic_host(i, "qwen").to_string(),
+                    sim.field(i, "replayEndpoint").to_string(),
                 )
             })
             .collect();
-        Self { child, pods }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self { _pods: sim, pods }
     }
 }
 

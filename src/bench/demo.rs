@@ -547,6 +547,7 @@ async fn demo(
                     delay_ms: 0.0,
                     loss: 0.0,
                 },
+                replicas: 1,
             })
             .ok_or_else(|| DemoError::Fleet(format!("profile {profile:?} in the config")))
     })

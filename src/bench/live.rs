@@ -417,6 +417,12 @@ pub fn check_live(policy: &PolicySpec, profiles: &[&str]) -> Result<(), LiveErro
         }
         _ => {}
     }
+    if policy.replicas > 1 {
+        return Err(not_live(
+            "replicas are simulated in virtual time only (live, run the gateways and point --live at their Service)"
+                .into(),
+        ));
+    }
     if !profiles.contains(&policy.profile_name.as_str()) {
         return Err(not_live(format!(
             "the gateway config has no profile {:?} (it has {})",

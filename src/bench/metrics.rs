@@ -44,6 +44,10 @@ pub struct RunData {
     pub event_batches_lost: u64,
     /// Oracle runs: decisions where the index disagreed with a pod's true cache (must be 0).
     pub oracle_mismatches: u64,
+    /// Several replicas: (other replicas that would have picked the handling replica's
+    /// pod, other replicas asked), over all requests.
+    pub same_pick: (u64, u64),
+    pub replicas: usize,
     /// Index size at the end of the run.
     pub index_blocks: u64,
     pub index_bytes: usize,
@@ -168,6 +172,9 @@ pub struct PolicySummary {
     pub event_batches: u64,
     pub event_batches_lost: u64,
     pub oracle_mismatches: u64,
+    /// Gateway replicas, and how often another replica would have picked the same pod.
+    pub replicas: usize,
+    pub same_pick_rate: Option<f64>,
     pub index_blocks: u64,
     pub index_bytes: usize,
     pub span_s: f64,
@@ -240,6 +247,9 @@ pub fn policy_summary(
         event_batches: run.event_batches,
         event_batches_lost: run.event_batches_lost,
         oracle_mismatches: run.oracle_mismatches,
+        replicas: run.replicas.max(1),
+        same_pick_rate: (run.same_pick.1 > 0)
+            .then(|| run.same_pick.0 as f64 / run.same_pick.1 as f64),
         index_blocks: run.index_blocks,
         index_bytes: run.index_bytes,
         span_s: run.span_s,

@@ -4,7 +4,9 @@
 //! model's profile for precise routing, `approximate`, `round-robin`), so the benchmark
 //! measures what `kvgate serve` would run; the load-only baselines have built-in profiles.
 //! A policy name may carry the event conditions of precise routing:
-//! `precise-50ms`, `precise-loss1%`, `precise-500ms-loss10%`.
+//! `precise-50ms`, `precise-loss1%`, `precise-500ms-loss10%`. Any policy may end in
+//! `-x<N>`: N gateway replicas, each with its own index and routing state, fed the same
+//! events and each handling a random share of the requests (`precise-x4`, `approximate-x2`).
 
 use crate::config::{Config, ModelConfig, ProfileConfig};
 
@@ -31,11 +33,16 @@ pub struct PolicySpec {
     pub profile_name: String,
     pub profile: ProfileConfig,
     pub feed: IndexFeed,
+    /// Gateway replicas sharing the requests, with no state shared between them.
+    pub replicas: usize,
 }
+
+/// Most replicas a policy may ask for.
+pub const MAX_REPLICAS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("unknown policy {name:?}: use round-robin, random, least-request, approximate, precise[-<ms>ms][-loss<p>%], oracle, or a profile of the config ({profiles})")]
+    #[error("unknown policy {name:?}: use round-robin, random, least-request, approximate, precise[-<ms>ms][-loss<p>%], oracle, or a profile of the config ({profiles}), each optionally with -x<replicas>")]
     Unknown { name: String, profiles: String },
     #[error("policy {name:?}: {message}")]
     Variant { name: String, message: String },
@@ -132,8 +139,37 @@ fn event_conditions(name: &str, suffix: &str) -> Result<(f64, f64), PolicyError>
     Ok((delay_ms, loss))
 }
 
+/// Splits a trailing `-x<N>` replica count off a policy name.
+fn replicas(name: &str) -> Result<(&str, usize), PolicyError> {
+    let Some((base, count)) = name.rsplit_once("-x") else {
+        return Ok((name, 1));
+    };
+    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok((name, 1));
+    }
+    match count.parse::<usize>() {
+        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok((base, n)),
+        _ => Err(PolicyError::Variant {
+            name: name.to_string(),
+            message: format!("replicas must be 1..={MAX_REPLICAS}"),
+        }),
+    }
+}
+
 /// Resolves a policy name against the config and the benchmarked model.
 pub fn resolve(
+    name: &str,
+    config: &Config,
+    model: &ModelConfig,
+) -> Result<PolicySpec, PolicyError> {
+    let (base, replicas) = replicas(name)?;
+    let mut spec = resolve_single(base, config, model)?;
+    spec.name = name.to_string();
+    spec.replicas = replicas;
+    Ok(spec)
+}
+
+fn resolve_single(
     name: &str,
     config: &Config,
     model: &ModelConfig,
@@ -153,6 +189,7 @@ pub fn resolve(
         profile_name: profile_name.to_string(),
         profile,
         feed,
+        replicas: 1,
     };
     if name == "oracle" {
         return Ok(spec(&model.profile, precise()?, IndexFeed::Oracle));
@@ -231,5 +268,22 @@ mod tests {
         assert!(resolve("precise-fast", &config, model).is_err());
         assert!(resolve("precise-loss200%", &config, model).is_err());
         assert!(resolve("nope", &config, model).is_err());
+        let replicated = resolve("precise-50ms-x4", &config, model).unwrap();
+        assert_eq!(replicated.replicas, 4);
+        assert_eq!(replicated.name, "precise-50ms-x4");
+        assert_eq!(
+            replicated.feed,
+            IndexFeed::Events {
+                delay_ms: 50.0,
+                loss: 0.0
+            }
+        );
+        assert_eq!(
+            resolve("approximate-x2", &config, model).unwrap().replicas,
+            2
+        );
+        assert_eq!(resolve("precise", &config, model).unwrap().replicas, 1);
+        assert!(resolve("precise-x0", &config, model).is_err());
+        assert!(resolve("precise-x65", &config, model).is_err());
     }
 }

@@ -205,13 +205,19 @@ pub fn markdown(report: &BenchReport) -> String {
             segment.requests,
             percent(Some(segment.pooled_hit_ceiling))
         );
-        out.push_str("| policy | hit rate | of oracle | of ceiling | wasted prefill | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | TPOT p50 (ms) | peak output tok/s | knee QPS | knee output tok/s | balance | preemptions |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        // Only comparisons with gateway replicas get the replica columns.
+        let replicated = segment.policies.iter().any(|p| p.summary.replicas > 1);
+        out.push_str("| policy | hit rate | of oracle | of ceiling | wasted prefill | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | TPOT p50 (ms) | peak output tok/s | knee QPS | knee output tok/s | balance | preemptions |");
+        out.push_str(if replicated {
+            " replicas | same pick |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        } else {
+            "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        });
         for policy in &segment.policies {
             let s = &policy.summary;
             let f = &s.figures;
             let (knee_qps, knee_tokens) = knee_text(s);
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.policy,
@@ -229,6 +235,10 @@ pub fn markdown(report: &BenchReport) -> String {
                 s.balance.map_or("—".into(), |b| format!("{b:.2}")),
                 f.preemptions,
             );
+            if replicated {
+                let _ = write!(out, " {} | {} |", s.replicas, percent(s.same_pick_rate));
+            }
+            out.push('\n');
         }
         out.push('\n');
         if segment.stages.len() > 1 {

@@ -13,6 +13,12 @@
 //! A step's outcomes take effect at its end time; the engine has already applied the
 //! step to its state, which is what vLLM's scheduler sees for the next step. The oracle
 //! feed mirrors that state into the index at once; real events arrive at the step's end.
+//!
+//! With several gateway replicas (connect mode, no shared store), each replica has its
+//! own pipeline, index and `Pod` accounting; every replica receives every event batch
+//! (each loses batches independently), and each request goes to a replica drawn at random,
+//! as a `LoadBalancer` Service spreads connections. At each arrival the other replicas are
+//! asked what they would pick, which gives the same-pick rate.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -82,7 +88,7 @@ enum EventKind {
     /// An idle pod may have work (an arrival cleared its request overhead).
     Wake(u32),
     StepDone(u32),
-    /// The oldest pending KV-event batch of a pod reaches the index.
+    /// The oldest pending KV-event batch of a pod reaches a replica's index.
     Deliver(u32),
     Scrape,
 }
@@ -136,17 +142,26 @@ impl Queue {
 
 struct SimPod {
     engine: PodEngine,
-    pod: Arc<Pod>,
     out: StepOutput,
     stepping: bool,
     /// The pending wake-up, if any; a popped `Wake` at another time is stale.
     wake_at: Option<f64>,
-    deliveries: VecDeque<Vec<KvChange>>,
+    /// Delayed event batches on their way, oldest first, with the replica each goes to.
+    deliveries: VecDeque<(usize, Arc<[KvChange]>)>,
+}
+
+/// One gateway replica: its own routing state, index and view of the pods.
+struct Replica {
+    pipeline: Pipeline,
+    index: Arc<BlockIndex>,
+    pods: PodSet,
+    loss_rng: StdRng,
 }
 
 /// A routed request until it finishes.
 struct Routed {
     load: InFlight,
+    replica: usize,
     pod: u32,
     queued_uncached_tokens: u64,
     predicted_cached_tokens: usize,
@@ -209,17 +224,19 @@ fn apply_changes(
 struct Run<'a> {
     segment: &'a Segment,
     setup: &'a SimSetup,
-    pipeline: Pipeline,
     feed: IndexFeed,
-    index: Arc<BlockIndex>,
+    replicas: Vec<Replica>,
+    /// Which replica the Service sends each request to.
+    replica_rng: StdRng,
+    /// Whether to ask the other replicas what they would pick: not for rotating or random
+    /// pickers, whose state the question itself would move.
+    probe_same_pick: bool,
     pods: Vec<SimPod>,
-    pod_set: PodSet,
     queue: Queue,
     routed: Vec<Option<Routed>>,
     followers: Vec<Vec<u32>>,
     finished: usize,
     data: RunData,
-    loss_rng: StdRng,
     removed: Vec<u64>,
     prefix_match: PrefixMatch,
     request_id: String,
@@ -247,22 +264,36 @@ impl<'a> Run<'a> {
             session: None,
             now: Duration::from_secs_f64(now_ms.max(0.0) / 1e3),
         };
+        let replica_index = if self.replicas.len() > 1 {
+            self.replica_rng.random_range(0..self.replicas.len())
+        } else {
+            0
+        };
+        let replica = &self.replicas[replica_index];
         let started = Instant::now();
-        let decision = self.pipeline.schedule(&scheduling, &self.pod_set);
+        let decision = replica.pipeline.schedule(&scheduling, &replica.pods);
         let Some(chosen) = decision.ranked.first() else {
             return Err(SimError::NoPod {
-                profile: self.pipeline.name().to_string(),
+                profile: replica.pipeline.name().to_string(),
                 request: index,
             });
         };
         let uncached = chosen.uncached_tokens(&scheduling) as u64;
         let queued_uncached_tokens = chosen.pod.uncached_tokens_in_flight();
         let load = chosen.pod.begin_request(uncached);
-        self.pipeline.routed(&scheduling, chosen);
+        replica.pipeline.routed(&scheduling, chosen);
         self.data
             .decision_us
             .push(started.elapsed().as_secs_f64() * 1e6);
         let pod = chosen.pod.id;
+        for (i, other) in self.replicas.iter().enumerate() {
+            if self.probe_same_pick && i != replica_index {
+                let (same, asked) = &mut self.data.same_pick;
+                let theirs = other.pipeline.schedule(&scheduling, &other.pods);
+                *same += u64::from(theirs.ranked.first().is_some_and(|c| c.pod.id == pod));
+                *asked += 1;
+            }
+        }
         let predicted_cached_tokens = (chosen.cached_blocks as usize
             * self.setup.pod_params.block_size as usize)
             .min(request.prompt_tokens as usize);
@@ -275,13 +306,14 @@ impl<'a> Run<'a> {
             best = best.max(sim.engine.cached_prefix_blocks(keys));
         }
         if self.feed == IndexFeed::Oracle {
-            self.index.lookup(
+            self.replicas[replica_index].index.lookup(
                 self.setup.scope,
                 &request.block_keys,
                 &mut self.prefix_match,
             );
-            for sim in &self.pods {
-                let indexed = self.prefix_match.get(sim.pod.id).any_blocks as usize;
+            for (id, sim) in self.pods.iter().enumerate() {
+                let id = PodId::try_from(id).unwrap_or(PodId::MAX);
+                let indexed = self.prefix_match.get(id).any_blocks as usize;
                 if indexed != sim.engine.cached_prefix_blocks(&request.block_keys) {
                     self.data.oracle_mismatches += 1;
                 }
@@ -309,6 +341,7 @@ impl<'a> Run<'a> {
         }
         self.routed[index as usize] = Some(Routed {
             load,
+            replica: replica_index,
             pod,
             queued_uncached_tokens,
             predicted_cached_tokens,
@@ -331,13 +364,15 @@ impl<'a> Run<'a> {
             Some(end_ms) => {
                 sim.stepping = true;
                 if self.feed == IndexFeed::Oracle {
-                    apply_changes(
-                        &self.index,
-                        sim.pod.id,
-                        self.setup.scope,
-                        &sim.out.kv_events,
-                        &mut self.removed,
-                    );
+                    for replica in &self.replicas {
+                        apply_changes(
+                            &replica.index,
+                            pod,
+                            self.setup.scope,
+                            &sim.out.kv_events,
+                            &mut self.removed,
+                        );
+                    }
                 }
                 self.queue.push(end_ms, EventKind::StepDone(pod));
             }
@@ -378,23 +413,29 @@ impl<'a> Run<'a> {
         }
         match self.feed {
             IndexFeed::Events { delay_ms, loss } if !out.kv_events.is_empty() => {
-                if loss > 0.0 && self.loss_rng.random_bool(loss) {
-                    self.data.event_batches_lost += 1;
-                } else if delay_ms <= 0.0 {
+                let mut delayed: Option<Arc<[KvChange]>> = None;
+                for (r, replica) in self.replicas.iter_mut().enumerate() {
+                    if loss > 0.0 && replica.loss_rng.random_bool(loss) {
+                        self.data.event_batches_lost += 1;
+                        continue;
+                    }
                     self.data.event_batches += 1;
-                    let pod_id = self.pods[pod as usize].pod.id;
-                    apply_changes(
-                        &self.index,
-                        pod_id,
-                        self.setup.scope,
-                        &out.kv_events,
-                        &mut self.removed,
-                    );
-                } else {
-                    self.data.event_batches += 1;
-                    let batch = std::mem::take(&mut out.kv_events);
-                    self.pods[pod as usize].deliveries.push_back(batch);
-                    self.queue.push(now_ms + delay_ms, EventKind::Deliver(pod));
+                    if delay_ms <= 0.0 {
+                        apply_changes(
+                            &replica.index,
+                            pod,
+                            self.setup.scope,
+                            &out.kv_events,
+                            &mut self.removed,
+                        );
+                    } else {
+                        let batch =
+                            delayed.get_or_insert_with(|| Arc::from(out.kv_events.as_slice()));
+                        self.pods[pod as usize]
+                            .deliveries
+                            .push_back((r, Arc::clone(batch)));
+                        self.queue.push(now_ms + delay_ms, EventKind::Deliver(pod));
+                    }
                 }
             }
             IndexFeed::Oracle if !out.kv_events.is_empty() => self.data.event_batches += 1,
@@ -411,6 +452,7 @@ impl<'a> Run<'a> {
         };
         let Routed {
             load,
+            replica,
             pod,
             queued_uncached_tokens,
             predicted_cached_tokens,
@@ -419,7 +461,7 @@ impl<'a> Run<'a> {
         let pod_arc = Arc::clone(load.pod());
         drop(load);
         let ttft_ms = summary.ttft_ms();
-        self.pipeline.completed(&RequestOutcome {
+        self.replicas[replica].pipeline.completed(&RequestOutcome {
             pod: pod_arc,
             prompt_tokens: summary.prompt_tokens as usize,
             queued_uncached_tokens,
@@ -453,28 +495,36 @@ impl<'a> Run<'a> {
 
     fn deliver(&mut self, pod: u32) {
         let sim = &mut self.pods[pod as usize];
-        if let Some(batch) = sim.deliveries.pop_front() {
-            apply_changes(
-                &self.index,
-                sim.pod.id,
-                self.setup.scope,
-                &batch,
-                &mut self.removed,
-            );
+        if let Some((replica, batch)) = sim.deliveries.pop_front() {
+            if let Some(replica) = self.replicas.get(replica) {
+                apply_changes(
+                    &replica.index,
+                    pod,
+                    self.setup.scope,
+                    &batch,
+                    &mut self.removed,
+                );
+            }
         }
     }
 
     fn scrape(&mut self, now_ms: f64) {
         let mut in_flight_max = 0u32;
         let mut in_flight_sum = 0u64;
-        for sim in &self.pods {
+        for (i, sim) in self.pods.iter().enumerate() {
             let metrics = sim.engine.metrics();
-            sim.pod.set_scraped(ScrapedLoad {
+            let load = ScrapedLoad {
                 running: f64::from(metrics.running),
                 waiting: f64::from(metrics.waiting),
                 kv_usage: metrics.kv_cache_usage,
-            });
-            let in_flight = sim.pod.in_flight();
+            };
+            let mut in_flight = 0u32;
+            for replica in &self.replicas {
+                if let Some(pod) = replica.pods.pods.get(i) {
+                    pod.set_scraped(load);
+                    in_flight += pod.in_flight();
+                }
+            }
             in_flight_max = in_flight_max.max(in_flight);
             in_flight_sum += u64::from(in_flight);
         }
@@ -489,17 +539,8 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Runs one policy over one segment from cold pods. `progress` counts finished requests.
-pub fn simulate(
-    segment: &Segment,
-    policy: &PolicySpec,
-    setup: &SimSetup,
-    progress: &AtomicUsize,
-) -> Result<RunData, SimError> {
-    let wall = Instant::now();
-    if setup.pods == 0 {
-        return Err(SimError::NoPods);
-    }
+/// A gateway replica with a fresh index and its own view of the simulated pods.
+fn replica(setup: &SimSetup, policy: &PolicySpec, seed: u64) -> Result<Replica, SimError> {
     let index = Arc::new(BlockIndex::new(setup.index.clone()));
     let ctx = PluginContext {
         index: Arc::clone(&index),
@@ -513,25 +554,52 @@ pub fn simulate(
                 source,
             }
         })?;
+    let pods = (0..setup.pods)
+        .map(|i| {
+            let pod = Arc::new(Pod::new(
+                PodId::try_from(i).unwrap_or(PodId::MAX),
+                sim_pod_endpoint(i),
+            ));
+            if policy.feed != IndexFeed::None {
+                pod.set_trust(EventTrust::Synced);
+            }
+            pod
+        })
+        .collect();
+    Ok(Replica {
+        pipeline,
+        index,
+        pods: PodSet { pods },
+        loss_rng: StdRng::seed_from_u64(seed),
+    })
+}
+
+/// Runs one policy over one segment from cold pods. `progress` counts finished requests.
+pub fn simulate(
+    segment: &Segment,
+    policy: &PolicySpec,
+    setup: &SimSetup,
+    progress: &AtomicUsize,
+) -> Result<RunData, SimError> {
+    let wall = Instant::now();
+    if setup.pods == 0 {
+        return Err(SimError::NoPods);
+    }
+    let policy_seed = setup.seed ^ xxhash_rust::xxh3::xxh3_64(policy.name.as_bytes());
+    let mut replicas = Vec::with_capacity(policy.replicas.max(1));
+    for r in 0..policy.replicas.max(1) {
+        replicas.push(replica(setup, policy, policy_seed.wrapping_add(r as u64))?);
+    }
     let mut pods = Vec::with_capacity(setup.pods);
-    for i in 0..setup.pods {
-        let id = PodId::try_from(i).unwrap_or(PodId::MAX);
-        let pod = Arc::new(Pod::new(id, sim_pod_endpoint(i)));
-        if policy.feed != IndexFeed::None {
-            pod.set_trust(EventTrust::Synced);
-        }
+    for _ in 0..setup.pods {
         pods.push(SimPod {
             engine: PodEngine::new(setup.pod_params.clone())?,
-            pod,
             out: StepOutput::default(),
             stepping: false,
             wake_at: None,
             deliveries: VecDeque::new(),
         });
     }
-    let pod_set = PodSet {
-        pods: pods.iter().map(|p| Arc::clone(&p.pod)).collect(),
-    };
     let requests = &segment.requests;
     let mut followers = vec![Vec::new(); requests.len()];
     let mut first_turns = Vec::new();
@@ -547,14 +615,15 @@ pub fn simulate(
         }
     }
     let stages = segment.stages.len();
+    let probe_same_pick = replicas.iter().all(|r| r.pipeline.ranking_is_pure());
     let mut run = Run {
         segment,
         setup,
-        pipeline,
         feed: policy.feed,
-        index,
+        replicas,
+        replica_rng: StdRng::seed_from_u64(!policy_seed),
+        probe_same_pick,
         pods,
-        pod_set,
         queue: Queue {
             heap: BinaryHeap::new(),
             seq: 0,
@@ -566,11 +635,9 @@ pub fn simulate(
             stage_output_tokens: vec![0; stages],
             stage_balance: vec![(0.0, 0); stages],
             pod_requests: vec![0; setup.pods],
+            replicas: policy.replicas.max(1),
             ..RunData::default()
         },
-        loss_rng: StdRng::seed_from_u64(
-            setup.seed ^ xxhash_rust::xxh3::xxh3_64(policy.name.as_bytes()),
-        ),
         removed: Vec::new(),
         prefix_match: PrefixMatch::new(),
         request_id: String::new(),
@@ -627,7 +694,7 @@ pub fn simulate(
             total: requests.len(),
         });
     }
-    let stats = run.index.stats();
+    let stats = run.replicas[0].index.stats();
     let mut data = run.data;
     data.index_blocks = stats.blocks;
     data.index_bytes = stats.bytes;

@@ -1,0 +1,216 @@
+//! Issue 7.4 with real processes: several `kvgate serve` replicas in connect mode, each
+//! subscribed to every pod's KV events, sharing no store. The pods are `kvgate sim`
+//! pods (the stand-in for vLLM): they cache prompt blocks, publish BlockStored over
+//! ZeroMQ PUB sockets they bind, and report `usage.prompt_tokens_details.cached_tokens`.
+//!
+//! Each conversation's first turn goes to one replica and its second turn to another,
+//! as a `LoadBalancer` Service may do. The replica that never saw the first turn must
+//! still send the second to the pod holding its prefix: it learns where the prefix is
+//! from the pod's events alone. Checked from the pods' own answers (cached tokens).
+
+#[path = "support/sim.rs"]
+mod sim;
+// Shared with the gateway tests, which use more of it.
+#[allow(dead_code)]
+mod upstream;
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sim::SimPods;
+use upstream::{free_port, http_request, wait_for, TOKENIZER_DIR};
+
+const PODS: usize = 4;
+const REPLICAS: usize = 3;
+const CONVERSATIONS: usize = 12;
+const BLOCK: usize = 16;
+const MODEL: &str = "qwen";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn model_yaml(pods: &str) -> String {
+    format!(
+        "models:
+  - name: {MODEL}
+    tokenizer: {TOKENIZER_DIR}/tokenizer.json
+    tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
+    blockSize: {BLOCK}
+    hashAlgo: sha256_cbor
+    hashSeed: \"0\"
+    vllmRelease: \"0.11.0\"
+    discovery: {{static: {{pods: {pods}}}}}
+"
+    )
+}
+
+/// One `kvgate serve` replica with its own ports and config file.
+struct Replica {
+    child: Child,
+    listen: u16,
+    admin: u16,
+    log: std::path::PathBuf,
+}
+
+impl Replica {
+    fn start(dir: &Path, n: usize, pods: &str) -> Self {
+        let (listen, admin) = (free_port(), free_port());
+        let config = dir.join(format!("kvgate-{n}.yaml"));
+        let yaml = format!(
+            "server:
+  listen: 127.0.0.1:{listen}
+  admin: 127.0.0.1:{admin}
+  healthCheckIntervalMs: 0
+  scrapeIntervalMs: 0
+  threads: 1
+events:
+  mode: connect
+  replay: true
+logging:
+  level: info
+  format: json
+"
+        ) + &model_yaml(pods);
+        fs::write(&config, yaml).expect("write config");
+        let log = dir.join(format!("kvgate-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start kvgate");
+        let replica = Self {
+            child,
+            listen,
+            admin,
+            log,
+        };
+        wait_for("replica ready", LIMIT, || {
+            TcpStream::connect(("127.0.0.1", replica.admin)).ok()?;
+            (http_request(replica.admin, "GET", "/readyz", &[], b"").0 == 200).then_some(())
+        });
+        replica
+    }
+
+    fn chat(&self, messages: &Value) -> Value {
+        let body = json!({"model": MODEL, "messages": messages, "max_tokens": 4});
+        let (status, response) = http_request(
+            self.listen,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        let response: Value = serde_json::from_slice(&response).expect("JSON response");
+        assert_eq!(status, 200, "{response}");
+        response
+    }
+
+    /// Index entries (block, pod) this replica holds.
+    fn index_entries(&self) -> f64 {
+        let (_, text) = http_request(self.admin, "GET", "/metrics", &[], b"");
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|l| l.strip_prefix("kvgate_index_entries ")?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// A distinct document of about 1,500 tokens per conversation.
+fn document(n: usize) -> String {
+    (0..300)
+        .map(|w| {
+            format!(
+                "fact{n}x{w} is filed under drawer {}.",
+                (n * 31 + w * 7) % 97
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn a_second_turn_on_another_replica_finds_the_first_turns_pod() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim_config = dir.path().join("sim.yaml");
+    fs::write(&sim_config, model_yaml("[]")).expect("write sim config");
+    let sim = SimPods::start(
+        &sim_config,
+        PODS,
+        &[
+            "--events-bind-base-port",
+            "0",
+            "--replay-base-port",
+            "0",
+            "--time-scale",
+            "0.1",
+        ],
+    );
+    let pods = (0..PODS)
+        .map(|i| {
+            format!(
+                "{{http: \"{}\", events: \"{}\", replay: \"{}\", topicHost: \"{}\"}}",
+                sim.field(i, "http"),
+                sim.field(i, "pubEndpoint"),
+                sim.field(i, "replayEndpoint"),
+                sim.topic_host(i, MODEL),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pods = format!("[{pods}]");
+    let replicas: Vec<Replica> = (0..REPLICAS)
+        .map(|n| Replica::start(dir.path(), n, &pods))
+        .collect();
+
+    let mut first_turns = Vec::new();
+    for c in 0..CONVERSATIONS {
+        let messages =
+            json!([{"role": "user", "content": format!("{}\nWhere is fact{c}x5?", document(c))}]);
+        let answer = replicas[c % REPLICAS].chat(&messages);
+        first_turns.push((messages, answer));
+    }
+    // Every replica indexes every pod's events: they converge on the same entries.
+    let expected = wait_for("replicas index the first turns", LIMIT, || {
+        let entries: Vec<f64> = replicas.iter().map(Replica::index_entries).collect();
+        (entries[0] > 0.0 && entries.iter().all(|&e| e == entries[0])).then_some(entries[0])
+    });
+    assert!(
+        expected >= (CONVERSATIONS * 1_400 / BLOCK) as f64,
+        "{expected} entries"
+    );
+
+    for (c, (messages, answer)) in first_turns.iter().enumerate() {
+        let prompt = answer["usage"]["prompt_tokens"]
+            .as_u64()
+            .expect("prompt tokens");
+        let mut turns = messages.as_array().cloned().expect("messages");
+        turns.push(
+            json!({"role": "assistant", "content": answer["choices"][0]["message"]["content"]}),
+        );
+        turns.push(json!({"role": "user", "content": format!("And fact{c}x9?")}));
+        let other = &replicas[(c + 1) % REPLICAS];
+        let second = other.chat(&Value::Array(turns));
+        let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached tokens");
+        assert!(
+            cached + 2 * BLOCK as u64 >= prompt,
+            "conversation {c}: the second replica sent its second turn to a pod holding {cached} of the first turn's {prompt} tokens"
+        );
+    }
+}

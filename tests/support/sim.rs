@@ -1,0 +1,63 @@
+//! `kvgate sim` pods for integration tests: one child process serving N simulated vLLM
+//! pods, described by the JSON ready line it prints once every pod listens.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// A running `kvgate sim`; killed on drop.
+pub struct SimPods {
+    child: Child,
+    /// Each pod's status from the ready line (`http`, `topic`, `pubEndpoint`, `replayEndpoint`).
+    pub pods: Vec<Value>,
+}
+
+impl SimPods {
+    /// Starts `kvgate sim --config <config> --pods <pods> --base-port 0 <extra>` and waits
+    /// for its ready line.
+    pub fn start(config: &Path, pods: usize, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .arg("sim")
+            .arg("--config")
+            .arg(config)
+            .args(["--pods", &pods.to_string(), "--base-port", "0"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kvgate sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the sim's ready line");
+        let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
+        let pods = ready["ready"]["pods"].as_array().cloned().expect("pods");
+        Self { child, pods }
+    }
+
+    /// A string field of pod `i`'s status.
+    pub fn field(&self, i: usize, name: &str) -> &str {
+        self.pods[i][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("pod {i} has no {name}"))
+    }
+
+    /// The host part of pod `i`'s topic `kv@<host>@<model>`.
+    pub fn topic_host(&self, i: usize, model: &str) -> &str {
+        let topic = self.field(i, "topic");
+        topic
+            .strip_prefix("kv@")
+            .and_then(|t| t.strip_suffix(&format!("@{model}")))
+            .unwrap_or_else(|| panic!("unexpected topic {topic}"))
+    }
+}
+
+impl Drop for SimPods {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
