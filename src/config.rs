@@ -42,6 +42,17 @@ pub struct ServerConfig {
     pub admin: SocketAddr,
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// Largest request header (request line and fields, as received) accepted (431 above it).
+    pub max_header_bytes: usize,
+    /// Most header fields a request may carry (431 above it).
+    pub max_header_fields: usize,
+    /// Concurrent client connections on `listen`; connections beyond it get 503 and are closed.
+    pub max_connections: usize,
+    /// Time a client has to send a whole request header, from accepting its connection or
+    /// from the first byte of a request on a kept-alive one.
+    pub header_timeout_ms: u64,
+    /// How long a kept-alive connection may sit idle between requests (0 = no keep-alive).
+    pub keep_alive_timeout_ms: u64,
     /// Pods tried per request when connecting fails (the body is replayed).
     pub max_attempts: usize,
     pub connect_timeout_ms: u64,
@@ -60,12 +71,76 @@ pub struct ServerConfig {
     pub threads: usize,
 }
 
+/// Pingora 0.9.1 reads a request header into a buffer it refuses to grow past this
+/// (1 MiB − 1) and answers a bare 400 beyond it, before kvgate sees the request.
+pub const PINGORA_MAX_HEADER_BYTES: usize = 1_048_575;
+/// Pingora 0.9.1 parses a request header into a fixed array of this many fields and
+/// answers a bare 400 when there are more.
+pub const PINGORA_MAX_HEADER_FIELDS: usize = 256;
+/// Pingora 0.9.1 also closes a new connection whose first header stalls this long
+/// between two reads, whatever kvgate's own header timeout says.
+pub const PINGORA_FIRST_HEADER_READ_TIMEOUT_MS: u64 = 60_000;
+/// Smaller than a request line with a `Host` field and a short path: nothing would pass.
+const MIN_HEADER_BYTES: usize = 1_024;
+
+impl ServerConfig {
+    /// The listener limits take effect below Pingora's own hard limits, which answer with
+    /// a bare 400 (or a silent close) instead of kvgate's 431/JSON; a value above one
+    /// would not be the effective limit, so it is refused.
+    fn validate_listener_limits(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !(MIN_HEADER_BYTES..=PINGORA_MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return invalid(format!(
+                "server.maxHeaderBytes must be between {MIN_HEADER_BYTES} and \
+                 {PINGORA_MAX_HEADER_BYTES} (Pingora rejects larger headers itself), got {}",
+                self.max_header_bytes
+            ));
+        }
+        if !(1..=PINGORA_MAX_HEADER_FIELDS).contains(&self.max_header_fields) {
+            return invalid(format!(
+                "server.maxHeaderFields must be between 1 and {PINGORA_MAX_HEADER_FIELDS} \
+                 (Pingora rejects more fields itself), got {}",
+                self.max_header_fields
+            ));
+        }
+        if self.max_connections == 0 {
+            return invalid("server.maxConnections must be ≥ 1".into());
+        }
+        if !(1..=PINGORA_FIRST_HEADER_READ_TIMEOUT_MS).contains(&self.header_timeout_ms) {
+            return invalid(format!(
+                "server.headerTimeoutMs must be between 1 and \
+                 {PINGORA_FIRST_HEADER_READ_TIMEOUT_MS} (Pingora closes a connection whose first \
+                 header stalls that long), got {}",
+                self.header_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".parse().expect("literal address"),
             admin: "127.0.0.1:9090".parse().expect("literal address"),
             max_body_bytes: 32 << 20,
+            // An OpenAI SDK request carries a dozen fields in under 2 KiB; 64 KiB leaves room
+            // for the long bearer tokens and tracing headers that gateways in front add, while
+            // bounding what an idle connection can make kvgate buffer (Envoy ships 60 KiB).
+            max_header_bytes: 64 << 10,
+            // Same reasoning, and Envoy's default: real clients send 10 to 30.
+            max_header_fields: 100,
+            // A streamed generation holds its connection for its whole length, so concurrency
+            // is connections; 4096 is ample for a fleet's clients and keeps the proxied pairs
+            // (two descriptors each) far below a container's usual descriptor limit.
+            max_connections: 4_096,
+            // A real client writes its header at once; 30 s still tolerates a congested link,
+            // while a slowloris client is cut after at most this long per request.
+            header_timeout_ms: 30_000,
+            // Longer than the clients' own pool idle expiry (httpx, used by the OpenAI SDK: 5 s;
+            // aiohttp: 15 s), so the client closes idle connections first and never writes a
+            // request into one kvgate is closing.
+            keep_alive_timeout_ms: 60_000,
             max_attempts: 3,
             connect_timeout_ms: 1_000,
             response_timeout_ms: 600_000,
@@ -361,6 +436,7 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return invalid("server.maxBodyBytes must be > 0".into());
         }
+        self.server.validate_listener_limits()?;
         if self.server.max_attempts == 0 {
             return invalid("server.maxAttempts must be ≥ 1".into());
         }
@@ -491,6 +567,68 @@ mod tests {
             .to_string();
         assert!(err.contains("sha256_cbor"), "{err}");
         assert!(err.contains("model \"m\""), "{err}");
+    }
+
+    fn with_server(server: &str) -> Result<Config, String> {
+        let model = with_model(
+            "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
+        );
+        let config = Config::parse(&format!("server:\n{server}{model}"))?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn listener_limits_default_to_production_values() {
+        let server = with_server("  threads: 2\n")
+            .expect("defaults are valid")
+            .server;
+        assert_eq!(server.max_header_bytes, 65_536);
+        assert_eq!(server.max_header_fields, 100);
+        assert_eq!(server.max_connections, 4_096);
+        assert_eq!(server.header_timeout_ms, 30_000);
+        assert_eq!(server.keep_alive_timeout_ms, 60_000);
+        let set = with_server(
+            "  maxHeaderBytes: 1048575\n  maxHeaderFields: 256\n  maxConnections: 1\n  headerTimeoutMs: 60000\n  keepAliveTimeoutMs: 0\n",
+        )
+        .expect("Pingora's own limits and keep-alive off are valid")
+        .server;
+        assert_eq!(
+            (set.max_header_bytes, set.max_header_fields),
+            (PINGORA_MAX_HEADER_BYTES, PINGORA_MAX_HEADER_FIELDS)
+        );
+        assert_eq!(set.keep_alive_timeout_ms, 0);
+    }
+
+    #[test]
+    fn listener_limits_beyond_pingoras_are_refused() {
+        for (server, field, bound) in [
+            (
+                "  maxHeaderBytes: 1048576\n",
+                "server.maxHeaderBytes",
+                "1048575",
+            ),
+            ("  maxHeaderBytes: 512\n", "server.maxHeaderBytes", "1024"),
+            ("  maxHeaderFields: 257\n", "server.maxHeaderFields", "256"),
+            ("  maxHeaderFields: 0\n", "server.maxHeaderFields", "1"),
+            ("  maxConnections: 0\n", "server.maxConnections", "1"),
+            (
+                "  headerTimeoutMs: 60001\n",
+                "server.headerTimeoutMs",
+                "60000",
+            ),
+            ("  headerTimeoutMs: 0\n", "server.headerTimeoutMs", "1"),
+        ] {
+            let err = with_server(server).expect_err(server);
+            assert!(
+                err.contains(field) && err.contains(bound),
+                "{server}: {err}"
+            );
+        }
+        let err = with_server("  maxHeaderBytes: 2097152\n").expect_err("above the cap");
+        assert!(err.contains("Pingora"), "{err}");
+        let err = with_server("  maxHeaderCount: 10\n").expect_err("typo");
+        assert!(err.contains("maxHeaderCount"), "{err}");
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! removed, changed; a removed model's pods and their index entries are retired),
 //! each model's pods (its discovery source is restarted when `discovery` changed;
 //! pods listed again keep their state), LoRA adapters, `server` tunables read per
-//! request, `events` replay and parity settings, and `logging.level`. What needs
-//! a new process (`kvgate serve -u`): the listen and admin addresses, worker
-//! threads, the event topology, the index budget and the log format.
+//! request or per new connection (the listener limits: a reload leaves connections
+//! already open on the timeouts they were accepted with), `events` replay and parity
+//! settings, and `logging.level`. What needs a new process (`kvgate serve -u`): the
+//! listen and admin addresses, worker threads, the event topology, the index budget
+//! and the log format.
 //!
 //! File changes are watched on the config's directory, not the file: editors
 //! replace the file by renaming over it and Kubernetes swaps a symlinked

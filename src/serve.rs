@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService, GenBackgroundService};
+use pingora::services::listening::Service as ListeningService;
 use pingora::services::{Service, ServiceReadyNotifier};
 use serde_json::json;
 
@@ -24,7 +25,9 @@ use crate::discovery::DiscoveryConfig;
 use crate::events::{EventServiceError, EventServiceOptions, KvEventService, ParityVerdict};
 use crate::logging::{self, LoggingError};
 use crate::metrics::{self, AdminListener, AdminState, EventTotals, IndexSample, Metrics};
-use crate::proxy::{DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy};
+use crate::proxy::{
+    DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy, LimitedListener,
+};
 use crate::reload::Reloader;
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
@@ -172,10 +175,18 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let gate_handle = server.add_service(shared_service("ready gate", &gate));
     gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        KvGateProxy::new(Arc::clone(&gateway)),
-        "kvgate proxy",
+    // Plain HTTP/1.1 (no TLS, no h2c): the listener limits follow one request at a time
+    // per connection.
+    let mut proxy = ListeningService::new(
+        "kvgate proxy".to_string(),
+        LimitedListener::new(
+            pingora::proxy::http_proxy(
+                &server.configuration,
+                KvGateProxy::new(Arc::clone(&gateway)),
+            ),
+            Arc::clone(&gateway),
+            Arc::clone(&metrics),
+        ),
     );
     proxy.add_tcp(&listen.to_string());
     let proxy = server.add_service(proxy);

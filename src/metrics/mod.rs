@@ -34,6 +34,9 @@
 //! | `kvgate_hash_parity` | gauge | pod |
 //! | `kvgate_pod_healthy`, `kvgate_pod_events_synced` | gauge | pod |
 //! | `kvgate_pod_requests_running`, `_waiting`, `kvgate_pod_kv_usage_ratio`, `kvgate_pod_in_flight` | gauge | pod |
+//! | `kvgate_downstream_connections` | gauge | |
+//! | `kvgate_downstream_connections_refused_total` | counter | |
+//! | `kvgate_downstream_timeouts_total` | counter | phase |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
 //! | `kvgate_build_info` | gauge | version |
@@ -136,6 +139,15 @@ pub struct IndexSample {
     pub rejected_stores_total: u64,
 }
 
+/// What kvgate was waiting for from a client when it gave up on the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientWait {
+    /// The rest of a request header (`server.headerTimeoutMs`).
+    Header,
+    /// The next request on a kept-alive connection (`server.keepAliveTimeoutMs`).
+    Idle,
+}
+
 /// How one proxied request ended, for [`Metrics::request_finished`].
 #[derive(Clone, Copy, Debug)]
 pub struct RequestRecord<'a> {
@@ -188,6 +200,10 @@ pub struct Metrics {
     pod_waiting: GaugeVec,
     pod_kv_usage: GaugeVec,
     pod_in_flight: IntGaugeVec,
+    downstream_connections: IntGauge,
+    connections_refused: IntCounter,
+    header_timeouts: IntCounter,
+    idle_timeouts: IntCounter,
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
@@ -370,6 +386,23 @@ impl Metrics {
             "Requests kvgate has in flight to the pod.",
             pod,
         )?;
+        let downstream_connections = gauge(
+            &r,
+            "kvgate_downstream_connections",
+            "Client connections open on the public listener.",
+        )?;
+        let connections_refused = counter(
+            &r,
+            "kvgate_downstream_connections_refused_total",
+            "Client connections refused with 503 because server.maxConnections were open.",
+        )?;
+        let timeouts = counter_vec(
+            &r,
+            "kvgate_downstream_timeouts_total",
+            "Client connections closed for waiting too long: header (a request header not \
+             complete within server.headerTimeoutMs) or idle (keep-alive expired).",
+            &["phase"],
+        )?;
         let reloads = counter_vec(
             &r,
             "kvgate_config_reloads_total",
@@ -392,6 +425,10 @@ impl Metrics {
             .set(1);
         Ok(Self {
             registry: r,
+            downstream_connections,
+            connections_refused,
+            header_timeouts: timeouts.with_label_values(&["header"]),
+            idle_timeouts: timeouts.with_label_values(&["idle"]),
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
             requests,
@@ -691,6 +728,27 @@ impl Metrics {
             .mirror(sample.evicted_blocks_total);
         self.index_rejected_stores
             .mirror(sample.rejected_stores_total);
+    }
+
+    /// A client connection was accepted on the public listener.
+    pub fn connection_opened(&self) {
+        self.downstream_connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.downstream_connections.dec();
+    }
+
+    /// A client connection was turned away at `server.maxConnections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    pub fn connection_timed_out(&self, waiting_for: ClientWait) {
+        match waiting_for {
+            ClientWait::Header => self.header_timeouts.inc(),
+            ClientWait::Idle => self.idle_timeouts.inc(),
+        }
     }
 
     pub fn config_reload(&self, ok: bool) {
@@ -1454,6 +1512,28 @@ mod tests {
         );
         assert_eq!(value(&m, "kvgate_index_entries", &[]), Some(10.0));
         assert_eq!(value(&m, "kvgate_index_bytes", &[]), Some(4096.0));
+    }
+
+    #[test]
+    fn listener_connections_refusals_and_timeouts_are_counted() {
+        let m = Metrics::new().expect("metrics");
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_refused();
+        m.connection_timed_out(ClientWait::Header);
+        m.connection_timed_out(ClientWait::Idle);
+        m.connection_timed_out(ClientWait::Idle);
+        assert_eq!(value(&m, "kvgate_downstream_connections", &[]), Some(1.0));
+        assert_eq!(
+            value(&m, "kvgate_downstream_connections_refused_total", &[]),
+            Some(1.0)
+        );
+        let timeouts = |phase| value(&m, "kvgate_downstream_timeouts_total", &[("phase", phase)]);
+        assert_eq!(
+            (timeouts("header"), timeouts("idle")),
+            (Some(1.0), Some(2.0))
+        );
     }
 
     #[test]

@@ -74,6 +74,33 @@ impl ApiError {
         )
     }
 
+    pub fn header_too_large(bytes: usize, limit: usize) -> Self {
+        Self::new(
+            431,
+            "invalid_request_error",
+            "request_header_too_large",
+            format!("The request header is {bytes} bytes; the limit is {limit}."),
+        )
+    }
+
+    pub fn too_many_header_fields(fields: usize, limit: usize) -> Self {
+        Self::new(
+            431,
+            "invalid_request_error",
+            "too_many_header_fields",
+            format!("The request has {fields} header fields; the limit is {limit}."),
+        )
+    }
+
+    pub fn too_many_connections() -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "too_many_connections",
+            "The gateway is at its connection limit; retry shortly.".into(),
+        )
+    }
+
     /// Serializes the body. Plain strings only, so this cannot fail.
     pub fn body(&self) -> Bytes {
         #[derive(Serialize)]

@@ -11,6 +11,7 @@ mod errors;
 mod forward;
 mod gateway;
 mod health;
+mod limits;
 mod log;
 mod pipeline;
 mod usage;
@@ -30,6 +31,7 @@ pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
 pub use gateway::{ActiveRequest, Gateway, GatewayError, GatewayState, ModelRuntime, Route};
 pub use health::HealthChecker;
+pub use limits::LimitedListener;
 pub use log::RequestCtx;
 pub use usage::{Usage, UsageTap};
 
@@ -98,6 +100,7 @@ impl ProxyHttp for KvGateProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        limits::request_started(session);
         ctx.begin(session.req_header());
         ctx.active = Some(self.gateway.begin_request());
         if self.gateway.is_draining() {
@@ -105,17 +108,31 @@ impl ProxyHttp for KvGateProxy {
             // connection, which lands on the process that took over the socket.
             session.set_keepalive(None);
         }
-        let header = session.req_header();
-        let kind = classify(&header.method, header.uri.path());
-        let outcome = match kind {
-            PathKind::Inference(endpoint) => self.inference(session, ctx, endpoint).await,
-            PathKind::Passthrough => self.passthrough(session, ctx).await,
-            PathKind::Models => return self.models(session, ctx).await.map(|()| true),
-            PathKind::NotAllowed => Err(ApiError::method_not_allowed(
-                header.method.as_str(),
-                header.uri.path(),
-            )),
-            PathKind::NotFound => Err(ApiError::path_not_found(header.uri.path())),
+        let header_check = {
+            let state = self.gateway.state();
+            let server = &state.config.server;
+            if server.keep_alive_timeout_ms == 0 {
+                session.set_keepalive(None);
+            }
+            limits::check_header(session, server)
+        };
+        let outcome = if let Err(error) = header_check {
+            // A client past the header limits is broken or hostile: no further request
+            // on this connection.
+            session.set_keepalive(None);
+            Err(error)
+        } else {
+            let header = session.req_header();
+            match classify(&header.method, header.uri.path()) {
+                PathKind::Inference(endpoint) => self.inference(session, ctx, endpoint).await,
+                PathKind::Passthrough => self.passthrough(session, ctx).await,
+                PathKind::Models => return self.models(session, ctx).await.map(|()| true),
+                PathKind::NotAllowed => Err(ApiError::method_not_allowed(
+                    header.method.as_str(),
+                    header.uri.path(),
+                )),
+                PathKind::NotFound => Err(ApiError::path_not_found(header.uri.path())),
+            }
         };
         if let Err(error) = outcome {
             if ctx.error.is_none() {
@@ -147,6 +164,7 @@ impl ProxyHttp for KvGateProxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        limits::request_finished(session);
         let response = session.response_written();
         let status = response.map_or(0, |h| h.status.as_u16());
         let streamed = response

@@ -111,6 +111,12 @@ pub struct GatewayConfig {
     pub models: Vec<(String, Vec<String>)>,
     /// (base model, LoRA adapter name).
     pub lora_adapters: Vec<(String, String)>,
+    /// Listener limits; `None` leaves kvgate's default.
+    pub max_header_bytes: Option<usize>,
+    pub max_header_fields: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub header_timeout_ms: Option<u64>,
+    pub keep_alive_timeout_ms: Option<u64>,
 }
 
 impl Default for GatewayConfig {
@@ -123,6 +129,11 @@ impl Default for GatewayConfig {
             scrape_interval_ms: 0,
             models: Vec::new(),
             lora_adapters: Vec::new(),
+            max_header_bytes: None,
+            max_header_fields: None,
+            max_connections: None,
+            header_timeout_ms: None,
+            keep_alive_timeout_ms: None,
         }
     }
 }
@@ -137,6 +148,19 @@ impl GatewayConfig {
         self.lora_adapters
             .push((model.to_string(), adapter.to_string()));
         self
+    }
+
+    fn listener_limits(&self) -> String {
+        [
+            ("maxHeaderBytes", self.max_header_bytes.map(|v| v as u64)),
+            ("maxHeaderFields", self.max_header_fields.map(|v| v as u64)),
+            ("maxConnections", self.max_connections.map(|v| v as u64)),
+            ("headerTimeoutMs", self.header_timeout_ms),
+            ("keepAliveTimeoutMs", self.keep_alive_timeout_ms),
+        ]
+        .iter()
+        .filter_map(|(key, value)| value.map(|v| format!("  {key}: {v}\n")))
+        .collect()
     }
 
     fn render(&self, listen: u16, admin: u16) -> String {
@@ -154,7 +178,7 @@ impl GatewayConfig {
   scrapeIntervalMs: {}
   profileHeader: x-kvgate-profile
   threads: 2
-events:
+{}events:
   mode: off
 logging:
   level: info
@@ -167,6 +191,7 @@ models:
             self.eject_after_failures,
             self.health_check_interval_ms,
             self.scrape_interval_ms,
+            self.listener_limits(),
         );
         for (name, pods) in &self.models {
             let pods = pods
