@@ -200,7 +200,7 @@ scorers:
     assert_eq!(distinct.len(), 4, "without speculation: {scattered:?}");
 
     // After the TTL, with no event confirming, the speculation is gone.
-    let late = request("e", &shared, 10_000);
+    let late = request("e", &shared, 40_000);
     let decision = precise.schedule(&late, &set);
     assert_eq!(scorer_score(&decision, together[0], "kv-cache"), 0.0);
 }
