@@ -210,7 +210,11 @@ mod tests {
         drop(second);
         assert_eq!(pod.estimated_requests(), 5.0);
         pod.set_scraped(ScrapedLoad::default());
-        assert_eq!(pod.estimated_requests(), 0.0, "a fresh scrape replaces the guess");
+        assert_eq!(
+            pod.estimated_requests(),
+            0.0,
+            "a fresh scrape replaces the guess"
+        );
     }
 
     #[test]
