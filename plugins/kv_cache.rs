@@ -76,8 +76,8 @@ impl Default for Params {
             // and dropping W1's hit rate to round-robin's. Past W1's knee every pod's
             // waiting queue grows and differences of 64 requests are common even when the
             // holder is the right choice: yielding there recomputed prefixes on a fleet that
-            // was short of compute (91 % hit, TTFT p99 0.65 s over the ladder); at 256 it
-            // holds 97 % (p99 0.53 s), equal to the oracle, the other workloads unchanged.
+            // was short of compute (91 % hit, TTFT p99 649 s over the ladder); at 256 it
+            // holds 97 % (p99 533 s), equal to the oracle, the other workloads unchanged.
             saturation_tokens: 262_144,
             saturation_waiting: 256.0,
         }
