@@ -350,10 +350,21 @@ impl Forwarder {
             .map_err(|_| ForwardError::ClientGone)?;
         let mut usage = UsageTap::for_content_type(&content_type);
         while !upstream.is_body_done() {
+            // Upstream first: a client may close the moment it holds the whole answer, while
+            // the upstream's end of body is already readable.
             let chunk = tokio::select! {
+                biased;
                 chunk = upstream.read_body_bytes() => chunk,
                 _ = session.downstream_session.read_body_or_idle(true) => {
-                    return Err(ForwardError::ClientGone);
+                    // Gone after the answer's usage (the end of a JSON body, or an SSE
+                    // stream's last event) went out: a finished response, not an abandoned one.
+                    return match usage.finish() {
+                        Some(complete) => {
+                            report.usage = Some(complete);
+                            Ok(())
+                        }
+                        None => Err(ForwardError::ClientGone),
+                    };
                 }
             };
             let chunk = match chunk {
