@@ -155,7 +155,7 @@ fn fleet(parity_sample: f64, streams: Arc<Vec<Stream>>) -> Fleet {
         ..cfg.events.clone()
     };
     let mut ingestor = Ingestor::new(
-        IngestConfig::from_events(&events, 1),
+        IngestConfig::from_events(&events),
         vec![ModelEvents::from_config(&cfg.models[0]).expect("model")],
         Arc::clone(&index),
         registry,

@@ -43,6 +43,7 @@ use serde::Deserialize;
 use super::{
     parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
 };
+use crate::events::IndexTargets;
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
 use crate::pods::{EventTrust, Pod, PodId};
 
@@ -115,6 +116,7 @@ pub fn build(
     }
     Ok(Arc::new(KvCache {
         index: Arc::clone(&ctx.index),
+        targets: Arc::clone(&ctx.targets),
         cpu_discount: p.cpu_discount,
         speculative_ttl: Duration::from_millis(p.speculative_ttl_ms),
         speculative_discount: p.speculative_discount,
@@ -130,6 +132,7 @@ pub fn build(
 
 pub struct KvCache {
     index: Arc<BlockIndex>,
+    targets: Arc<IndexTargets>,
     cpu_discount: f64,
     speculative_ttl: Duration,
     speculative_discount: f64,
@@ -249,8 +252,10 @@ impl Plugin for KvCache {
                 if cand.pod.trust() != EventTrust::Synced {
                     continue;
                 }
-                let (indexed, any) =
-                    indexed_credit(found.get(cand.pod.id), request_blocks, self.cpu_discount);
+                // A data-parallel pod routes the request to one of its ranks itself:
+                // credit the rank holding the longest prefix.
+                let held = self.targets.best_prefix(found, cand.pod.id);
+                let (indexed, any) = indexed_credit(held, request_blocks, self.cpu_discount);
                 let promised =
                     speculative.prefix_len(req.scope, req.block_keys, cand.pod.id, req.now);
                 cand.cached_blocks = cand.cached_blocks.max(any).max(promised);
@@ -385,6 +390,21 @@ mod tests {
         kv.routed(&request(&blocks), &cands[0]);
         let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
         assert_eq!(got, vec![0.5 * 3.0 / 5.0]);
+    }
+
+    #[test]
+    fn a_data_parallel_pod_is_credited_with_its_best_rank() {
+        let ctx = context();
+        let mut cands = candidates(2);
+        synced(&cands);
+        let blocks = [41, 42, 43, 44];
+        // Pod 0 runs two ranks; ingestion indexes rank 1's blocks under id 9.
+        ctx.targets.set(0, &[0, 9]);
+        ctx.index.store(0, 0, Tier::Gpu, &blocks[..1]);
+        ctx.index.store(9, 0, Tier::Gpu, &blocks[..3]);
+        let got = scores(plugin(&ctx, None).as_ref(), &request(&blocks), &mut cands);
+        assert_eq!(got, vec![0.75, 0.0]);
+        assert_eq!(cands[0].cached_blocks, 3);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::IndexTargets;
 use crate::index::BlockIndex;
 use crate::pods::Pod;
 
@@ -164,6 +165,8 @@ pub trait Plugin: Send + Sync {
 #[derive(Clone)]
 pub struct PluginContext {
     pub index: Arc<BlockIndex>,
+    /// Which index ids hold each pod's blocks (one per data-parallel rank).
+    pub targets: Arc<IndexTargets>,
     pub block_size: usize,
     /// KV-cache capacity of one pod in blocks.
     pub pod_kv_blocks: usize,

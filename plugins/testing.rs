@@ -48,6 +48,7 @@ pub fn context() -> PluginContext {
             budget_bytes: 1 << 20,
             shards: 1,
         })),
+        targets: Arc::default(),
         block_size: BLOCK_SIZE,
         pod_kv_blocks: 1_024,
     }

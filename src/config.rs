@@ -166,6 +166,9 @@ pub enum EventsMode {
     Off,
 }
 
+/// Most data-parallel ranks per pod: each costs a socket pair per pod.
+pub const MAX_DATA_PARALLEL_SIZE: u32 = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct EventsConfig {
@@ -181,6 +184,9 @@ pub struct EventsConfig {
     pub require_known_pods: bool,
     /// Fraction of BlockStored runs re-hashed to check that kvgate's hash settings match the pods'.
     pub parity_sample: f64,
+    /// vLLM `--data-parallel-size` of the pods: each rank publishes on its own sockets,
+    /// rank r on the events and replay ports + r (connect mode) or to the bind port + r.
+    pub data_parallel_size: u32,
 }
 
 impl Default for EventsConfig {
@@ -193,6 +199,7 @@ impl Default for EventsConfig {
             replay_timeout_ms: 2_000,
             require_known_pods: true,
             parity_sample: 0.05,
+            data_parallel_size: 1,
         }
     }
 }
@@ -449,6 +456,11 @@ impl Config {
         if !(0.0..=1.0).contains(&self.events.parity_sample) {
             return invalid("events.paritySample must be between 0 and 1".into());
         }
+        if !(1..=MAX_DATA_PARALLEL_SIZE).contains(&self.events.data_parallel_size) {
+            return invalid(format!(
+                "events.dataParallelSize must be between 1 and {MAX_DATA_PARALLEL_SIZE}"
+            ));
+        }
         if !self.profiles.contains_key("default")
             && self.models.iter().any(|m| m.profile == "default")
         {
@@ -629,6 +641,24 @@ mod tests {
         assert!(err.contains("Pingora"), "{err}");
         let err = with_server("  maxHeaderCount: 10\n").expect_err("typo");
         assert!(err.contains("maxHeaderCount"), "{err}");
+    }
+
+    #[test]
+    fn data_parallel_size_is_bounded() {
+        let model = with_model(
+            "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
+        );
+        let parse = |events: &str| {
+            let config = Config::parse(&format!("events:\n{events}{model}"))?;
+            config.validate().map_err(|e| e.to_string())?;
+            Ok::<_, String>(config.events.data_parallel_size)
+        };
+        assert_eq!(parse("  mode: connect\n"), Ok(1));
+        assert_eq!(parse("  dataParallelSize: 4\n"), Ok(4));
+        for bad in ["  dataParallelSize: 0\n", "  dataParallelSize: 65\n"] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains("events.dataParallelSize"), "{err}");
+        }
     }
 
     #[test]

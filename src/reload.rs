@@ -225,6 +225,11 @@ impl Reloader {
             new.events.bind.clone(),
         )?;
         same(
+            "events.dataParallelSize",
+            running.events.data_parallel_size.to_string(),
+            new.events.data_parallel_size.to_string(),
+        )?;
+        same(
             "events.topicPrefix",
             running.events.topic_prefix.clone(),
             new.events.topic_prefix.clone(),

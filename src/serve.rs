@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::config::{Config, ConfigError, EventsMode};
 use crate::discovery::DiscoveryConfig;
-use crate::events::{EventServiceError, EventServiceOptions, KvEventService, ParityVerdict};
+use crate::events::{EventServiceError, KvEventService, ParityVerdict};
 use crate::logging::{self, LoggingError};
 use crate::metrics::{self, AdminListener, AdminState, EventTotals, IndexSample, Metrics};
 use crate::proxy::{
@@ -98,7 +98,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         &config,
         Arc::clone(&gateway.pods),
         Arc::clone(&gateway.index),
-        EventServiceOptions::default(),
+        Arc::clone(&gateway.targets),
     )?);
 
     let state_sock = upgrade::state_socket(&args.upgrade_sock);

@@ -339,6 +339,7 @@ fn deploy_config_is_a_valid_kvgate_config() {
             budget_bytes: 16 << 20,
             shards: 4,
         })),
+        targets: Arc::default(),
         block_size: model.block_size,
         pod_kv_blocks: model.pod_kv_blocks,
     };

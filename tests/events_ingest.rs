@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kvgate::config::Config;
 use kvgate::discovery::PodEndpoint;
-use kvgate::events::{EventServiceOptions, KvEventService, ParityVerdict, PodEventCounts};
+use kvgate::events::{KvEventService, ParityVerdict, PodEventCounts};
 use kvgate::index::{BlockIndex, IndexConfig, PrefixMatch, ScopeId};
 use kvgate::pods::{EventTrust, Pod, PodId, PodRegistry};
 use kvgate::scope::scope_id;
@@ -122,6 +122,9 @@ struct Gate {
 
 impl Gate {
     async fn start(config: &Config, dp: u32) -> Self {
+        let mut config = config.clone();
+        config.events.data_parallel_size = dp;
+        let config = &config;
         let models: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
         let registry = Arc::new(PodRegistry::new(models));
         let index = Arc::new(BlockIndex::new(IndexConfig {
@@ -133,9 +136,7 @@ impl Gate {
                 config,
                 Arc::clone(&registry),
                 Arc::clone(&index),
-                EventServiceOptions {
-                    data_parallel_size: dp,
-                },
+                Arc::default(),
             )
             .expect("service"),
         );

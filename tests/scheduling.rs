@@ -54,6 +54,7 @@ fn context() -> PluginContext {
             budget_bytes: 16 << 20,
             shards: 4,
         })),
+        targets: Arc::default(),
         block_size: BLOCK_SIZE,
         pod_kv_blocks: 4_096,
     }

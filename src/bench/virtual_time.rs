@@ -544,6 +544,7 @@ fn replica(setup: &SimSetup, policy: &PolicySpec, seed: u64) -> Result<Replica, 
     let index = Arc::new(BlockIndex::new(setup.index.clone()));
     let ctx = PluginContext {
         index: Arc::clone(&index),
+        targets: Arc::default(),
         block_size: setup.pod_params.block_size as usize,
         pod_kv_blocks: setup.pod_params.kv_blocks as usize,
     };

@@ -58,7 +58,7 @@ pub struct IngestConfig {
 }
 
 impl IngestConfig {
-    pub fn from_events(events: &crate::config::EventsConfig, data_parallel_size: u32) -> Self {
+    pub fn from_events(events: &crate::config::EventsConfig) -> Self {
         let replay_timeout = Duration::from_millis(events.replay_timeout_ms);
         Self {
             mode: events.mode,
@@ -66,7 +66,7 @@ impl IngestConfig {
             replay: events.replay,
             require_known_pods: events.require_known_pods,
             parity_sample: events.parity_sample,
-            data_parallel_size: data_parallel_size.max(1),
+            data_parallel_size: events.data_parallel_size.max(1),
             tracker: TrackerConfig {
                 replay: events.replay,
                 replay_deadline: replay_timeout + Duration::from_millis(500),
@@ -157,7 +157,8 @@ impl IndexTargets {
         }
     }
 
-    fn set(&self, pod: PodId, targets: &[PodId]) {
+    /// Records the index ids holding `pod`'s blocks (its own id alone: no entry).
+    pub fn set(&self, pod: PodId, targets: &[PodId]) {
         let identity = targets.is_empty() || targets == [pod];
         self.map.rcu(|current| {
             let mut next = HashMap::clone(current);
@@ -1051,7 +1052,7 @@ mod tests {
         Arc<IndexTargets>,
     ) {
         let config = Config::parse(
-            "events: {mode: bind, replay: false, paritySample: 0}\nmodels:\n  - name: m\n    tokenizer: t.json\n    blockSize: 4\n    \
+            "events: {mode: bind, replay: false, paritySample: 0, dataParallelSize: 2}\nmodels:\n  - name: m\n    tokenizer: t.json\n    blockSize: 4\n    \
              hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.26.0\"\n    discovery: {static: {pods: []}}\n",
         )
         .expect("config");
@@ -1059,7 +1060,7 @@ mod tests {
         let registry = Arc::new(PodRegistry::new([MODEL]));
         let targets = Arc::new(IndexTargets::default());
         let ingestor = Ingestor::new(
-            IngestConfig::from_events(&config.events, 2),
+            IngestConfig::from_events(&config.events),
             vec![ModelEvents::from_config(&config.models[0]).expect("model")],
             Arc::clone(&index),
             Arc::clone(&registry),
@@ -1215,7 +1216,7 @@ models:
                 shards: 4,
             }));
             let ingestor = Ingestor::new(
-                IngestConfig::from_events(&config.events, 1),
+                IngestConfig::from_events(&config.events),
                 vec![ModelEvents::from_config(&config.models[0]).expect("model")],
                 Arc::clone(&index),
                 Arc::clone(&registry),

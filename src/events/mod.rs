@@ -29,7 +29,7 @@ pub use ingest::{
 };
 pub use parity::{ParityChecker, ParityMismatch, ParityOutcome};
 pub use replay::{ReplayClient, ReplayError, ReplayReply};
-pub use service::{EventServiceError, EventServiceOptions, KvEventService};
+pub use service::{EventServiceError, KvEventService};
 pub use stats::{EventStats, GlobalEventStats, ParityVerdict, PodEventCounts, PodEventStats};
 pub use subscriber::{
     endpoint_for_rank, BindSource, ConnectSource, EventSource, Inbound, Origin, PodDelta,

@@ -48,23 +48,6 @@ pub enum EventServiceError {
     AlreadyStarted,
 }
 
-/// Settings beyond the config file's `events:` section.
-#[derive(Clone, Debug)]
-pub struct EventServiceOptions {
-    /// Data-parallel ranks each pod runs. Rank r publishes on the events port
-    /// + r (connect mode) or connects to kvgate's bind port + r (bind mode), and
-    /// replays on the replay port + r.
-    pub data_parallel_size: u32,
-}
-
-impl Default for EventServiceOptions {
-    fn default() -> Self {
-        Self {
-            data_parallel_size: 1,
-        }
-    }
-}
-
 enum Command {
     Reload(Vec<ModelEvents>),
 }
@@ -115,7 +98,7 @@ impl KvEventService {
         config: &Config,
         registry: Arc<PodRegistry>,
         index: Arc<BlockIndex>,
-        options: EventServiceOptions,
+        targets: Arc<IndexTargets>,
     ) -> Result<Self, EventServiceError> {
         let events = &config.events;
         let source: Box<dyn EventSource> = match events.mode {
@@ -123,10 +106,10 @@ impl KvEventService {
             EventsMode::Bind | EventsMode::Off => Box::new(BindSource::new(
                 events.bind.clone(),
                 events.topic_prefix.clone(),
-                options.data_parallel_size,
+                events.data_parallel_size,
             )),
         };
-        Self::with_source(config, registry, index, options, source)
+        Self::with_source(config, registry, index, targets, source)
     }
 
     /// The service reading from a source of the caller's choosing.
@@ -134,13 +117,12 @@ impl KvEventService {
         config: &Config,
         registry: Arc<PodRegistry>,
         index: Arc<BlockIndex>,
-        options: EventServiceOptions,
+        targets: Arc<IndexTargets>,
         source: Box<dyn EventSource>,
     ) -> Result<Self, EventServiceError> {
         let events = &config.events;
-        let cfg = IngestConfig::from_events(events, options.data_parallel_size);
+        let cfg = IngestConfig::from_events(events);
         let stats = Arc::new(EventStats::default());
-        let targets = Arc::new(IndexTargets::default());
         let ingestor = Ingestor::new(
             cfg.clone(),
             model_events(config)?,

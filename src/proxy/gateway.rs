@@ -13,6 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::{Config, ModelConfig};
+use crate::events::IndexTargets;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, IndexConfig, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
@@ -85,6 +86,9 @@ impl GatewayState {
 
 pub struct Gateway {
     pub index: Arc<BlockIndex>,
+    /// Index ids of pods whose blocks are not only under their own id (data-parallel
+    /// ranks); event ingestion writes it, the kv-cache scorer reads it.
+    pub targets: Arc<IndexTargets>,
     pub pods: Arc<PodRegistry>,
     state: ArcSwap<GatewayState>,
     epoch: Instant,
@@ -113,9 +117,11 @@ impl Gateway {
         let pods = Arc::new(PodRegistry::new(
             config.models.iter().map(|m| m.name.as_str()),
         ));
-        let state = build_state(config, &index)?;
+        let targets = Arc::new(IndexTargets::default());
+        let state = build_state(config, &index, &targets)?;
         Ok(Self {
             index,
+            targets,
             pods,
             state: ArcSwap::from_pointee(state),
             epoch: Instant::now(),
@@ -133,7 +139,7 @@ impl Gateway {
     /// running one untouched. Pods, their load and the index carry over; models may come
     /// and go: the pods of a dropped model are returned as removed.
     pub fn reload(&self, config: Config) -> Result<PodChanges, GatewayError> {
-        let state = build_state(config, &self.index)?;
+        let state = build_state(config, &self.index, &self.targets)?;
         let changes = self
             .pods
             .set_models(state.config.models.iter().map(|m| m.name.as_str()));
@@ -172,10 +178,14 @@ impl Gateway {
     }
 }
 
-fn build_state(config: Config, index: &Arc<BlockIndex>) -> Result<GatewayState, GatewayError> {
+fn build_state(
+    config: Config,
+    index: &Arc<BlockIndex>,
+    targets: &Arc<IndexTargets>,
+) -> Result<GatewayState, GatewayError> {
     let mut routes = HashMap::new();
     for model in &config.models {
-        let runtime = Arc::new(build_model(&config, model, index)?);
+        let runtime = Arc::new(build_model(&config, model, index, targets)?);
         routes.insert(
             model.name.clone(),
             Route {
@@ -207,6 +217,7 @@ fn build_model(
     config: &Config,
     model: &ModelConfig,
     index: &Arc<BlockIndex>,
+    targets: &Arc<IndexTargets>,
 ) -> Result<ModelRuntime, GatewayError> {
     let tokenizer = ModelTokenizer::load(
         &model.tokenizer,
@@ -223,6 +234,7 @@ fn build_model(
     })?;
     let ctx = PluginContext {
         index: Arc::clone(index),
+        targets: Arc::clone(targets),
         block_size: model.block_size,
         pod_kv_blocks: model.pod_kv_blocks,
     };
