@@ -167,12 +167,18 @@ fn count(value: f64) -> String {
     }
 }
 
+/// A ladder's QPS as given (`22`, `2.5`); a trace's measured rate to two decimals.
+fn qps_text(qps: f64) -> String {
+    let rounded = (qps * 100.0).round() / 100.0;
+    format!("{rounded}")
+}
+
 fn knee_text(summary: &PolicySummary) -> (String, String) {
     match (summary.knee_qps, summary.knee_output_tokens_per_s) {
         (Some(qps), Some(tokens)) if summary.knee_at_top => {
-            (format!("≥ {qps}"), format!("≥ {}", count(tokens)))
+            (format!("≥ {}", qps_text(qps)), format!("≥ {}", count(tokens)))
         }
-        (Some(qps), Some(tokens)) => (format!("{qps}"), count(tokens)),
+        (Some(qps), Some(tokens)) => (qps_text(qps), count(tokens)),
         _ => ("—".into(), "—".into()),
     }
 }
@@ -737,6 +743,13 @@ fn hit_rate_plot(report: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knee_rates_print_short() {
+        assert_eq!(qps_text(22.0), "22");
+        assert_eq!(qps_text(2.5), "2.5");
+        assert_eq!(qps_text(3.9069456158649585), "3.91");
+    }
 
     #[test]
     fn ticks_are_round_and_cover_the_range() {
