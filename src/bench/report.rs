@@ -175,9 +175,10 @@ fn qps_text(qps: f64) -> String {
 
 fn knee_text(summary: &PolicySummary) -> (String, String) {
     match (summary.knee_qps, summary.knee_output_tokens_per_s) {
-        (Some(qps), Some(tokens)) if summary.knee_at_top => {
-            (format!("≥ {}", qps_text(qps)), format!("≥ {}", count(tokens)))
-        }
+        (Some(qps), Some(tokens)) if summary.knee_at_top => (
+            format!("≥ {}", qps_text(qps)),
+            format!("≥ {}", count(tokens)),
+        ),
         (Some(qps), Some(tokens)) => (qps_text(qps), count(tokens)),
         _ => ("—".into(), "—".into()),
     }
