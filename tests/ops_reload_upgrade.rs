@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sim::SimPods;
-use upstream::{free_port, http_request, wait_for, FakePod, TOKENIZER_DIR};
+use sim::{model_yaml, SimPods};
+use upstream::{free_port, http_request, wait_for, FakePod};
 
 /// Target request rate of the load (the goal is at least 100/s).
 const RATE: f64 = 125.0;
@@ -47,7 +47,6 @@ const PODS: usize = 4;
 const DOCS: usize = 64;
 /// How long after an upgrade the new process's hit rate is measured.
 const TAKEOVER_WINDOW: Duration = Duration::from_secs(3);
-const BLOCK: usize = 16;
 /// Steady-state traffic before the first switch and after the last.
 const STEADY: Duration = Duration::from_secs(4);
 const STEP_LIMIT: Duration = Duration::from_secs(90);
@@ -115,22 +114,6 @@ impl Sim {
             .collect();
         Self { _pods: sim, pods }
     }
-}
-
-/// One model entry of a config, with the given static pods.
-fn model_yaml(name: &str, pods: &str) -> String {
-    format!(
-        "models:
-  - name: {name}
-    tokenizer: {TOKENIZER_DIR}/tokenizer.json
-    tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
-    blockSize: {BLOCK}
-    hashAlgo: sha256_cbor
-    hashSeed: \"0\"
-    vllmRelease: \"0.11.0\"
-    discovery: {{static: {{pods: {pods}}}}}
-"
-    )
 }
 
 struct Fleet {

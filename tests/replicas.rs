@@ -21,30 +21,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sim::SimPods;
-use upstream::{free_port, http_request, wait_for, TOKENIZER_DIR};
+use sim::{model_yaml, SimPods, BLOCK};
+use upstream::{free_port, http_request, wait_for};
 
 const PODS: usize = 4;
 const REPLICAS: usize = 3;
 const CONVERSATIONS: usize = 12;
-const BLOCK: usize = 16;
 const MODEL: &str = "qwen";
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn model_yaml(pods: &str) -> String {
-    format!(
-        "models:
-  - name: {MODEL}
-    tokenizer: {TOKENIZER_DIR}/tokenizer.json
-    tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
-    blockSize: {BLOCK}
-    hashAlgo: sha256_cbor
-    hashSeed: \"0\"
-    vllmRelease: \"0.11.0\"
-    discovery: {{static: {{pods: {pods}}}}}
-"
-    )
-}
 
 /// One `kvgate serve` replica with its own ports and config file.
 struct Replica {
@@ -72,7 +56,7 @@ logging:
   level: info
   format: json
 "
-        ) + &model_yaml(pods);
+        ) + &model_yaml(MODEL, pods);
         fs::write(&config, yaml).expect("write config");
         let log = dir.join(format!("kvgate-{n}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
@@ -147,7 +131,7 @@ fn document(n: usize) -> String {
 fn a_second_turn_on_another_replica_finds_the_first_turns_pod() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sim_config = dir.path().join("sim.yaml");
-    fs::write(&sim_config, model_yaml("[]")).expect("write sim config");
+    fs::write(&sim_config, model_yaml(MODEL, "[]")).expect("write sim config");
     let sim = SimPods::start(
         &sim_config,
         PODS,

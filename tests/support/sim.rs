@@ -7,6 +7,28 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+/// Block size of [`model_yaml`]'s model: small, so short prompts fill blocks.
+pub const BLOCK: usize = 16;
+
+const TOKENIZER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.tokenizers/qwen3");
+
+/// One `models:` entry with the given static pods, read by the sim pods and by the
+/// gateways in front of them alike (same tokenizer, block size and hash settings).
+pub fn model_yaml(name: &str, pods: &str) -> String {
+    format!(
+        "models:
+  - name: {name}
+    tokenizer: {TOKENIZER_DIR}/tokenizer.json
+    tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
+    blockSize: {BLOCK}
+    hashAlgo: sha256_cbor
+    hashSeed: \"0\"
+    vllmRelease: \"0.11.0\"
+    discovery: {{static: {{pods: {pods}}}}}
+"
+    )
+}
+
 /// A running `kvgate sim`; killed on drop.
 pub struct SimPods {
     child: Child,
