@@ -157,6 +157,10 @@ fn connections_beyond_the_limit_are_refused_until_one_closes() {
         max_connections: Some(2),
         ..GatewayConfig::default()
     });
+    // The start-up readiness probe holds a slot until kvgate has seen it close.
+    wait_for("no client connection open", Duration::from_secs(5), || {
+        (metric(&gateway, "kvgate_downstream_connections") == 0.0).then_some(())
+    });
     let mut first = connect(gateway.port);
     let mut second = connect(gateway.port);
     assert_eq!(models_on(&mut first), 200);
