@@ -82,6 +82,32 @@ pub enum Trigger {
     FileChanged,
 }
 
+/// One setting of a config, as text to compare and report.
+type SettingText = fn(&Config) -> String;
+
+/// Settings a reload cannot change, as they read in a config: the listeners, worker
+/// threads and event sockets are set up at start, and the index is sized then.
+const RESTART_ONLY: &[(&str, SettingText)] = &[
+    ("server.listen", |c| c.server.listen.to_string()),
+    ("server.admin", |c| c.server.admin.to_string()),
+    ("server.threads", |c| c.server.threads.to_string()),
+    ("events.mode", |c| format!("{:?}", c.events.mode)),
+    ("events.bind", |c| c.events.bind.clone()),
+    ("events.dataParallelSize", |c| {
+        c.events.data_parallel_size.to_string()
+    }),
+    ("events.topicPrefix", |c| c.events.topic_prefix.clone()),
+    ("index.budgetBytes", |c| c.index.budget_bytes.to_string()),
+];
+
+fn unchanged(field: &'static str, was: String, now: String) -> Result<(), ReloadError> {
+    if was == now {
+        Ok(())
+    } else {
+        Err(ReloadError::NeedsRestart { field, was, now })
+    }
+}
+
 impl Trigger {
     fn as_str(self) -> &'static str {
         match self {
@@ -192,54 +218,11 @@ impl Reloader {
     }
 
     fn restart_only(&self, running: &Config, new: &Config) -> Result<(), ReloadError> {
-        let same = |field: &'static str, was: String, now: String| {
-            if was == now {
-                Ok(())
-            } else {
-                Err(ReloadError::NeedsRestart { field, was, now })
-            }
-        };
-        same(
-            "server.listen",
-            running.server.listen.to_string(),
-            new.server.listen.to_string(),
-        )?;
-        same(
-            "server.admin",
-            running.server.admin.to_string(),
-            new.server.admin.to_string(),
-        )?;
-        same(
-            "server.threads",
-            running.server.threads.to_string(),
-            new.server.threads.to_string(),
-        )?;
-        same(
-            "events.mode",
-            format!("{:?}", running.events.mode),
-            format!("{:?}", new.events.mode),
-        )?;
-        same(
-            "events.bind",
-            running.events.bind.clone(),
-            new.events.bind.clone(),
-        )?;
-        same(
-            "events.dataParallelSize",
-            running.events.data_parallel_size.to_string(),
-            new.events.data_parallel_size.to_string(),
-        )?;
-        same(
-            "events.topicPrefix",
-            running.events.topic_prefix.clone(),
-            new.events.topic_prefix.clone(),
-        )?;
-        same(
-            "index.budgetBytes",
-            running.index.budget_bytes.to_string(),
-            new.index.budget_bytes.to_string(),
-        )?;
-        same(
+        for (field, value) in RESTART_ONLY {
+            unchanged(field, value(running), value(new))?;
+        }
+        // The logger in use, not the running config's field: it is what a reload would change.
+        unchanged(
             "logging.format",
             format!("{:?}", self.logs.format()),
             format!("{:?}", new.logging.format),
@@ -363,5 +346,45 @@ impl BackgroundService for Reloader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(events: &str) -> Config {
+        Config::parse(&format!(
+            "events: {{{events}}}\nmodels:\n  - name: m\n    tokenizer: t.json\n    blockSize: 16\n    \
+             hashAlgo: sha256_cbor\n    hashSeed: \"0\"\n    vllmRelease: \"0.11.0\"\n    discovery: {{static: {{pods: []}}}}\n"
+        ))
+        .expect("config parses")
+    }
+
+    #[test]
+    fn restart_only_settings_name_the_field_that_changed() {
+        let running = config("mode: connect");
+        let changed = |new: &Config| {
+            RESTART_ONLY
+                .iter()
+                .find_map(|(field, value)| unchanged(field, value(&running), value(new)).err())
+        };
+        assert!(changed(&config("mode: connect, replay: false")).is_none());
+        match changed(&config("mode: connect, dataParallelSize: 2")) {
+            Some(ReloadError::NeedsRestart { field, was, now }) => {
+                assert_eq!(
+                    (field, was.as_str(), now.as_str()),
+                    ("events.dataParallelSize", "1", "2")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            changed(&config("mode: bind")),
+            Some(ReloadError::NeedsRestart {
+                field: "events.mode",
+                ..
+            })
+        ));
     }
 }
