@@ -695,7 +695,11 @@ mod tests {
         let home = got.iter().position(|&s| s > 0.0).expect("a home");
         let _busy: Vec<_> = (0..4).map(|_| cands[home].pod.begin_request(0)).collect();
         let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-        assert_eq!(got.iter().position(|&s| s > 0.0), Some(home), "4 is within the slack");
+        assert_eq!(
+            got.iter().position(|&s| s > 0.0),
+            Some(home),
+            "4 is within the slack"
+        );
         let _busier = cands[home].pod.begin_request(0);
         let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
         let second = got.iter().position(|&s| s > 0.0).expect("a home");

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// How long a kept-alive connection may sit idle between requests (0 = no keep-alive).
     pub keep_alive_timeout_ms: u64,
+    /// Time a client has to send a whole request body once its header is in.
+    pub body_timeout_ms: u64,
     /// Pods tried per request when connecting fails (the body is replayed).
     pub max_attempts: usize,
     pub connect_timeout_ms: u64,
@@ -114,6 +116,9 @@ impl ServerConfig {
                 self.header_timeout_ms
             ));
         }
+        if self.body_timeout_ms == 0 {
+            return invalid("server.bodyTimeoutMs must be ≥ 1".into());
+        }
         Ok(())
     }
 }
@@ -141,6 +146,9 @@ impl Default for ServerConfig {
             // aiohttp: 15 s), so the client closes idle connections first and never writes a
             // request into one kvgate is closing.
             keep_alive_timeout_ms: 60_000,
+            // The largest body (32 MiB) in 60 s needs 4.5 Mbit/s; an OpenAI SDK sends its
+            // body with the header, so only a stalled or hostile client waits this long.
+            body_timeout_ms: 60_000,
             max_attempts: 3,
             connect_timeout_ms: 1_000,
             response_timeout_ms: 600_000,
@@ -630,6 +638,7 @@ mod tests {
                 "60000",
             ),
             ("  headerTimeoutMs: 0\n", "server.headerTimeoutMs", "1"),
+            ("  bodyTimeoutMs: 0\n", "server.bodyTimeoutMs", "1"),
         ] {
             let err = with_server(server).expect_err(server);
             assert!(

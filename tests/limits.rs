@@ -1,6 +1,6 @@
 //! The public listener's limits end to end: real clients (curl, raw sockets) against
 //! `kvgate serve` in a subprocess. Header size and field count, the connection limit,
-//! and the header and keep-alive deadlines that cut slow and idle clients.
+//! and the header, body and keep-alive deadlines that cut slow and idle clients.
 
 // Shared with the gateway tests, which use more of it.
 #[allow(dead_code)]
@@ -300,5 +300,66 @@ fn slow_and_idle_clients_are_cut_at_their_deadlines() {
         "every connection to be released",
         Duration::from_secs(5),
         || (metric(&gateway, "kvgate_downstream_connections") == 0.0).then_some(()),
+    );
+}
+
+#[test]
+fn a_body_trickled_past_its_deadline_gets_408_and_a_close() {
+    let body_timeout = Duration::from_millis(1000);
+    let gateway = gateway(GatewayConfig {
+        body_timeout_ms: Some(body_timeout.as_millis() as u64),
+        ..GatewayConfig::default()
+    });
+    let body = br#"{"model":"qwen","messages":[{"role":"user","content":"a slow upload"}]}"#;
+
+    // The whole body in one write is read at once.
+    let mut prompt = connect(gateway.port);
+    write_request(
+        &mut prompt,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        body,
+        true,
+    );
+    let (status, _, _) = read_response(&mut prompt);
+    assert_eq!(status, 503, "read, routed, and no pod to take it");
+
+    // The header at once, then the body a byte every 200 ms: each read is quick, the body is not.
+    let mut slow = connect(gateway.port);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).expect("write head");
+    let start = Instant::now();
+    let mut writer = slow.try_clone().expect("clone");
+    let dripper = thread::spawn(move || {
+        for byte in body {
+            if writer.write_all(&[*byte]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let (status, head, answer) = read_response(&mut slow);
+    let after = start.elapsed();
+    assert_eq!(status, 408, "{head}");
+    let error = error_of(&answer);
+    assert_eq!(error["code"], "request_timeout", "{error}");
+    assert_eq!(error["type"], "invalid_request_error", "{error}");
+    assert!(
+        after >= body_timeout - Duration::from_millis(50),
+        "{after:?}"
+    );
+    assert!(after < body_timeout + Duration::from_secs(4), "{after:?}");
+    // No lingering for the rest of a body that slow: the connection closes at once.
+    let (closed, _) = wait_closed(&mut slow);
+    assert!(closed - start < body_timeout + Duration::from_secs(4));
+    drop(slow);
+    dripper.join().expect("dripper");
+    assert_eq!(
+        metric(&gateway, "kvgate_downstream_timeouts_total{phase=\"body\"}"),
+        1.0
     );
 }

@@ -146,6 +146,8 @@ pub enum ClientWait {
     Header,
     /// The next request on a kept-alive connection (`server.keepAliveTimeoutMs`).
     Idle,
+    /// The rest of a request body (`server.bodyTimeoutMs`).
+    Body,
 }
 
 /// How one proxied request ended, for [`Metrics::request_finished`].
@@ -204,6 +206,7 @@ pub struct Metrics {
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
     idle_timeouts: IntCounter,
+    body_timeouts: IntCounter,
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
@@ -400,7 +403,8 @@ impl Metrics {
             &r,
             "kvgate_downstream_timeouts_total",
             "Client connections closed for waiting too long: header (a request header not \
-             complete within server.headerTimeoutMs) or idle (keep-alive expired).",
+             complete within server.headerTimeoutMs), body (a request body not complete \
+             within server.bodyTimeoutMs, answered 408) or idle (keep-alive expired).",
             &["phase"],
         )?;
         let reloads = counter_vec(
@@ -429,6 +433,7 @@ impl Metrics {
             connections_refused,
             header_timeouts: timeouts.with_label_values(&["header"]),
             idle_timeouts: timeouts.with_label_values(&["idle"]),
+            body_timeouts: timeouts.with_label_values(&["body"]),
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
             requests,
@@ -748,6 +753,7 @@ impl Metrics {
         match waiting_for {
             ClientWait::Header => self.header_timeouts.inc(),
             ClientWait::Idle => self.idle_timeouts.inc(),
+            ClientWait::Body => self.body_timeouts.inc(),
         }
     }
 

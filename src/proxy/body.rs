@@ -24,15 +24,21 @@ pub enum BodyError {
     },
     #[error("reading the request body failed: {0}")]
     Read(Box<pingora::Error>),
+    #[error("the request body did not arrive within {} ms", timeout.as_millis())]
+    TimedOut { timeout: Duration },
 }
 
-/// Reads the whole request body, at most `limit` bytes.
+/// Reads the whole request body, at most `limit` bytes, within `timeout` of being asked for.
 ///
 /// A declared `Content-Length` over the limit is refused before anything is read and
 /// before `100 Continue`, so an `Expect: 100-continue` client never sends the body.
 /// Otherwise `100 Continue` goes out first: clients such as curl wait up to a second
 /// for it before sending the body on their own.
-pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
     let declared = declared_length(session);
     if let Some(n) = declared.filter(|&n| n > limit) {
         return Err(BodyError::TooLarge {
@@ -49,6 +55,18 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Bod
             .await
             .map_err(BodyError::Read)?;
     }
+    // One deadline for the whole body: Pingora's timeout is per read, which a client
+    // sending a byte at a time never trips.
+    tokio::time::timeout(timeout, read_all(session, limit, declared))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut { timeout }))
+}
+
+async fn read_all(
+    session: &mut Session,
+    limit: usize,
+    declared: Option<usize>,
+) -> Result<Bytes, BodyError> {
     let mut body = BytesMut::with_capacity(declared.unwrap_or(CHUNKED_INITIAL_CAPACITY));
     while let Some(chunk) = session.read_request_body().await.map_err(BodyError::Read)? {
         if body.len() + chunk.len() > limit {

@@ -139,6 +139,12 @@ impl From<&BodyError> for ApiError {
                 e.to_string(),
             ),
             BodyError::Read(_) => Self::invalid_request("body_read_failed", e.to_string()),
+            BodyError::TimedOut { .. } => Self::new(
+                408,
+                "invalid_request_error",
+                "request_timeout",
+                e.to_string(),
+            ),
         }
     }
 }

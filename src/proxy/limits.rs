@@ -374,6 +374,7 @@ impl AsyncRead for GuardedStream {
                     match waiting_for {
                         ClientWait::Header => "request header not complete in time",
                         ClientWait::Idle => "keep-alive connection idle too long",
+                        ClientWait::Body => "request body not complete in time",
                     },
                 )))
             }

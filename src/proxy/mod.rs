@@ -139,13 +139,13 @@ impl ProxyHttp for KvGateProxy {
                 ctx.error = Some(error.message.clone());
             }
             // The client may still be sending a body we will not read: answer, let it
-            // finish sending, then close.
+            // finish sending (unless it was too slow sending it at all), then close.
             let unread_body = !session.is_body_done();
             if unread_body {
                 session.set_keepalive(None);
             }
             errors::respond(session, &error, &ctx.request_id).await?;
-            if unread_body {
+            if unread_body && error.status != 408 {
                 body::discard_rest(session).await;
             }
         }

@@ -5,7 +5,7 @@
 //! unroutable (unreadable body, unknown model, no pod) is answered here.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, Method};
 use pingora::http::RequestHeader;
@@ -19,6 +19,7 @@ use super::gateway::{GatewayState, Route};
 use super::log::RequestCtx;
 use super::{KvGateProxy, REQUEST_ID_HEADER, SESSION_HEADER};
 use crate::hash::ExtraKeys;
+use crate::metrics::ClientWait;
 use crate::plugins::{RequestOutcome, SchedulingRequest};
 use crate::scheduler::Pipeline;
 use crate::tokenize::{self, Endpoint, RequestError, TokenizeError};
@@ -312,9 +313,16 @@ impl KvGateProxy {
 }
 
 async fn read_body(session: &mut Session, state: &GatewayState) -> Result<bytes::Bytes, ApiError> {
-    body::read_body(session, state.config.server.max_body_bytes)
+    let server = &state.config.server;
+    let timeout = Duration::from_millis(server.body_timeout_ms);
+    body::read_body(session, server.max_body_bytes, timeout)
         .await
-        .map_err(|e: BodyError| ApiError::from(&e))
+        .map_err(|e: BodyError| {
+            if let BodyError::TimedOut { .. } = e {
+                crate::metrics::global().connection_timed_out(ClientWait::Body);
+            }
+            ApiError::from(&e)
+        })
 }
 
 fn header_str<'a>(header: &'a RequestHeader, name: &str) -> Option<&'a str> {

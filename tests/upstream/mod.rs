@@ -117,6 +117,7 @@ pub struct GatewayConfig {
     pub max_connections: Option<usize>,
     pub header_timeout_ms: Option<u64>,
     pub keep_alive_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
 }
 
 impl Default for GatewayConfig {
@@ -134,6 +135,7 @@ impl Default for GatewayConfig {
             max_connections: None,
             header_timeout_ms: None,
             keep_alive_timeout_ms: None,
+            body_timeout_ms: None,
         }
     }
 }
@@ -157,6 +159,7 @@ impl GatewayConfig {
             ("maxConnections", self.max_connections.map(|v| v as u64)),
             ("headerTimeoutMs", self.header_timeout_ms),
             ("keepAliveTimeoutMs", self.keep_alive_timeout_ms),
+            ("bodyTimeoutMs", self.body_timeout_ms),
         ]
         .iter()
         .filter_map(|(key, value)| value.map(|v| format!("  {key}: {v}\n")))
