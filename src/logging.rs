@@ -1,15 +1,21 @@
 //! Process logging: `tracing` to stderr, as text or one JSON object per line
 //! (`logging.format`), filtered by `logging.level` (env-filter syntax). The level can
 //! be changed by a config reload; the format is fixed for the life of the process.
-//! Pingora's own `log` records are captured too (tracing-subscriber's `log` bridge).
+//! Pingora's own `log` records are captured too (tracing-subscriber's `log` bridge),
+//! except its error for a connection kvgate cut at a client deadline: kvgate counts
+//! those and logs them at debug, and a slowloris flood must not flood the error log.
 
+use std::fmt;
 use std::io::IsTerminal;
 
-use tracing_subscriber::layer::SubscriberExt;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::{LogFormat, LoggingConfig};
+use crate::metrics::ClientWait;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
@@ -46,6 +52,7 @@ pub fn init(logging: &LoggingConfig) -> Result<LogControl, LoggingError> {
     };
     let installed = tracing_subscriber::registry()
         .with(filter)
+        .with(DeadlineEchoFilter)
         .with(output)
         .try_init()
         .is_ok();
@@ -53,6 +60,36 @@ pub fn init(logging: &LoggingConfig) -> Result<LogControl, LoggingError> {
         handle: installed.then_some(handle),
         format: logging.format,
     })
+}
+
+/// Drops Pingora's "Fail to proxy" error for a connection that kvgate's listener cut
+/// because the client missed a deadline (see `proxy::limits`).
+struct DeadlineEchoFilter;
+
+impl<S: Subscriber> Layer<S> for DeadlineEchoFilter {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        // Pingora logs through `log`, whose records arrive with the bridge's target.
+        let meta = event.metadata();
+        if *meta.level() != Level::ERROR || !matches!(meta.target(), "log" | "pingora_proxy") {
+            return true;
+        }
+        let mut message = MessageText::default();
+        event.record(&mut message);
+        !ClientWait::ALL
+            .iter()
+            .any(|wait| message.0.contains(wait.reason()))
+    }
+}
+
+#[derive(Default)]
+struct MessageText(String);
+
+impl Visit for MessageText {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
 }
 
 impl LogControl {

@@ -150,6 +150,19 @@ pub enum ClientWait {
     Body,
 }
 
+impl ClientWait {
+    pub const ALL: [Self; 3] = [Self::Header, Self::Idle, Self::Body];
+
+    /// Why the connection was cut, as the I/O error that cuts it says.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Header => "request header not complete in time",
+            Self::Idle => "keep-alive connection idle too long",
+            Self::Body => "request body not complete in time",
+        }
+    }
+}
+
 /// How one proxied request ended, for [`Metrics::request_finished`].
 #[derive(Clone, Copy, Debug)]
 pub struct RequestRecord<'a> {

@@ -371,11 +371,7 @@ impl AsyncRead for GuardedStream {
                 );
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    match waiting_for {
-                        ClientWait::Header => "request header not complete in time",
-                        ClientWait::Idle => "keep-alive connection idle too long",
-                        ClientWait::Body => "request body not complete in time",
-                    },
+                    waiting_for.reason(),
                 )))
             }
         }
