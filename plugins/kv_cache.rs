@@ -21,16 +21,6 @@
 //! the events are what every kvgate replica sees, so where a pod's events show a prefix
 //! and another pod only has this replica's promise, the replicas agree on the former.
 //!
-//! **Home placement** (off unless `homeCredit` > 0). Each kvgate replica sees every
-//! pod's events but only its own routing. A prefix that no pod holds yet, or that every
-//! pod has evicted, is known until its first request's blocks are prefilled and published
-//! only to the replica that routed that request, and the next request for it at another
-//! replica goes wherever that one sees least load. With `homeCredit`, every replica
-//! computes the same home for the blocks beyond the longest prefix any pod holds (a
-//! rendezvous hash of the next block over the pods holding that prefix, see
-//! [`KvCache::home`]) and credits the home `homeCredit` of each such block, so the
-//! replicas converge on one pod without talking.
-//!
 //! **Saturation valve.** Affinity must yield when the holder is overloaded, or every
 //! request of a hot prefix piles onto one pod. The cache score is multiplied by
 //! `f = clamp(2 − p, 0, 1)` where `p` is the pod's pressure *relative to the least
@@ -82,12 +72,6 @@ struct Params {
     /// counts them): decode load, which a cached prompt does not make cheaper. Off unless
     /// set: see the default's comment.
     saturation_requests: Option<f64>,
-    /// Credit of each block that no pod holds yet, given to the prefix's home pod
-    /// (0..=1; 0 turns home placement off).
-    home_credit: f64,
-    /// Requests by which the second-ranked pod must be less loaded than the first to
-    /// become the home.
-    home_load_slack: f64,
 }
 
 impl Default for Params {
@@ -116,12 +100,6 @@ impl Default for Params {
             // 2.9) but costs W1 7 points of hit rate (97.4 → 90.3 %) and half-KV W1 7.5,
             // because there the whole fleet is short of compute and copies are recomputed.
             saturation_requests: None,
-            // Off: it is for several replicas under KV pressure (W1 at half the KV, 4
-            // replicas: 67.5 → 73.4 % hit at 0.25, one replica 77.9 %), and one replica pays
-            // for it (Mooncake TTFT p50 0.49 → 1.14 s, full-KV W1 knee 22 → 20 QPS): see
-            // the README, "Replicas".
-            home_credit: 0.0,
-            home_load_slack: 4.0,
         }
     }
 }
@@ -147,12 +125,6 @@ pub fn build(
     if !(p.saturation_waiting.is_finite() && p.saturation_waiting > 0.0) {
         return bad("saturationWaiting must be > 0");
     }
-    if !(0.0..=1.0).contains(&p.home_credit) {
-        return bad("homeCredit must be between 0 and 1");
-    }
-    if !(p.home_load_slack.is_finite() && p.home_load_slack >= 0.0) {
-        return bad("homeLoadSlack must be ≥ 0");
-    }
     if p.saturation_requests
         .is_some_and(|r| !(r.is_finite() && r > 0.0))
     {
@@ -167,8 +139,6 @@ pub fn build(
         saturation_tokens: p.saturation_tokens as f64,
         saturation_waiting: p.saturation_waiting,
         saturation_requests: p.saturation_requests,
-        home_credit: p.home_credit,
-        home_load_slack: p.home_load_slack,
         speculative: RwLock::new(Speculative {
             expires: HashMap::new(),
             order: VecDeque::new(),
@@ -186,8 +156,6 @@ pub struct KvCache {
     saturation_tokens: f64,
     saturation_waiting: f64,
     saturation_requests: Option<f64>,
-    home_credit: f64,
-    home_load_slack: f64,
     speculative: RwLock<Speculative>,
 }
 
@@ -280,30 +248,6 @@ fn indexed_credit(held: PodPrefix, request_blocks: u32, cpu_discount: f64) -> (f
 }
 
 impl KvCache {
-    /// The home of a prefix whose next block is `key`, among `holders` (the pods holding
-    /// the longest part of it that any pod holds): of the two with the highest rendezvous
-    /// weight, the first unless the second carries `home_load_slack` fewer requests. Two
-    /// choices keep the pods' shares of homes even where one hash alone would not, and
-    /// replicas still agree unless their views of those two pods' load differ.
-    fn home<'a>(&self, key: u64, holders: impl Iterator<Item = &'a Candidate>) -> Option<PodId> {
-        let mut first: Option<(u64, &Pod)> = None;
-        let mut second: Option<(u64, &Pod)> = None;
-        for pod in holders.map(|c| c.pod.as_ref()) {
-            let weight = pod.rendezvous_weight(key);
-            if first.is_none_or(|(w, _)| weight > w) {
-                second = first;
-                first = Some((weight, pod));
-            } else if second.is_none_or(|(w, _)| weight > w) {
-                second = Some((weight, pod));
-            }
-        }
-        let (_, first) = first?;
-        let less_loaded = second.filter(|(_, second)| {
-            second.estimated_requests() + self.home_load_slack < first.estimated_requests()
-        });
-        Some(less_loaded.map_or(first, |(_, second)| second).id)
-    }
-
     /// Fraction of cache credit a pod keeps given its load relative to the least loaded candidate.
     fn affinity_factor(&self, pod: &Pod, least: &LeastLoad) -> f64 {
         let excess_tokens = pod
@@ -343,39 +287,19 @@ impl Plugin for KvCache {
         let least = LeastLoad::of(candidates);
         PREFIX_MATCH.with_borrow_mut(|found| {
             self.index.lookup(req.scope, req.block_keys, found);
-            // A data-parallel pod routes the request to one of its ranks itself:
-            // credit the rank holding the longest prefix.
-            let held = |c: &Candidate| self.targets.best_prefix(found, c.pod.id);
-            let synced = || {
-                candidates
-                    .iter()
-                    .filter(|c| c.pod.trust() == EventTrust::Synced)
-            };
-            let frontier = synced()
-                .map(|c| held(c).any_blocks.min(request_blocks))
-                .max()
-                .unwrap_or(0);
-            let home = match req.block_keys.get(frontier as usize) {
-                Some(&key) if self.home_credit > 0.0 => self.home(
-                    key,
-                    synced().filter(|c| held(c).any_blocks.min(request_blocks) == frontier),
-                ),
-                _ => None,
-            };
-            let unheld = f64::from(request_blocks - frontier);
             let speculative = self.speculative.read();
             for (cand, score) in candidates.iter_mut().zip(scores.iter_mut()) {
                 if cand.pod.trust() != EventTrust::Synced {
                     continue;
                 }
-                let (indexed, any) = indexed_credit(held(cand), request_blocks, self.cpu_discount);
+                // A data-parallel pod routes the request to one of its ranks itself:
+                // credit the rank holding the longest prefix.
+                let held = self.targets.best_prefix(found, cand.pod.id);
+                let (indexed, any) = indexed_credit(held, request_blocks, self.cpu_discount);
                 let promised =
                     speculative.prefix_len(req.scope, req.block_keys, cand.pod.id, req.now);
                 cand.cached_blocks = cand.cached_blocks.max(any).max(promised);
-                let mut credit = indexed.max(self.speculative_discount * f64::from(promised));
-                if home == Some(cand.pod.id) {
-                    credit = credit.max(indexed + self.home_credit * unheld);
-                }
+                let credit = indexed.max(self.speculative_discount * promised as f64);
                 *score = credit / request_blocks as f64 * self.affinity_factor(&cand.pod, &least);
             }
         });
@@ -399,7 +323,7 @@ impl Plugin for KvCache {
 mod tests {
     use super::*;
     use crate::index::Tier;
-    use crate::plugins::testing::{candidates, context, endpoint, params, request, scores};
+    use crate::plugins::testing::{candidates, context, params, request, scores};
     use crate::pods::ScrapedLoad;
 
     fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Plugin> {
@@ -623,89 +547,6 @@ mod tests {
         );
     }
 
-    /// The pods of `candidates(n)` as another replica registers them: other ids, another order.
-    fn as_another_replica_sees(n: u32) -> Vec<Candidate> {
-        (0..n)
-            .rev()
-            .map(|i| Candidate::new(Arc::new(Pod::new(100 + i, endpoint(i)))))
-            .collect()
-    }
-
-    /// The endpoint key of the one candidate with a positive score.
-    fn credited(cands: &[Candidate], scores: &[f64]) -> String {
-        let credited: Vec<_> = cands
-            .iter()
-            .zip(scores)
-            .filter(|(_, &s)| s > 0.0)
-            .map(|(c, _)| c.pod.endpoint.key.clone())
-            .collect();
-        assert_eq!(credited.len(), 1, "one home: {scores:?}");
-        credited[0].clone()
-    }
-
-    #[test]
-    fn replicas_agree_on_the_home_of_a_cold_prefix() {
-        let blocks = [51, 52, 53, 54];
-        let mut homes = Vec::new();
-        for mut cands in [candidates(8), as_another_replica_sees(8)] {
-            synced(&cands);
-            let ctx = context();
-            let kv = plugin(&ctx, Some("{homeCredit: 0.5}"));
-            let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-            assert!(got.contains(&0.5), "{got:?}");
-            homes.push(credited(&cands, &got));
-        }
-        assert_eq!(homes[0], homes[1]);
-        // Off by default: a cold prefix gets no credit anywhere.
-        let ctx = context();
-        let mut cands = candidates(8);
-        synced(&cands);
-        let got = scores(plugin(&ctx, None).as_ref(), &request(&blocks), &mut cands);
-        assert!(got.iter().all(|&s| s == 0.0), "{got:?}");
-    }
-
-    #[test]
-    fn the_home_is_one_of_the_longest_holders() {
-        let blocks = [61, 62, 63, 64];
-        for first in 0..6 {
-            let ctx = context();
-            let mut cands = candidates(6);
-            synced(&cands);
-            let holders = [first, (first + 1) % 6];
-            for pod in holders {
-                ctx.index.store(pod, 0, Tier::Gpu, &blocks[..2]);
-            }
-            let kv = plugin(&ctx, Some("{homeCredit: 0.5}"));
-            let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-            // The home is credited its 2 held blocks and half of the 2 nobody holds.
-            let home: Vec<_> = (0..6).filter(|&i| got[i as usize] == 0.75).collect();
-            assert_eq!(home.len(), 1, "{got:?}");
-            assert!(holders.contains(&home[0]), "{got:?}");
-        }
-    }
-
-    #[test]
-    fn a_busier_home_gives_way_to_the_second_choice() {
-        let blocks = [71, 72];
-        let ctx = context();
-        let mut cands = candidates(8);
-        synced(&cands);
-        let kv = plugin(&ctx, Some("{homeCredit: 0.5, homeLoadSlack: 4}"));
-        let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-        let home = got.iter().position(|&s| s > 0.0).expect("a home");
-        let _busy: Vec<_> = (0..4).map(|_| cands[home].pod.begin_request(0)).collect();
-        let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-        assert_eq!(
-            got.iter().position(|&s| s > 0.0),
-            Some(home),
-            "4 is within the slack"
-        );
-        let _busier = cands[home].pod.begin_request(0);
-        let got = scores(kv.as_ref(), &request(&blocks), &mut cands);
-        let second = got.iter().position(|&s| s > 0.0).expect("a home");
-        assert_ne!(second, home);
-    }
-
     #[test]
     fn params_are_strict() {
         let ctx = context();
@@ -717,8 +558,6 @@ mod tests {
             "{speculativeTtlMs: 10, maxSpeculativeBlocks: 0}",
             "{speculativeDiscount: 1.5}",
             "{saturationRequests: 0}",
-            "{homeCredit: 2}",
-            "{homeLoadSlack: -1}",
         ] {
             assert!(
                 matches!(

@@ -1,8 +1,8 @@
 //! `max-score` (picker): ranks candidates by weighted total, best first.
 //!
 //! Totals within `epsilon` of the best of their group tie, and ties are broken by
-//! rendezvous hashing ([`Pod::rendezvous_weight`](crate::pods::Pod::rendezvous_weight)
-//! of the request key) and the highest wins. The request key is the request's first block key (or a hash
+//! rendezvous hashing: each tied pod gets `xxh3(pod stable key, seed = request key)`
+//! and the highest wins. The request key is the request's first block key (or a hash
 //! of its id when it has no full block), and the pod key is its discovery key, so every
 //! kvgate replica breaks a tie the same way without coordinating, and requests that
 //! share a first block land together when nothing else tells pods apart.
@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{
     parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
@@ -56,6 +56,10 @@ fn request_key(req: &SchedulingRequest<'_>) -> u64 {
         .unwrap_or_else(|| xxh3_64(req.request_id.as_bytes()))
 }
 
+fn rendezvous_weight(request_key: u64, cand: &Candidate) -> u64 {
+    xxh3_64_with_seed(cand.pod.endpoint.key.as_bytes(), request_key)
+}
+
 impl Plugin for MaxScore {
     fn name(&self) -> &'static str {
         NAME
@@ -88,9 +92,8 @@ impl Plugin for MaxScore {
             if tied > 1 {
                 order[start..start + tied].sort_by(|&a, &b| {
                     let (ca, cb) = (&candidates[a], &candidates[b]);
-                    cb.pod
-                        .rendezvous_weight(key)
-                        .cmp(&ca.pod.rendezvous_weight(key))
+                    rendezvous_weight(key, cb)
+                        .cmp(&rendezvous_weight(key, ca))
                         .then_with(|| ca.pod.endpoint.key.cmp(&cb.pod.endpoint.key))
                 });
             }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::discovery::PodEndpoint;
 
@@ -94,14 +93,6 @@ impl Pod {
             in_flight_change_since_scrape: AtomicI32::new(0),
             prefill_rate_bits: AtomicU64::new(0),
         }
-    }
-
-    /// Rendezvous (highest random weight) weight of this pod for `key`: xxh3 of the
-    /// endpoint's key (its discovery identity, unlike `id` the same in every kvgate replica)
-    /// seeded with `key`. Every replica computes the same weights, so the pod with the highest is a placement they agree
-    /// on without talking, and a pod joining or leaving moves only the keys it wins or held.
-    pub fn rendezvous_weight(&self, key: u64) -> u64 {
-        xxh3_64_with_seed(self.endpoint.key.as_bytes(), key)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -398,16 +389,6 @@ mod tests {
             replay: None,
             topic_host: http.to_string(),
         }
-    }
-
-    /// Replicas of different versions run side by side during a rolling update: the
-    /// placement hash must not change from one build to the next.
-    #[test]
-    fn rendezvous_weights_are_fixed_across_builds() {
-        let pod = Pod::new(3, endpoint(8001));
-        let again = Pod::new(9, endpoint(8001));
-        assert_eq!(pod.rendezvous_weight(42), again.rendezvous_weight(42));
-        assert_eq!(pod.rendezvous_weight(42), 8_443_027_239_866_539_119);
     }
 
     #[test]
