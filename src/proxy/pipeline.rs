@@ -113,17 +113,8 @@ impl KvGateProxy {
                 // Valid for the pod, only not understood by the router (e.g. images).
                 let model = model_field(&body).ok_or_else(|| ApiError::from(&error))?;
                 tracing::info!(request_id = %ctx.request_id, %model, %error, "prompt not routable; routing on load alone");
-                ctx.model = Some(model.clone());
-                let route = resolve(&state, &model)?;
                 return self
-                    .dispatch(
-                        session,
-                        ctx,
-                        &state,
-                        route,
-                        &Prompt::unknown(routing_since),
-                        &body,
-                    )
+                    .dispatch_on_load(session, ctx, &state, model, routing_since, &body)
                     .await;
             }
             Err(error) => return Err(ApiError::from(&error)),
@@ -176,15 +167,29 @@ impl KvGateProxy {
                 )
             })?,
         };
+        self.dispatch_on_load(session, ctx, &state, model, routing_since, &body)
+            .await
+    }
+
+    /// Sends the request to a pod of `model` chosen without a prompt to route on.
+    async fn dispatch_on_load(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &Arc<GatewayState>,
+        model: String,
+        routing_since: Instant,
+        body: &bytes::Bytes,
+    ) -> Result<(), ApiError> {
         ctx.model = Some(model.clone());
-        let route = resolve(&state, &model)?;
+        let route = resolve(state, &model)?;
         self.dispatch(
             session,
             ctx,
-            &state,
+            state,
             route,
             &Prompt::unknown(routing_since),
-            &body,
+            body,
         )
         .await
     }
