@@ -634,14 +634,17 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
         reload_and_wait(&fleet, &gateway, &variant, false, true);
     });
     let lite = json!({"model": "qwen-lite", "messages": [{"role": "user", "content": "hi"}]});
-    let (status, _) = http_request(
-        fleet.listen,
-        "POST",
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        lite.to_string().as_bytes(),
-    );
-    assert_eq!(status, 200, "the added model is served");
+    let lite_status = || {
+        http_request(
+            fleet.listen,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            lite.to_string().as_bytes(),
+        )
+        .0
+    };
+    assert_eq!(lite_status(), 200, "the added model is served");
     step("reload 4: tunables and log level (SIGHUP)", &mut || {
         variant.max_attempts = 2;
         variant.level = "info,kvgate::discovery=debug";
@@ -658,14 +661,7 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
         variant.lite_model = false;
         reload_and_wait(&fleet, &gateway, &variant, false, true);
     });
-    let (status, _) = http_request(
-        fleet.listen,
-        "POST",
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        lite.to_string().as_bytes(),
-    );
-    assert_eq!(status, 404, "the removed model is gone");
+    assert_eq!(lite_status(), 404, "the removed model is gone");
 
     thread::sleep(STEADY);
     stop.store(true, Ordering::Relaxed);
