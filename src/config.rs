@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cluster::TrafficPoliciesConfig;
 use crate::discovery::DiscoveryConfig;
 use crate::hash::{HashAlgo, HashSettings};
+use crate::relay::RelayConfig;
 use crate::vllm::VllmRelease;
 
 /// The whole file.
@@ -29,7 +31,14 @@ pub struct Config {
     /// another with the `x-kvgate-profile` header.
     #[serde(default = "default_profiles")]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// Models configured by InferenceTrafficPolicies in the cluster (`crate::cluster`).
+    #[serde(default)]
+    pub traffic_policies: Option<TrafficPoliciesConfig>,
+    /// Bind mode with several replicas: relay pods' events between them (`crate::relay`).
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,7 +376,7 @@ pub struct ModelConfig {
     pub discovery: DiscoveryConfig,
 }
 
-fn default_pod_kv_blocks() -> usize {
+pub(crate) fn default_pod_kv_blocks() -> usize {
     4_802
 }
 
@@ -430,6 +439,12 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        if let Some(policies) = self.traffic_policies.as_mut() {
+            policies.resolve_paths(base);
+        }
+        if let Some(relay) = self.relay.as_mut() {
+            relay.resolve_paths(base);
+        }
         for model in &mut self.models {
             fix(&mut model.tokenizer);
             if let Some(p) = model.tokenizer_config.as_mut() {
@@ -445,8 +460,27 @@ impl Config {
     /// plugins) checks the rest and reports through the same error type.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.models.is_empty() {
-            return invalid("`models` is empty: configure at least one model".into());
+        if self.models.is_empty() && self.traffic_policies.is_none() {
+            return invalid(
+                "`models` is empty: configure at least one model (or `trafficPolicies`)".into(),
+            );
+        }
+        if let Some(policies) = &self.traffic_policies {
+            policies.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(relay) = &self.relay {
+            if self.events.mode != EventsMode::Bind {
+                return invalid(
+                    "relay needs events.mode: bind (in connect mode every replica reaches every pod itself)"
+                        .into(),
+                );
+            }
+            relay.validate().map_err(ConfigError::Invalid)?;
+            if relay.listen == self.server.listen || relay.listen == self.server.admin {
+                return invalid(
+                    "relay.listen must differ from server.listen and server.admin".into(),
+                );
+            }
         }
         if self.server.max_body_bytes == 0 {
             return invalid("server.maxBodyBytes must be > 0".into());

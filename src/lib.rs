@@ -4,6 +4,7 @@
 //! events → index. Each stage is one module.
 
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;
+pub mod relay;
 pub mod reload;
 pub mod scheduler;
 pub mod scope;

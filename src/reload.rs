@@ -36,6 +36,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::cluster::{ClusterLink, Outcome, PolicyRefused};
 use crate::config::{Config, ConfigError};
 use crate::discovery::DiscoveryError;
 use crate::events::{KvEventService, ModelEvents};
@@ -53,6 +54,8 @@ const SETTLE_MAX: Duration = Duration::from_secs(2);
 pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Policy(#[from] PolicyRefused),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error("model {model:?}: {source}")]
@@ -80,6 +83,8 @@ pub enum ReloadError {
 pub enum Trigger {
     Signal,
     FileChanged,
+    /// An InferenceTrafficPolicy the config names changed.
+    Policy,
 }
 
 /// One setting of a config, as text to compare and report.
@@ -98,6 +103,9 @@ const RESTART_ONLY: &[(&str, SettingText)] = &[
     }),
     ("events.topicPrefix", |c| c.events.topic_prefix.clone()),
     ("index.budgetBytes", |c| c.index.budget_bytes.to_string()),
+    // The policies watched and the link reporting on them are set up at start.
+    ("trafficPolicies", |c| format!("{:?}", c.traffic_policies)),
+    ("relay", |c| format!("{:?}", c.relay)),
 ];
 
 fn unchanged(field: &'static str, was: String, now: String) -> Result<(), ReloadError> {
@@ -113,6 +121,7 @@ impl Trigger {
         match self {
             Self::Signal => "SIGHUP",
             Self::FileChanged => "file change",
+            Self::Policy => "InferenceTrafficPolicy change",
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct Reloader {
     events: Arc<KvEventService>,
     logs: LogControl,
     metrics: Arc<Metrics>,
+    /// The InferenceTrafficPolicies the config is completed from, when it names any.
+    cluster: Option<Arc<ClusterLink>>,
     /// Hash of the file's bytes when last read, to tell real changes from noise.
     last_read: Mutex<Option<u64>>,
 }
@@ -136,6 +147,7 @@ impl Reloader {
         events: Arc<KvEventService>,
         logs: LogControl,
         metrics: Arc<Metrics>,
+        cluster: Option<Arc<ClusterLink>>,
     ) -> Self {
         let last_read = std::fs::read(&path).ok().map(|bytes| xxh3_64(&bytes));
         Self {
@@ -145,13 +157,22 @@ impl Reloader {
             events,
             logs,
             metrics,
+            cluster,
             last_read: Mutex::new(last_read),
         }
     }
 
     /// Reloads, logs and counts the outcome.
     pub fn reload(&self, trigger: Trigger) {
-        match self.apply() {
+        let result = self.apply();
+        if let Some(cluster) = &self.cluster {
+            match &result {
+                Ok(_) => cluster.applied(Outcome::Applied),
+                Err(ReloadError::Policy(refused)) => cluster.applied(Outcome::Refused(refused)),
+                Err(other) => cluster.applied(Outcome::Failed(&other.to_string())),
+            }
+        }
+        match result {
             Ok(summary) => {
                 self.metrics.config_reload(true);
                 tracing::info!(
@@ -176,6 +197,10 @@ impl Reloader {
 
     fn apply(&self) -> Result<Applied, ReloadError> {
         let config = Config::load(&self.path)?;
+        let config = match &self.cluster {
+            Some(cluster) => cluster.compose(config)?,
+            None => config,
+        };
         let running = self.gateway.state().config.clone();
         self.restart_only(&running, &config)?;
         for model in &config.models {
@@ -297,6 +322,7 @@ impl BackgroundService for Reloader {
                 None
             }
         };
+        let mut policies = self.cluster.as_ref().map(|c| c.changes());
         // SIGHUP's default action ends the process: ready only once it is handled.
         ready.notify_ready();
         let mut hangups = match hangups {
@@ -318,6 +344,7 @@ impl BackgroundService for Reloader {
                     self.remember_file();
                     self.reload(Trigger::Signal);
                 }
+                Some(()) = policy_change(&mut policies) => self.reload(Trigger::Policy),
                 Some(()) = file_events.recv() => {
                     // Let the writer finish: wait until events stop for SETTLE (a file
                     // rewritten without pause is read after SETTLE_MAX all the same). A
@@ -346,6 +373,20 @@ impl BackgroundService for Reloader {
                 }
             }
         }
+    }
+}
+
+/// The next change of the watched policies; pending forever without any (or once the
+/// watcher is gone).
+async fn policy_change(
+    policies: &mut Option<tokio::sync::watch::Receiver<crate::cluster::PolicyObjects>>,
+) -> Option<()> {
+    match policies {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,7 @@ use pingora::services::listening::Service as ListeningService;
 use pingora::services::{Service, ServiceReadyNotifier};
 use serde_json::json;
 
+use crate::cluster::{self, PolicyWatcher, StartupError};
 use crate::config::{Config, ConfigError, EventsMode};
 use crate::discovery::DiscoveryConfig;
 use crate::events::{EventServiceError, KvEventService, ParityVerdict};
@@ -72,12 +73,16 @@ pub enum ServeError {
     Events(#[from] EventServiceError),
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Cluster(#[from] StartupError),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let config = Config::load(&args.config)?;
     let logs = logging::init(&config.logging)?;
+    // Models routed by InferenceTrafficPolicies are complete only once those are read.
+    let (config, cluster) = cluster::startup(config)?;
     let summary = Summary::of(&config);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -149,6 +154,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         Arc::clone(events.service()),
         logs,
         Arc::clone(&metrics),
+        cluster.clone(),
     );
     let gate = Arc::new(ReadyGate {
         gateway: Arc::clone(&gateway),
@@ -160,6 +166,12 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let events_handle = server.add_service(shared_service("kv events", &events));
     events_handle.add_dependency(&discovery_handle);
     let reload_handle = server.add_service(background_service("config reload", reloader));
+    if let Some(link) = cluster {
+        server.add_service(background_service(
+            "InferenceTrafficPolicy watch",
+            PolicyWatcher::new(link),
+        ));
+    }
     server.add_service(background_service(
         "pod health",
         HealthChecker::new(Arc::clone(&gateway)),

@@ -1,5 +1,9 @@
 //! Kubernetes discovery: a Service's EndpointSlices (core Endpoints where EndpointSlices are
-//! not served), or the pods an InferencePool (inference.networking.k8s.io/v1) selects.
+//! not served), or the pods an InferencePool selects: the GA `inference.networking.k8s.io/v1`
+//! (`selector.matchLabels`, `targetPorts`) or the older `inference.networking.x-k8s.io/v1alpha2`
+//! that ACK's Gateway with Inference Extension serves (`selector` as plain labels,
+//! `targetPortNumber`). Clusters run either, or both; the pool is looked up under every version
+//! the apiserver serves.
 //!
 //! Everything rides on `kube::runtime::watcher`, which lists, watches from the list's
 //! resourceVersion, resumes from the last seen one (bookmarks keep it fresh) and re-lists on
@@ -9,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::time::Duration;
 
@@ -31,8 +35,33 @@ use super::{cancelled, DiscoveryError, PodEndpoint, Publisher, Shutdown};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-const INFERENCE_POOL_GROUP: &str = "inference.networking.k8s.io";
-const INFERENCE_POOL_VERSION: &str = "v1";
+/// The InferencePool API versions, in order of preference when a pool of one name exists
+/// under both.
+const INFERENCE_POOL_VERSIONS: [PoolVersion; 2] = [PoolVersion::V1, PoolVersion::V1Alpha2];
+
+/// One InferencePool API version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PoolVersion {
+    /// `inference.networking.k8s.io/v1`: `selector.matchLabels`, `targetPorts: [{number}]`.
+    V1,
+    /// `inference.networking.x-k8s.io/v1alpha2`: `selector` (labels), `targetPortNumber`.
+    V1Alpha2,
+}
+
+impl PoolVersion {
+    fn group_version(self) -> (&'static str, &'static str) {
+        match self {
+            Self::V1 => ("inference.networking.k8s.io", "v1"),
+            Self::V1Alpha2 => ("inference.networking.x-k8s.io", "v1alpha2"),
+        }
+    }
+
+    fn resource(self) -> ApiResource {
+        let (group, version) = self.group_version();
+        let gvk = GroupVersionKind::gvk(group, version, "InferencePool");
+        ApiResource::from_gvk_with_plural(&gvk, "inferencepools")
+    }
+}
 
 /// A pod port: a number (the pod's own port, i.e. the Service's targetPort), or a name (the
 /// Service port's name for EndpointSlices and Endpoints, the container port's name for pods).
@@ -309,6 +338,15 @@ struct PoolPort {
     number: u16,
 }
 
+/// The part of a v1alpha2 InferencePool discovery needs: the selector is a plain label map.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolSpecV1Alpha2 {
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    target_port_number: Option<u16>,
+}
+
 /// Which pods a pool selects and on which port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PoolTarget {
@@ -317,29 +355,47 @@ struct PoolTarget {
 }
 
 impl PoolTarget {
-    fn from_pool(pool: &DynamicObject, configured: Option<&PortRef>) -> Result<Self, String> {
+    fn from_pool(
+        pool: &DynamicObject,
+        version: PoolVersion,
+        configured: Option<&PortRef>,
+    ) -> Result<Self, String> {
         let spec = pool.data.get("spec").ok_or("no spec")?;
-        let spec = PoolSpec::deserialize(spec).map_err(|e| format!("bad spec: {e}"))?;
-        if spec.selector.match_labels.is_empty() {
-            return Err("spec.selector.matchLabels is empty".into());
+        let bad = |e: serde_json::Error| format!("bad spec: {e}");
+        let (labels, ports) = match version {
+            PoolVersion::V1 => {
+                let spec = PoolSpec::deserialize(spec).map_err(bad)?;
+                let ports: Vec<u16> = spec.target_ports.iter().map(|p| p.number).collect();
+                (spec.selector.match_labels, ports)
+            }
+            PoolVersion::V1Alpha2 => {
+                let spec = PoolSpecV1Alpha2::deserialize(spec).map_err(bad)?;
+                (spec.selector, spec.target_port_number.into_iter().collect())
+            }
+        };
+        if labels.is_empty() {
+            return Err(match version {
+                PoolVersion::V1 => "spec.selector.matchLabels is empty",
+                PoolVersion::V1Alpha2 => "spec.selector is empty",
+            }
+            .into());
         }
-        let selector = spec
-            .selector
-            .match_labels
+        let selector = labels
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");
         let port = match configured {
             Some(port) => port.clone(),
-            None => PortRef::Number(
-                spec.target_ports
-                    .first()
-                    .map(|p| p.number)
-                    .ok_or("spec.targetPorts is empty")?,
-            ),
+            None => PortRef::Number(*ports.first().ok_or(match version {
+                PoolVersion::V1 => "spec.targetPorts is empty",
+                PoolVersion::V1Alpha2 => "spec.targetPortNumber is missing",
+            })?),
         };
-        if spec.target_ports.len() > 1 {
+        if ports.iter().any(|&p| p == 0) {
+            return Err("a target port is 0".into());
+        }
+        if ports.len() > 1 {
             tracing::info!(pool = %pool.name_any(), ?port, "InferencePool has several targetPorts; using one per pod");
         }
         Ok(Self { selector, port })
@@ -445,7 +501,7 @@ pub(super) async fn run(
     publisher: &Publisher,
     mut shutdown: Shutdown,
 ) -> Result<(), DiscoveryError> {
-    let client = client(&cfg).await?;
+    let client = client(cfg.kubeconfig.as_deref(), cfg.context.as_deref()).await?;
     let namespace = cfg
         .namespace
         .clone()
@@ -471,7 +527,9 @@ pub(super) async fn run(
     let port = cfg.port.clone().ok_or_else(|| {
         DiscoveryError::InvalidConfig("port is required with service or labelSelector".into())
     })?;
-    let Some(slices_served) = endpoint_slices_served(&client, &mut shutdown).await else {
+    let Some(slices_served) =
+        served(&client, "discovery.k8s.io/v1", "endpointslices", &mut shutdown).await
+    else {
         return Ok(());
     };
     if slices_served {
@@ -504,13 +562,18 @@ pub(super) async fn run(
     Ok(())
 }
 
-async fn client(cfg: &KubeDiscoveryConfig) -> Result<Client, DiscoveryError> {
+/// A client from a kubeconfig file and context, or the standard inference (`$KUBECONFIG` or
+/// `~/.kube/config`, else the in-cluster service account).
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> Result<Client, DiscoveryError> {
     let options = KubeConfigOptions {
-        context: cfg.context.clone(),
+        context: context.map(str::to_string),
         ..KubeConfigOptions::default()
     };
     let kubeconfig_error = |path: String| move |source| DiscoveryError::Kubeconfig { path, source };
-    let config = match &cfg.kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let shown = path.display().to_string();
             let kubeconfig =
@@ -519,7 +582,7 @@ async fn client(cfg: &KubeDiscoveryConfig) -> Result<Client, DiscoveryError> {
                 .await
                 .map_err(kubeconfig_error(shown))?
         }
-        None if cfg.context.is_some() => Config::from_kubeconfig(&options)
+        None if context.is_some() => Config::from_kubeconfig(&options)
             .await
             .map_err(kubeconfig_error("(default kubeconfig)".into()))?,
         None => Config::infer().await?,
@@ -527,13 +590,18 @@ async fn client(cfg: &KubeDiscoveryConfig) -> Result<Client, DiscoveryError> {
     Client::try_from(config).map_err(DiscoveryError::Client)
 }
 
-/// Asks API discovery whether discovery.k8s.io/v1 serves endpointslices, retrying until the
-/// apiserver answers. None means shutdown came first.
-async fn endpoint_slices_served(client: &Client, shutdown: &mut Shutdown) -> Option<bool> {
+/// Asks API discovery whether `group_version` serves `resource`, retrying until the apiserver
+/// answers. None means shutdown came first.
+async fn served(
+    client: &Client,
+    group_version: &str,
+    resource: &str,
+    shutdown: &mut Shutdown,
+) -> Option<bool> {
     let mut backoff = WatchBackoff::default();
     loop {
-        let delay = match client.list_api_group_resources("discovery.k8s.io/v1").await {
-            Ok(list) => return Some(list.resources.iter().any(|r| r.name == "endpointslices")),
+        let delay = match client.list_api_group_resources(group_version).await {
+            Ok(list) => return Some(list.resources.iter().any(|r| r.name == resource)),
             Err(kube::Error::Api(status)) if status.code == 404 => return Some(false),
             Err(error) => {
                 let delay = backoff.next().unwrap_or(WatchBackoff::MAX);
@@ -590,9 +658,38 @@ async fn next_event<K>(
     }
 }
 
-/// Watches the InferencePool and, through it, the pods its selector picks. A change of the
-/// pool's selector or port restarts the pod watch; the old snapshot stays until the new list
-/// is complete.
+/// The InferencePool API versions the apiserver serves, asked until it answers. None means
+/// shutdown came first.
+async fn served_pool_versions(
+    client: &Client,
+    shutdown: &mut Shutdown,
+) -> Option<Vec<PoolVersion>> {
+    let mut versions = Vec::new();
+    for version in INFERENCE_POOL_VERSIONS {
+        let (group, v) = version.group_version();
+        if served(client, &format!("{group}/{v}"), "inferencepools", shutdown).await? {
+            versions.push(version);
+        }
+    }
+    Some(versions)
+}
+
+/// What one InferencePool API version says about the pool.
+#[derive(Default)]
+struct PoolView {
+    /// The pool exists under this version (as of the last list and the events since).
+    exists: bool,
+    /// The last usable target it gave.
+    target: Option<PoolTarget>,
+    /// Seen in the list in progress.
+    listed: bool,
+    /// Its first list is complete.
+    known: bool,
+}
+
+/// Watches the InferencePool (under every served API version) and, through it, the pods its
+/// selector picks. A change of the pool's selector or port restarts the pod watch; the old
+/// snapshot stays until the new list is complete.
 async fn follow_pool(
     client: Client,
     namespace: &str,
@@ -602,52 +699,84 @@ async fn follow_pool(
     publisher: &Publisher,
     shutdown: &mut Shutdown,
 ) {
-    let gvk = GroupVersionKind::gvk(
-        INFERENCE_POOL_GROUP,
-        INFERENCE_POOL_VERSION,
-        "InferencePool",
-    );
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "inferencepools");
-    let pools = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
-    let mut pool_events = watch(
-        pools,
-        watcher::Config::default().fields(&format!("metadata.name={pool}")),
-    );
+    let Some(versions) = served_pool_versions(&client, shutdown).await else {
+        return;
+    };
+    if versions.is_empty() {
+        tracing::warn!(%pool, "no InferencePool API is served (neither inference.networking.k8s.io/v1 nor inference.networking.x-k8s.io/v1alpha2); no pods");
+        publisher.publish(Vec::new());
+        cancelled(shutdown).await;
+        return;
+    }
+    let by_name = || watcher::Config::default().fields(&format!("metadata.name={pool}"));
+    let mut pool_events = futures::stream::select_all(versions.iter().map(|&version| {
+        let api =
+            Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &version.resource());
+        watch(api, by_name())
+            .map(move |event| (version, event))
+            .boxed()
+    }));
     let pods = Api::<Pod>::namespaced(client, namespace);
     let mut pod_events: Option<EventStream<Pod>> = None;
     let mut pod_table = ObjectTable::default();
+    let mut views: BTreeMap<usize, PoolView> = BTreeMap::new();
     let mut target: Option<PoolTarget> = None;
-    let mut pool_listed = false;
+    let mut decided = false;
     loop {
         tokio::select! {
             () = cancelled(shutdown) => return,
             event = pool_events.next() => {
-                let next_target = match event {
-                    None => return,
-                    Some(Err(error)) => {
+                let Some((version, event)) = event else { return };
+                let rank = INFERENCE_POOL_VERSIONS.iter().position(|v| *v == version).unwrap_or(0);
+                let view = views.entry(rank).or_default();
+                match event {
+                    Err(error) => {
                         log_watch_error(&publisher.model, "InferencePool", &error);
                         continue;
                     }
-                    Some(Ok(Event::Init)) => {
-                        pool_listed = false;
+                    Ok(Event::Init) => {
+                        view.listed = false;
                         continue;
                     }
-                    Some(Ok(Event::InitApply(obj) | Event::Apply(obj))) => {
-                        pool_listed = true;
-                        match PoolTarget::from_pool(&obj, configured_port) {
-                            Ok(t) => Some(t),
+                    Ok(Event::InitApply(obj) | Event::Apply(obj)) => {
+                        view.listed = true;
+                        view.exists = true;
+                        match PoolTarget::from_pool(&obj, version, configured_port) {
+                            Ok(t) => view.target = Some(t),
                             Err(reason) => {
-                                tracing::warn!(%pool, %reason, "unusable InferencePool; keeping the current pods");
-                                continue;
+                                tracing::warn!(%pool, ?version, %reason, "unusable InferencePool; keeping the current pods");
                             }
                         }
                     }
-                    Some(Ok(Event::InitDone)) if pool_listed => continue,
-                    Some(Ok(Event::InitDone | Event::Delete(_))) => None,
-                };
-                if next_target == target {
+                    Ok(Event::InitDone) => {
+                        view.known = true;
+                        if !view.listed {
+                            view.exists = false;
+                            view.target = None;
+                        }
+                    }
+                    Ok(Event::Delete(_)) => {
+                        view.exists = false;
+                        view.target = None;
+                    }
+                }
+                // The preferred version that has the pool decides; an unusable pool keeps
+                // its last usable target.
+                let next_target = views
+                    .values()
+                    .find(|v| v.exists)
+                    .map(|v| v.target.clone())
+                    .unwrap_or(None);
+                let exists = views.values().any(|v| v.exists);
+                let all_listed = views.values().filter(|v| v.known).count() == versions.len();
+                // Until every version has listed once, absence is not known yet.
+                if next_target.is_none() && (exists || !all_listed) {
                     continue;
                 }
+                if next_target == target && decided {
+                    continue;
+                }
+                decided = true;
                 pod_table = ObjectTable::default();
                 match &next_target {
                     Some(t) => {
@@ -923,14 +1052,40 @@ mod tests {
             }
         }))
         .unwrap();
-        let target = PoolTarget::from_pool(&pool, None).unwrap();
+        let target = PoolTarget::from_pool(&pool, PoolVersion::V1, None).unwrap();
         assert_eq!(target.selector, "app=vllm,model=qwen");
         assert_eq!(target.port, PortRef::Number(8000));
-        let named = PoolTarget::from_pool(&pool, Some(&PortRef::Name("http".into()))).unwrap();
+        let named =
+            PoolTarget::from_pool(&pool, PoolVersion::V1, Some(&PortRef::Name("http".into())))
+                .unwrap();
         assert_eq!(named.port, PortRef::Name("http".into()));
         let mut empty = pool.clone();
         empty.data["spec"]["selector"]["matchLabels"] = serde_json::json!({});
-        assert!(PoolTarget::from_pool(&empty, None).is_err());
+        assert!(PoolTarget::from_pool(&empty, PoolVersion::V1, None).is_err());
+    }
+
+    #[test]
+    fn v1alpha2_pool_target_from_spec() {
+        // The seed's pool, as ACK's guide writes it.
+        let pool: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+            "kind": "InferencePool",
+            "metadata": {"name": "qwen-inference-pool", "namespace": "default"},
+            "spec": {"targetPortNumber": 8000, "selector": {"app": "qwen3"}}
+        }))
+        .unwrap();
+        let target = PoolTarget::from_pool(&pool, PoolVersion::V1Alpha2, None).unwrap();
+        assert_eq!(target.selector, "app=qwen3");
+        assert_eq!(target.port, PortRef::Number(8000));
+        let mut no_port = pool.clone();
+        no_port.data["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("targetPortNumber");
+        let err = PoolTarget::from_pool(&no_port, PoolVersion::V1Alpha2, None).unwrap_err();
+        assert!(err.contains("targetPortNumber"), "{err}");
+        // Read as v1 the same object has no matchLabels: versions are not mixed up.
+        assert!(PoolTarget::from_pool(&pool, PoolVersion::V1, None).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-pub use self::kube::{KubeDiscoveryConfig, PortRef};
+pub use self::kube::{client as kube_client, KubeDiscoveryConfig, PortRef};
 pub use self::static_list::StaticPod;
 
 /// One serving endpoint of a model, as discovery sees it.

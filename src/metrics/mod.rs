@@ -39,9 +39,12 @@
 //! | `kvgate_downstream_timeouts_total` | counter | phase |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
+//! | `kvgate_traffic_policy_applied` | gauge | policy |
+//! | `kvgate_relay_*` (see [`relay`]) | | |
 //! | `kvgate_build_info` | gauge | version |
 
 pub mod admin;
+pub mod relay;
 
 use std::hash::Hash;
 use std::net::SocketAddr;
@@ -223,6 +226,9 @@ pub struct Metrics {
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
+    traffic_policy_applied: IntGaugeVec,
+    /// The replica relay's metrics.
+    pub relay: relay::RelayMetrics,
     pods: CowMap<SocketAddr, Arc<PodSeries>>,
     routes: CowMap<RouteKey, Arc<RouteSeries>>,
     unrouted_requests: CowMap<RequestKey, IntCounter>,
@@ -431,6 +437,13 @@ impl Metrics {
             "kvgate_config_last_reload_successful",
             "1 when the last configuration reload was applied, 0 when it was refused.",
         )?;
+        let traffic_policy_applied = int_gauge_vec(
+            &r,
+            "kvgate_traffic_policy_applied",
+            "1 when the InferenceTrafficPolicy's current version is applied, 0 when it was refused \
+             (the previous configuration keeps serving).",
+            &["policy"],
+        )?;
         let build_info = int_gauge_vec(
             &r,
             "kvgate_build_info",
@@ -440,6 +453,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let relay = relay::RelayMetrics::new(&r)?;
         Ok(Self {
             registry: r,
             downstream_connections,
@@ -478,6 +492,8 @@ impl Metrics {
             pod_kv_usage,
             pod_in_flight,
             last_reload_ok,
+            traffic_policy_applied,
+            relay,
             pods: CowMap::new(),
             routes: CowMap::new(),
             unrouted_requests: CowMap::new(),
@@ -768,6 +784,13 @@ impl Metrics {
             ClientWait::Idle => self.idle_timeouts.inc(),
             ClientWait::Body => self.body_timeouts.inc(),
         }
+    }
+
+    /// Whether a configured InferenceTrafficPolicy's current version was applied.
+    pub fn traffic_policy(&self, policy: &str, applied: bool) {
+        self.traffic_policy_applied
+            .with_label_values(&[policy])
+            .set(i64::from(applied));
     }
 
     pub fn config_reload(&self, ok: bool) {

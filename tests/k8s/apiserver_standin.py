@@ -10,8 +10,11 @@ write EndpointSlices themselves.
 What it does implement, the way the apiserver does:
   * discovery: /version, /api, /apis, /api/v1, /apis/<group>[/<version>], in both the legacy
     form and the aggregated form (apidiscovery.k8s.io/v2) that kubectl negotiates;
-  * pods, endpoints, endpointslices (discovery.k8s.io/v1) and inferencepools
-    (inference.networking.k8s.io/v1), namespaced and across namespaces;
+  * pods, endpoints, endpointslices (discovery.k8s.io/v1), inferencepools
+    (inference.networking.k8s.io/v1) and events (events.k8s.io/v1), namespaced and across
+    namespaces, plus the custom resources of every CustomResourceDefinition manifest given with
+    --crd, under their own groups and versions (with the status subresource where the CRD
+    declares it), as an apiserver serves an established CRD;
   * one global resourceVersion over every object (like etcd's revision), MVCC reads: paginated
     lists (limit/continue) stay consistent at the RV of their first page;
   * list and watch with labelSelector (=, ==, !=, in, notin, exists, !exists) and fieldSelector
@@ -31,7 +34,7 @@ What it does implement, the way the apiserver does:
     fresh watch cache does.
 
 Usage: apiserver_standin.py [--port N] [--state-file PATH] [--no-endpointslices]
-       [--bookmark-interval SECONDS]
+       [--bookmark-interval SECONDS] [--crd CRD_MANIFEST ...]
 It prints "stand-in apiserver listening on http://127.0.0.1:<port>" once it accepts requests.
 """
 
@@ -86,13 +89,43 @@ class Resource:
     def api_version(self):
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    @property
+    def stored_as(self):
+        """The store key's first part: a plural is unique only within its group (v1 and v1alpha2
+        InferencePools are different resources)."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
 
 ALL_RESOURCES = [
     Resource("", "v1", "pods", "Pod", "pod", ["po"], True),
     Resource("", "v1", "endpoints", "Endpoints", "endpoints", ["ep"], False),
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", "endpointslice", [], False),
     Resource("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool", "inferencepool", [], True),
+    # Events written by controllers (kube-rs's Recorder posts these, and patches a repeat).
+    Resource("events.k8s.io", "v1", "events", "Event", "event", [], False),
 ]
+
+
+def crd_resources(path):
+    """The resources a CustomResourceDefinition manifest defines, one per served version, the way
+    the apiserver serves a CRD once it is established."""
+    import yaml  # the test requirements' kubernetes-validate brings PyYAML
+
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    out = []
+    for crd in docs:
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = crd["spec"]
+        names = spec["names"]
+        for version in spec["versions"]:
+            if not version.get("served", False):
+                continue
+            out.append(Resource(spec["group"], version["name"], names["plural"], names["kind"],
+                                names.get("singular", names["kind"].lower()), names.get("shortNames", []),
+                                "status" in (version.get("subresources") or {})))
+    return out
 
 
 class ApiError(Exception):
@@ -217,7 +250,7 @@ class Filter:
             raise ApiError(400, "BadRequest", f"unable to parse selector: {e}")
 
     def matches(self, key, obj):
-        if obj is None or key[0] != self.resource.plural:
+        if obj is None or key[0] != self.resource.stored_as:
             return False
         meta = obj.get("metadata", {})
         if self.namespace is not None and meta.get("namespace") != self.namespace:
@@ -541,7 +574,7 @@ class Handler(BaseHTTPRequestHandler):
         if route.name is not None:
             store = self.server.store
             with store.cond:
-                obj = store.objects.get((route.resource.plural, route.namespace, route.name))
+                obj = store.objects.get((route.resource.stored_as, route.namespace, route.name))
             if obj is None:
                 raise self.not_found(route)
             return self.send_json(200, obj)
@@ -722,7 +755,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(422, "Invalid", "metadata.name: Required value: name or generateName is required")
             meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
         store = self.server.store
-        key = (route.resource.plural, route.namespace, meta["name"])
+        key = (route.resource.stored_as, route.namespace, meta["name"])
         with store.cond:
             if key in store.objects:
                 raise ApiError(409, "AlreadyExists",
@@ -741,7 +774,7 @@ class Handler(BaseHTTPRequestHandler):
         if route.name is None:
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         store = self.server.store
-        key = (route.resource.plural, route.namespace, route.name)
+        key = (route.resource.stored_as, route.namespace, route.name)
         with store.cond:
             current = store.objects.get(key)
             if current is None:
@@ -798,7 +831,7 @@ class Handler(BaseHTTPRequestHandler):
         if route.name is None or route.subresource is not None:
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         store = self.server.store
-        key = (route.resource.plural, route.namespace, route.name)
+        key = (route.resource.stored_as, route.namespace, route.name)
         with store.cond:
             current = store.objects.get(key)
             if current is None:
@@ -838,6 +871,8 @@ def main():
     parser.add_argument("--no-endpointslices", action="store_true",
                         help="do not serve discovery.k8s.io (an apiserver without EndpointSlices)")
     parser.add_argument("--bookmark-interval", type=float, default=1.0)
+    parser.add_argument("--crd", action="append", default=[],
+                        help="serve the custom resources a CustomResourceDefinition manifest defines")
     args = parser.parse_args()
 
     server = StandinServer(("127.0.0.1", args.port), Handler)
@@ -845,6 +880,8 @@ def main():
     server.bookmark_interval = args.bookmark_interval
     server.resources = [r for r in ALL_RESOURCES
                         if not (args.no_endpointslices and r.group == "discovery.k8s.io")]
+    for path in args.crd:
+        server.resources.extend(crd_resources(path))
     print(f"stand-in apiserver listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 
