@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvgate::metrics::relay::SnapshotResult;
 use kvgate::metrics::{
     AdminError, AdminListener, AdminState, IndexSample, Metrics, PodLoad, RequestRecord,
 };
@@ -116,6 +117,19 @@ fn record_known_traffic(m: &Metrics) {
     m.config_reload(true);
     m.config_reload(false);
     m.config_reload(true);
+    m.traffic_policy("inference-policy", true);
+    m.traffic_policy("estimation-policy", false);
+    // The replica relay: two peers (one unreachable), two followers, 3 batches each way.
+    m.relay.peer("10.0.0.7:5558", true);
+    m.relay.peer("10.0.0.8:5558", false);
+    m.relay.subscribers(2);
+    m.relay.sent(3, 3000);
+    for _ in 0..3 {
+        m.relay.received(Some(Duration::from_micros(300)));
+    }
+    m.relay.snapshot(SnapshotResult::Sent);
+    m.relay.snapshot(SnapshotResult::Applied);
+    m.relay.rejected("unauthenticated");
 }
 
 fn pod_a_load() -> PodLoad {
@@ -426,6 +440,16 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         ("kvgate_config_reloads_total{result=\"failed\"}".into(), 1.0),
         ("kvgate_config_last_reload_successful".into(), 1.0),
         (format!("kvgate_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0),
+        ("kvgate_traffic_policy_applied{policy=\"inference-policy\"}".into(), 1.0),
+        ("kvgate_traffic_policy_applied{policy=\"estimation-policy\"}".into(), 0.0),
+        ("sum(kvgate_relay_peer_up)".into(), 1.0),
+        ("kvgate_relay_subscribers".into(), 2.0),
+        ("kvgate_relay_batches_sent_total".into(), 3.0),
+        ("kvgate_relay_bytes_sent_total".into(), 3000.0),
+        ("kvgate_relay_batches_received_total".into(), 3.0),
+        ("kvgate_relay_lag_seconds_count".into(), 3.0),
+        ("kvgate_relay_snapshots_total{result=\"applied\"}".into(), 1.0),
+        ("kvgate_relay_rejected_total{reason=\"unauthenticated\"}".into(), 1.0),
     ];
     for (promql, expected) in &checks {
         prom.wait_for_value(promql, *expected).await;
@@ -469,6 +493,10 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
                     ..RecordTick::request(POD_B, i)
                 });
                 m.malformed_event(Some(addr(POD_A)), "decode");
+                m.relay.sent(2, 2048);
+                m.relay.received(Some(Duration::from_micros(100 + i % 900)));
+                m.relay.snapshot(SnapshotResult::Applied);
+                m.relay.rejected("slow");
                 m.decision_latency(Duration::from_micros(20 + i % 200));
                 m.index_stats(IndexSample {
                     entries: 1000 + i,

@@ -548,6 +548,7 @@ async fn demo(
                     loss: 0.0,
                 },
                 replicas: 1,
+                relayed: false,
             })
             .ok_or_else(|| DemoError::Fleet(format!("profile {profile:?} in the config")))
     })

@@ -7,6 +7,9 @@
 //! `precise-50ms`, `precise-loss1%`, `precise-500ms-loss10%`. Any policy may end in
 //! `-x<N>`: N gateway replicas, each with its own index and routing state, fed the same
 //! events and each handling a random share of the requests (`precise-x4`, `approximate-x2`).
+//! `-r<N>` is the same in bind mode with the replica relay (`crate::relay`): each pod's events
+//! reach one replica (its home, as kube-proxy lands its PUB connection), which relays them to
+//! the others [`RELAY_LAG_MS`] later; a batch lost before its home is lost for every replica.
 
 use crate::config::{Config, ModelConfig, ProfileConfig};
 
@@ -35,7 +38,13 @@ pub struct PolicySpec {
     pub feed: IndexFeed,
     /// Gateway replicas sharing the requests, with no state shared between them.
     pub replicas: usize,
+    /// The replicas run in bind mode and relay each pod's events from its home replica.
+    pub relayed: bool,
 }
+
+/// The relay's lag in `-r<N>` runs: the target's p99 bound on loopback (README, "Replicas in
+/// bind mode"), so the comparison is conservative.
+pub const RELAY_LAG_MS: f64 = 5.0;
 
 /// Most replicas a policy may ask for.
 pub const MAX_REPLICAS: usize = 64;
@@ -139,16 +148,24 @@ fn event_conditions(name: &str, suffix: &str) -> Result<(f64, f64), PolicyError>
     Ok((delay_ms, loss))
 }
 
-/// Splits a trailing `-x<N>` replica count off a policy name.
-fn replicas(name: &str) -> Result<(&str, usize), PolicyError> {
-    let Some((base, count)) = name.rsplit_once("-x") else {
-        return Ok((name, 1));
+/// Splits a trailing `-x<N>` (connect mode) or `-r<N>` (relayed bind mode) replica count off
+/// a policy name.
+fn replicas(name: &str) -> Result<(&str, usize, bool), PolicyError> {
+    let split = name
+        .rsplit_once("-x")
+        .map(|(b, c)| (b, c, false))
+        .into_iter()
+        .chain(name.rsplit_once("-r").map(|(b, c)| (b, c, true)))
+        .filter(|(_, c, _)| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
+        .max_by_key(|(b, _, _)| b.len());
+    let Some((base, count, relayed)) = split else {
+        return Ok((name, 1, false));
     };
     if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
         return Ok((name, 1));
     }
     match count.parse::<usize>() {
-        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok((base, n)),
+        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok((base, n, relayed)),
         _ => Err(PolicyError::Variant {
             name: name.to_string(),
             message: format!("replicas must be 1..={MAX_REPLICAS}"),
@@ -162,10 +179,11 @@ pub fn resolve(
     config: &Config,
     model: &ModelConfig,
 ) -> Result<PolicySpec, PolicyError> {
-    let (base, replicas) = replicas(name)?;
+    let (base, replicas, relayed) = replicas(name)?;
     let mut spec = resolve_single(base, config, model)?;
     spec.name = name.to_string();
     spec.replicas = replicas;
+    spec.relayed = relayed;
     Ok(spec)
 }
 
@@ -190,6 +208,7 @@ fn resolve_single(
         profile,
         feed,
         replicas: 1,
+        relayed: false,
     };
     if name == "oracle" {
         return Ok(spec(&model.profile, precise()?, IndexFeed::Oracle));
@@ -284,6 +303,10 @@ mod tests {
         );
         assert_eq!(resolve("precise", &config, model).unwrap().replicas, 1);
         assert!(resolve("precise-x0", &config, model).is_err());
+        let relayed = resolve("precise-r4", &config, model).unwrap();
+        assert_eq!((relayed.replicas, relayed.relayed), (4, true));
+        assert!(!replicated.relayed);
+        assert!(resolve("precise-r0", &config, model).is_err());
         assert!(resolve("precise-x65", &config, model).is_err());
     }
 }

@@ -18,7 +18,9 @@
 //! own pipeline, index and `Pod` accounting; every replica receives every event batch
 //! (each loses batches independently), and each request goes to a replica drawn at random,
 //! as a `LoadBalancer` Service spreads connections. At each arrival the other replicas are
-//! asked what they would pick, which gives the same-pick rate.
+//! asked what they would pick, which gives the same-pick rate. In bind mode with the relay
+//! (`-r<N>`), pod p's batches reach replica p mod N (its home) as above, and the others
+//! `RELAY_LAG_MS` later; a lost batch is lost for all of them (the home never had it).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -32,7 +34,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::metrics::{RequestRecord, RunData};
-use super::policy::{IndexFeed, PolicySpec};
+use super::policy::{IndexFeed, PolicySpec, RELAY_LAG_MS};
 use super::workload::Segment;
 use crate::discovery::PodEndpoint;
 use crate::index::{BlockIndex, IndexConfig, PrefixMatch, ScopeId, Tier};
@@ -90,6 +92,8 @@ enum EventKind {
     StepDone(u32),
     /// The oldest pending KV-event batch of a pod reaches a replica's index.
     Deliver(u32),
+    /// The oldest relayed batch of a pod reaches every replica but its home.
+    Relay(u32),
     Scrape,
 }
 
@@ -148,6 +152,8 @@ struct SimPod {
     wake_at: Option<f64>,
     /// Delayed event batches on their way, oldest first, with the replica each goes to.
     deliveries: VecDeque<(usize, Arc<[KvChange]>)>,
+    /// Batches its home replica relays, oldest first (relayed bind mode).
+    relayed: VecDeque<Arc<[KvChange]>>,
 }
 
 /// One gateway replica: its own routing state, index and view of the pods.
@@ -226,6 +232,8 @@ struct Run<'a> {
     setup: &'a SimSetup,
     feed: IndexFeed,
     replicas: Vec<Replica>,
+    /// Bind mode with the relay: each pod's events reach its home replica only, which relays.
+    relayed: bool,
     /// Which replica the Service sends each request to.
     replica_rng: StdRng,
     /// Whether to ask the other replicas what they would pick: not for rotating or random
@@ -412,6 +420,35 @@ impl<'a> Run<'a> {
             }
         }
         match self.feed {
+            IndexFeed::Events { delay_ms, loss } if !out.kv_events.is_empty() && self.relayed => {
+                let home = pod as usize % self.replicas.len();
+                let replica = &mut self.replicas[home];
+                if loss > 0.0 && replica.loss_rng.random_bool(loss) {
+                    self.data.event_batches_lost += 1;
+                } else {
+                    self.data.event_batches += 1;
+                    let batch: Arc<[KvChange]> = Arc::from(out.kv_events.as_slice());
+                    if delay_ms <= 0.0 {
+                        apply_changes(
+                            &replica.index,
+                            pod,
+                            self.setup.scope,
+                            &batch,
+                            &mut self.removed,
+                        );
+                    } else {
+                        self.pods[pod as usize]
+                            .deliveries
+                            .push_back((home, Arc::clone(&batch)));
+                        self.queue.push(now_ms + delay_ms, EventKind::Deliver(pod));
+                    }
+                    if self.replicas.len() > 1 {
+                        self.pods[pod as usize].relayed.push_back(batch);
+                        self.queue
+                            .push(now_ms + delay_ms + RELAY_LAG_MS, EventKind::Relay(pod));
+                    }
+                }
+            }
             IndexFeed::Events { delay_ms, loss } if !out.kv_events.is_empty() => {
                 let mut delayed: Option<Arc<[KvChange]>> = None;
                 for (r, replica) in self.replicas.iter_mut().enumerate() {
@@ -508,6 +545,24 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// A home replica's relay of a pod's batch reaches the other replicas.
+    fn relay(&mut self, pod: u32) {
+        let home = pod as usize % self.replicas.len();
+        if let Some(batch) = self.pods[pod as usize].relayed.pop_front() {
+            for (r, replica) in self.replicas.iter().enumerate() {
+                if r != home {
+                    apply_changes(
+                        &replica.index,
+                        pod,
+                        self.setup.scope,
+                        &batch,
+                        &mut self.removed,
+                    );
+                }
+            }
+        }
+    }
+
     fn scrape(&mut self, now_ms: f64) {
         let mut in_flight_max = 0u32;
         let mut in_flight_sum = 0u64;
@@ -599,6 +654,7 @@ pub fn simulate(
             stepping: false,
             wake_at: None,
             deliveries: VecDeque::new(),
+            relayed: VecDeque::new(),
         });
     }
     let requests = &segment.requests;
@@ -622,6 +678,7 @@ pub fn simulate(
         setup,
         feed: policy.feed,
         replicas,
+        relayed: policy.relayed,
         replica_rng: StdRng::seed_from_u64(!policy_seed),
         probe_same_pick,
         pods,
@@ -680,6 +737,7 @@ pub fn simulate(
             }
             EventKind::StepDone(pod) => run.step_done(pod, now_ms)?,
             EventKind::Deliver(pod) => run.deliver(pod),
+            EventKind::Relay(pod) => run.relay(pod),
             EventKind::Scrape => {
                 run.scrape(now_ms);
                 // Only while something else can still happen: a stalled run must end.

@@ -30,6 +30,7 @@ use crate::events::tracker::{
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId, Tier};
 use crate::pods::{EventTrust, Pod, PodId, PodRegistry};
+use crate::relay::{PodSnapshot, PublisherSnapshot};
 use crate::scope::scope_id;
 
 /// Distinct topics remembered in bind mode; the cache is dropped beyond it, so
@@ -236,6 +237,9 @@ struct PodEntry {
     stats: Arc<PodEventStats>,
     trust: EventTrust,
     last_seen: Instant,
+    /// Its last batch came to this replica directly (not relayed by a peer): this replica is
+    /// the one its PUB is connected to, and hands its state to peers that join.
+    home: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -437,6 +441,7 @@ impl Ingestor {
                 stats: self.stats.pod(pod.id),
                 trust: EventTrust::Unknown,
                 last_seen: now,
+                home: false,
             },
         };
         entry.replay = pod.endpoint.replay.clone();
@@ -590,6 +595,7 @@ impl Ingestor {
                 stats: self.stats.pod(id),
                 trust: EventTrust::Unknown,
                 last_seen: now,
+                home: false,
             },
         );
         self.by_topic_host.insert(key, id);
@@ -616,7 +622,7 @@ impl Ingestor {
         };
         let pod_id = match origin {
             Origin::Pod { pod, .. } => pod,
-            Origin::Bound => match self.resolve_topic(topic, now) {
+            Origin::Bound | Origin::Relayed => match self.resolve_topic(topic, now) {
                 Some(id) => id,
                 None => return,
             },
@@ -638,6 +644,7 @@ impl Ingestor {
             return;
         };
         entry.last_seen = now;
+        entry.home = origin != Origin::Relayed;
         bump(&entry.stats.batches, 1);
         if decode_batch_into(payload, batch).is_err() {
             // Treated as lost: the gap it leaves is replayed, or cleared.
@@ -646,7 +653,7 @@ impl Ingestor {
         }
         let rank = match origin {
             Origin::Pod { rank, .. } => rank,
-            Origin::Bound => batch.dp_rank.unwrap_or(0),
+            Origin::Bound | Origin::Relayed => batch.dp_rank.unwrap_or(0),
         };
         let at = publisher_index(cfg, registry, targets, entry, pod_id, rank);
         let verdict =
@@ -671,6 +678,97 @@ impl Ingestor {
             replays,
         );
         refresh_trust(entry);
+    }
+
+    /// The state of every pod whose events reach this replica directly, for a peer replica
+    /// that joins (bind mode with a relay): each publisher's index entries and stream mark,
+    /// as of the last batch applied. Publishers that applied nothing have nothing to give.
+    pub fn home_snapshots(&self) -> Vec<PodSnapshot> {
+        self.pods
+            .values()
+            .filter(|entry| entry.home && entry.pod.is_some())
+            .filter_map(|entry| {
+                let publishers: Vec<PublisherSnapshot> = entry
+                    .publishers
+                    .iter()
+                    .filter_map(|p| {
+                        let mark = p.tracker.mark()?;
+                        let mut entries = Vec::with_capacity(self.index.pod_block_count(p.target));
+                        self.index.for_each_block_of(p.target, |scope, tier, hash| {
+                            entries.push((scope, tier, hash));
+                        });
+                        Some(PublisherSnapshot {
+                            rank: p.rank,
+                            mark,
+                            entries,
+                        })
+                    })
+                    .collect();
+                let topic = format!(
+                    "{}{}@{}",
+                    self.cfg.topic_prefix, entry.topic_host, entry.model.name
+                );
+                (!publishers.is_empty()).then(|| PodSnapshot {
+                    topic: Bytes::from(topic),
+                    publishers,
+                })
+            })
+            .collect()
+    }
+
+    /// A peer replica's snapshot of a pod it is home to: each publisher this replica is not
+    /// already as far on takes the peer's entries and stream position. Returns whether
+    /// anything was taken.
+    pub fn adopt_snapshot(&mut self, snapshot: PodSnapshot, now: Instant) -> bool {
+        let Some(pod_id) = self.resolve_topic(&snapshot.topic, now) else {
+            return false;
+        };
+        let Self {
+            cfg,
+            registry,
+            targets,
+            pods,
+            scratch,
+            actions,
+            replays,
+            index,
+            ..
+        } = self;
+        let Some(entry) = pods.get_mut(&pod_id) else {
+            return false;
+        };
+        let mut adopted = false;
+        for publisher in snapshot.publishers {
+            let at = publisher_index(cfg, registry, targets, entry, pod_id, publisher.rank);
+            let local = &mut entry.publishers[at];
+            // A stream this replica follows whole and at least as far needs nothing; one it
+            // joined mid-stream (or lost batches of) takes the home's exact state instead.
+            let ahead = local.tracker.is_synced()
+                && local
+                    .tracker
+                    .mark()
+                    .is_some_and(|mine| mine.seq >= publisher.mark.seq);
+            if ahead {
+                continue;
+            }
+            index.clear_pod(local.target);
+            let mut groups: HashMap<(ScopeId, Tier), Vec<u64>> = HashMap::new();
+            for (scope, tier, hash) in publisher.entries {
+                groups.entry((scope, tier)).or_default().push(hash);
+            }
+            local.scopes.clear();
+            for ((scope, tier), hashes) in &groups {
+                index.store(local.target, *scope, *tier, hashes);
+                if !local.scopes.contains(scope) {
+                    local.scopes.push(*scope);
+                }
+            }
+            local.tracker.adopt(publisher.mark, now, actions);
+            perform(index, pod_id, entry, at, None, scratch, actions, replays);
+            adopted = true;
+        }
+        refresh_trust(entry);
+        adopted
     }
 
     /// The answer to a replay request.
@@ -1238,6 +1336,19 @@ models:
         }
 
         fn store(&mut self, topic_host: &str, seq: u64, hashes: &[u64]) {
+            let message = Self::stored(topic_host, seq, hashes);
+            self.ingestor
+                .on_message(Origin::Bound, &message, Instant::now());
+        }
+
+        /// The same batch, as a peer replica relays it.
+        fn relayed(&mut self, topic_host: &str, seq: u64, hashes: &[u64]) {
+            let message = Self::stored(topic_host, seq, hashes);
+            self.ingestor
+                .on_message(Origin::Relayed, &message, Instant::now());
+        }
+
+        fn stored(topic_host: &str, seq: u64, hashes: &[u64]) -> ZmqMessage {
             let wire: Vec<WireHash<'_>> = hashes.iter().map(|&h| WireHash::Int(h)).collect();
             let tokens = vec![1u32; hashes.len() * 16];
             let event = OutEvent::Stored {
@@ -1262,9 +1373,7 @@ models:
                 Bytes::copy_from_slice(&seq.to_be_bytes()),
                 Bytes::from(payload),
             ];
-            let message = ZmqMessage::try_from(frames).expect("frames");
-            self.ingestor
-                .on_message(Origin::Bound, &message, Instant::now());
+            ZmqMessage::try_from(frames).expect("frames")
         }
 
         fn trust(&self, topic_host: &str) -> EventTrust {
@@ -1316,6 +1425,48 @@ models:
         assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
         assert_eq!(new.trust("a"), EventTrust::Synced);
         assert!(new.ingestor.take_replays().next().is_none());
+    }
+
+    #[test]
+    fn a_joining_replica_adopts_the_home_snapshot_and_follows_the_relay() {
+        let config = Config::parse(CONFIG).expect("config");
+        let (a, b) = (endpoint(8001, "a"), endpoint(8002, "b"));
+        // `home` receives pod a directly; pod b's batches reach it relayed.
+        let mut home = Process::new(&config, &[a.clone(), b.clone()]);
+        home.ingestor.sync_pods(Instant::now());
+        home.store("a", 0, &[11, 12, 13]);
+        home.store("a", 1, &[14]);
+        home.relayed("b", 0, &[21]);
+        let snapshots = home.ingestor.home_snapshots();
+        assert_eq!(snapshots.len(), 1, "only the pod it is home to");
+        assert_eq!(&snapshots[0].topic[..], b"kv@a@m");
+        assert_eq!(snapshots[0].publishers[0].mark.seq, 1);
+        assert_eq!(snapshots[0].publishers[0].entries.len(), 4);
+
+        let mut peer = Process::new(&config, &[b, a]);
+        peer.ingestor.sync_pods(Instant::now());
+        for snapshot in snapshots {
+            assert!(peer.ingestor.adopt_snapshot(snapshot, Instant::now()));
+        }
+        assert_eq!(peer.cached_blocks("a", &[11, 12, 13, 14]), 4);
+        assert_eq!(peer.trust("a"), EventTrust::Synced);
+        peer.relayed("a", 2, &[15]);
+        assert_eq!(peer.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
+        assert_eq!(peer.trust("a"), EventTrust::Synced);
+        // The home relays on; a copy that arrives twice counts once.
+        peer.relayed("a", 3, &[16]);
+        peer.relayed("a", 3, &[16]);
+        assert_eq!(peer.cached_blocks("a", &[11, 12, 13, 14, 15, 16]), 6);
+        // A snapshot behind what the peer has is not taken.
+        let stale = home.ingestor.home_snapshots();
+        assert!(!peer
+            .ingestor
+            .adopt_snapshot(stale[0].clone(), Instant::now()));
+        // The pod's PUB moves to the peer (its home died): the sequence goes on directly.
+        peer.store("a", 4, &[17]);
+        assert_eq!(peer.cached_blocks("a", &[11, 12, 13, 14, 15, 16, 17]), 7);
+        assert_eq!(peer.trust("a"), EventTrust::Synced);
+        assert_eq!(peer.ingestor.home_snapshots().len(), 1);
     }
 
     #[test]

@@ -22,10 +22,13 @@ use crate::events::ingest::{
 };
 use crate::events::replay::ReplayClient;
 use crate::events::stats::EventStats;
-use crate::events::subscriber::{BindSource, ConnectSource, EventSource, Inbound, SubscriberError};
+use crate::events::subscriber::{
+    BindSource, ConnectSource, EventSource, Inbound, Origin, SubscriberError,
+};
 use crate::hash::HashConfigError;
 use crate::index::BlockIndex;
 use crate::pods::PodRegistry;
+use crate::relay::{self, RelayConfig, RelayError, RelayHub, Relayed};
 
 /// Messages queued between the sockets and the ingest task.
 const INBOUND_CAPACITY: usize = 16_384;
@@ -46,6 +49,8 @@ pub enum EventServiceError {
     Source(#[from] SubscriberError),
     #[error("the KV event service was already started (it runs once)")]
     AlreadyStarted,
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 enum Command {
@@ -77,6 +82,9 @@ pub struct KvEventService {
     commands: mpsc::Sender<Command>,
     command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
     bound: watch::Sender<Option<String>>,
+    /// The relay to peer replicas (bind mode), with its secret, until the service starts.
+    relay: Mutex<Option<(RelayConfig, Arc<[u8]>)>>,
+    relay_bound: watch::Sender<Option<std::net::SocketAddr>>,
 }
 
 fn model_events(config: &Config) -> Result<Vec<ModelEvents>, EventServiceError> {
@@ -132,6 +140,10 @@ impl KvEventService {
             Arc::clone(&targets),
         );
         let (commands, command_rx) = mpsc::channel(4);
+        let relay = match &config.relay {
+            Some(relay) => Some((relay.clone(), relay::read_secret(&relay.secret_file)?)),
+            None => None,
+        };
         Ok(Self {
             mode: events.mode,
             replay: ReplayClient::new(
@@ -149,7 +161,20 @@ impl KvEventService {
             commands,
             command_rx: Mutex::new(Some(command_rx)),
             bound: watch::Sender::new(None),
+            relay: Mutex::new(relay),
+            relay_bound: watch::Sender::new(None),
         })
+    }
+
+    /// Waits until the relay listens and returns its address (`None` without a relay, or
+    /// when it could not bind).
+    pub async fn relay_ready(&self) -> Option<std::net::SocketAddr> {
+        if self.relay.lock().is_none() && self.relay_bound.borrow().is_none() {
+            return None;
+        }
+        let mut bound = self.relay_bound.subscribe();
+        let ready = bound.wait_for(|b| b.is_some()).await;
+        ready.ok().and_then(|b| *b)
     }
 
     /// Ingestion counters, per pod and overall.
@@ -260,6 +285,21 @@ impl KvEventService {
                 );
             }
         }
+        let relay_setup = self.relay.lock().take();
+        let mut relay = match relay_setup {
+            Some((config, secret)) => match relay::start(&config, secret, shutdown.clone()).await {
+                Ok(tasks) => {
+                    self.relay_bound.send_replace(Some(tasks.bound));
+                    Some(tasks)
+                }
+                Err(error) => {
+                    self.bound.send_replace(Some(String::new()));
+                    return Err(error.into());
+                }
+            },
+            None => None,
+        };
+        let mut hub = RelayHub::default();
         self.bound.send_replace(Some(bound.unwrap_or_default()));
 
         let (replay_tx, mut replays) = mpsc::channel::<ReplayDone>(64);
@@ -268,6 +308,10 @@ impl KvEventService {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            let (joins, relayed) = match relay.as_mut() {
+                Some(r) => (Some(&mut r.joins), Some(&mut r.inbound)),
+                None => (None, None),
+            };
             tokio::select! {
                 biased;
                 changed = shutdown.changed() => {
@@ -290,12 +334,30 @@ impl KvEventService {
                 }
                 Some(done) = replays.recv() => ingestor.on_replay(done, std::time::Instant::now()),
                 _ = tick.tick() => ingestor.on_tick(std::time::Instant::now()),
+                Some(join) = next(joins) => hub.join(join, ingestor.home_snapshots()),
+                Some(item) = next(relayed) => {
+                    let now = std::time::Instant::now();
+                    relay_in(&mut ingestor, item, now);
+                    if let Some(r) = relay.as_mut() {
+                        for _ in 1..INBOUND_BURST {
+                            match r.inbound.try_recv() {
+                                Ok(item) => relay_in(&mut ingestor, item, now),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
                 Some(first) = inbound.recv() => {
                     let now = std::time::Instant::now();
-                    ingestor.on_message(first.origin, &first.message, now);
+                    let received_at_ns = relay::unix_ns();
+                    let mut take = |item: Inbound| {
+                        ingestor.on_message(item.origin, &item.message, now);
+                        hub.forward(&item.message, received_at_ns);
+                    };
+                    take(first);
                     for _ in 1..INBOUND_BURST {
                         match inbound.try_recv() {
-                            Ok(next) => ingestor.on_message(next.origin, &next.message, now),
+                            Ok(item) => take(item),
                             Err(_) => break,
                         }
                     }
@@ -323,6 +385,37 @@ impl KvEventService {
         *self.stopped.lock() = Some(ingestor);
         tracing::info!("KV event service stopped");
         Ok(())
+    }
+}
+
+/// The next item of an optional channel; pending forever without one.
+async fn next<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One item a peer replica relayed.
+fn relay_in(ingestor: &mut Ingestor, item: Relayed, now: std::time::Instant) {
+    let metrics = &crate::metrics::global().relay;
+    match item {
+        Relayed::Batch {
+            message,
+            received_at_ns,
+        } => {
+            let lag = relay::unix_ns().saturating_sub(received_at_ns);
+            metrics.received(Some(Duration::from_nanos(lag)));
+            ingestor.on_message(Origin::Relayed, &message, now);
+        }
+        Relayed::Snapshot(snapshot) => {
+            let result = if ingestor.adopt_snapshot(snapshot, now) {
+                crate::metrics::relay::SnapshotResult::Applied
+            } else {
+                crate::metrics::relay::SnapshotResult::Skipped
+            };
+            metrics.snapshot(result);
+        }
     }
 }
 

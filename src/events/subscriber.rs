@@ -42,6 +42,9 @@ pub enum Origin {
     Bound,
     /// A SUB connected to one pod's publisher for one data-parallel rank.
     Pod { pod: PodId, rank: u32 },
+    /// A peer kvgate replica's relay of a batch a pod sent it (bind mode): the topic names
+    /// the pod, as on the bound SUB.
+    Relayed,
 }
 
 /// A message as received.

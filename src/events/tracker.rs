@@ -279,6 +279,12 @@ impl<T> SeqTracker<T> {
     /// gap since the handover is replayed (the replay verifies the marked batch, which
     /// also catches a publisher that restarted meanwhile).
     pub fn resume(&mut self, mark: StreamMark) {
+        self.take_mark(mark);
+        self.held.clear();
+    }
+
+    /// Continues from another process's position, with no gap open.
+    fn take_mark(&mut self, mark: StreamMark) {
         self.last = Some(Mark {
             seq: mark.seq,
             ts: mark.ts,
@@ -288,8 +294,21 @@ impl<T> SeqTracker<T> {
         } else {
             SyncState::Settling
         };
-        self.held.clear();
         self.recovery = None;
+    }
+
+    /// Takes the position of another kvgate replica's snapshot of this publisher, whose entries
+    /// have just replaced the ones indexed here (bind mode with relayed events): batches held
+    /// beyond the mark apply in order after it, those up to it are dropped; a hole still open
+    /// after them is a gap like any other.
+    pub fn adopt(&mut self, mark: StreamMark, now: Instant, out: &mut Vec<Action<T>>) {
+        self.take_mark(mark);
+        self.run = 0;
+        self.held.retain(|&seq, _| seq > mark.seq);
+        self.drain(out);
+        if !self.held.is_empty() {
+            self.begin_recovery(now, self.last, 1, out);
+        }
     }
 
     /// A gap is open (batches are held or a replay is outstanding).
@@ -680,6 +699,43 @@ mod tests {
     use super::*;
 
     type Tracker = SeqTracker<u64>;
+
+    #[test]
+    fn an_adopted_snapshot_drops_what_it_covers_and_applies_what_follows() {
+        let mut t = tracker(false);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        t.on_live(0, ts(1, 0), 0, now, &mut out);
+        // 1..=4 lost on the way here; 5..=7 held behind the gap.
+        for seq in 5..=7 {
+            t.on_live(seq, ts(1, seq), seq, now, &mut out);
+        }
+        assert!(t.recovering());
+        out.clear();
+        // A peer's snapshot at 5: 5 is in it, 6 and 7 follow it.
+        t.adopt(
+            StreamMark {
+                seq: 5,
+                ts: ts(1, 5),
+                synced: true,
+            },
+            now,
+            &mut out,
+        );
+        let applied: Vec<u64> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::ApplyHeld { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(applied, [6, 7]);
+        assert!(!t.recovering() && t.is_synced());
+        assert_eq!(t.last_seq(), Some(7));
+        // A relayed copy of a batch the snapshot covered is a duplicate.
+        out.clear();
+        assert_eq!(t.on_live(4, ts(1, 4), 4, now, &mut out), Verdict::Duplicate);
+    }
 
     fn tracker(replay: bool) -> Tracker {
         SeqTracker::new(TrackerConfig {

@@ -352,6 +352,25 @@ impl BlockIndex {
         out.finish(scanned, &self.registry);
     }
 
+    /// Every block `pod` holds, as (scope, tier, hash) — a block on both tiers is reported
+    /// once per tier. Each shard is read-locked while it is walked.
+    pub fn for_each_block_of(&self, pod: PodId, mut f: impl FnMut(ScopeId, Tier, u64)) {
+        self.registry.with_pod(pod, false, |st, slot| {
+            for shard in self.shards.iter() {
+                shard
+                    .0
+                    .read()
+                    .for_each_of_slot(st, slot, |scope, hash, tiers| {
+                        for tier in [Tier::Gpu, Tier::Cpu] {
+                            if tiers & tier.bits() != 0 {
+                                f(scope, tier, hash);
+                            }
+                        }
+                    });
+            }
+        });
+    }
+
     /// Blocks `pod` holds (on any tier), over all scopes.
     pub fn pod_block_count(&self, pod: PodId) -> usize {
         self.registry

@@ -237,6 +237,34 @@ impl Shard {
         }
     }
 
+    /// Every block `slot` holds in this shard, as (scope, hash, tiers), by walking the pod's
+    /// list (O(blocks it holds)); for handing one pod's entries to another kvgate replica.
+    pub(super) fn for_each_of_slot(
+        &self,
+        st: &RegistryState,
+        slot: u16,
+        mut f: impl FnMut(u32, u64, u32),
+    ) {
+        let head = &st.heads(slot)[self.id];
+        let mut next = head.head();
+        let mut fill = fill_of_first_chunk(head.len());
+        while next != 0 {
+            let chunk = *self.cells.get(next - 1);
+            for entry in chunk_entries(&chunk).into_iter().take(fill) {
+                if !self.cells.is_node(entry) {
+                    continue;
+                }
+                let node = self.cells.get(entry);
+                let tiers = self.tiers_of(node.link, slot);
+                if tiers != 0 {
+                    f(node.mid, node.wide, tiers);
+                }
+            }
+            fill = LIST_CHUNK as usize;
+            next = chunk.link;
+        }
+    }
+
     /// Changes the tiers of an existing holder (`tiers` non-zero).
     fn set_tiers(&mut self, node: u32, slot: u16, tiers: u32) {
         let link = self.cells.get(node).link;

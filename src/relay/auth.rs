@@ -1,0 +1,189 @@
+//! Mutual authentication of two kvgate replicas at connect: each proves it holds the shared
+//! secret by an HMAC-SHA256 over both sides' fresh nonces (RFC 2104, on `sha2`), so a
+//! recorded handshake cannot be replayed and neither side learns anything it could reuse.
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::frame::{self, MAX_HANDSHAKE_FRAME};
+use super::{FrameReader, RelayError};
+
+/// A replica's id: random per process, so a replica that finds itself among its peers
+/// (the headless Service lists it too) knows to skip it.
+pub type ReplicaId = [u8; 16];
+type Nonce = [u8; 32];
+pub type Mac = [u8; 32];
+
+const CLIENT: &[u8] = b"kvgate-relay client";
+const SERVER: &[u8] = b"kvgate-relay server";
+/// Shorter secrets are refused at start: they could be guessed.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// HMAC-SHA256 of the concatenated `parts`.
+pub fn hmac(key: &[u8], parts: &[&[u8]]) -> Mac {
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    for part in parts {
+        inner.update(part);
+    }
+    let inner = inner.finalize();
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner);
+    let mut mac = [0u8; 32];
+    mac.copy_from_slice(&outer.finalize());
+    mac
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn same(a: &Mac, b: &Mac) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn nonce() -> Nonce {
+    rand::random()
+}
+
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+/// The accepting side: checks the client's proof, then proves itself. Returns the client's id.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut FrameReader<S>,
+    secret: &[u8],
+    me: &ReplicaId,
+) -> Result<ReplicaId, RelayError> {
+    let server_nonce = nonce();
+    let mut out = bytes::BytesMut::new();
+    frame::encode(&mut out, frame::HELLO, |b| {
+        b.extend_from_slice(&[frame::VERSION]);
+        b.extend_from_slice(me);
+        b.extend_from_slice(&server_nonce);
+    });
+    stream.inner.write_all(&out).await?;
+    let body = stream.expect(frame::AUTH, MAX_HANDSHAKE_FRAME).await?;
+    if body.len() != 16 + 32 + 32 {
+        return Err(RelayError::Handshake("malformed Auth"));
+    }
+    let client: ReplicaId = array(&body[..16]);
+    let client_nonce: Nonce = array(&body[16..48]);
+    let proof: Mac = array(&body[48..80]);
+    if !same(
+        &proof,
+        &hmac(secret, &[CLIENT, &server_nonce, &client_nonce, &client]),
+    ) {
+        return Err(RelayError::Unauthenticated);
+    }
+    out.clear();
+    let answer = hmac(secret, &[SERVER, &client_nonce, &server_nonce, me]);
+    frame::encode(&mut out, frame::WELCOME, |b| b.extend_from_slice(&answer));
+    stream.inner.write_all(&out).await?;
+    Ok(client)
+}
+
+/// The connecting side: proves itself, then checks the server's proof. Returns the server's
+/// id; [`RelayError::Myself`] when the peer is this very process.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut FrameReader<S>,
+    secret: &[u8],
+    me: &ReplicaId,
+) -> Result<ReplicaId, RelayError> {
+    let body = stream.expect(frame::HELLO, MAX_HANDSHAKE_FRAME).await?;
+    if body.len() != 1 + 16 + 32 {
+        return Err(RelayError::Handshake("malformed Hello"));
+    }
+    if body[0] != frame::VERSION {
+        return Err(RelayError::Version(body[0]));
+    }
+    let server: ReplicaId = array(&body[1..17]);
+    if &server == me {
+        return Err(RelayError::Myself);
+    }
+    let server_nonce: Nonce = array(&body[17..49]);
+    let client_nonce = nonce();
+    let proof = hmac(secret, &[CLIENT, &server_nonce, &client_nonce, me]);
+    let mut out = bytes::BytesMut::new();
+    frame::encode(&mut out, frame::AUTH, |b| {
+        b.extend_from_slice(me);
+        b.extend_from_slice(&client_nonce);
+        b.extend_from_slice(&proof);
+    });
+    stream.inner.write_all(&out).await?;
+    let body = stream.expect(frame::WELCOME, MAX_HANDSHAKE_FRAME).await?;
+    if body.len() != 32
+        || !same(
+            &array(&body),
+            &hmac(secret, &[SERVER, &client_nonce, &server_nonce, &server]),
+        )
+    {
+        return Err(RelayError::Unauthenticated);
+    }
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        let mac = hmac(
+            &[0xaa; 131],
+            &[b"Test Using Larger Than Block-Size Key - Hash Key First"],
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[tokio::test]
+    async fn replicas_with_the_secret_agree_and_others_are_refused() {
+        let secret = b"0123456789abcdef-shared";
+        let (a, b) = tokio::io::duplex(1024);
+        let (mut a, mut b) = (FrameReader::new(a), FrameReader::new(b));
+        let (server_id, client_id) = ([1u8; 16], [2u8; 16]);
+        let (accepted, connected) = tokio::join!(
+            accept(&mut a, secret, &server_id),
+            connect(&mut b, secret, &client_id)
+        );
+        assert_eq!(accepted.expect("accepted"), client_id);
+        assert_eq!(connected.expect("connected"), server_id);
+
+        let (a, b) = tokio::io::duplex(1024);
+        let (mut a, mut b) = (FrameReader::new(a), FrameReader::new(b));
+        let (accepted, _) = tokio::join!(
+            accept(&mut a, secret, &server_id),
+            connect(&mut b, b"another secret of 16+ bytes", &client_id)
+        );
+        assert!(matches!(accepted, Err(RelayError::Unauthenticated)));
+
+        // A replica that dials itself (it is among its own peers) learns it at Hello.
+        let (a, b) = tokio::io::duplex(1024);
+        let server = tokio::spawn(async move {
+            let mut a = FrameReader::new(a);
+            accept(&mut a, secret, &server_id).await.map(|_| ())
+        });
+        let mut b = FrameReader::new(b);
+        let connected = connect(&mut b, secret, &server_id).await;
+        assert!(matches!(connected, Err(RelayError::Myself)));
+        drop(b);
+        assert!(server.await.expect("joined").is_err());
+    }
+}
