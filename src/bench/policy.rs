@@ -161,9 +161,6 @@ fn replicas(name: &str) -> Result<(&str, usize, bool), PolicyError> {
     let Some((base, count, relayed)) = split else {
         return Ok((name, 1, false));
     };
-    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok((name, 1));
-    }
     match count.parse::<usize>() {
         Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok((base, n, relayed)),
         _ => Err(PolicyError::Variant {

@@ -527,8 +527,13 @@ pub(super) async fn run(
     let port = cfg.port.clone().ok_or_else(|| {
         DiscoveryError::InvalidConfig("port is required with service or labelSelector".into())
     })?;
-    let Some(slices_served) =
-        served(&client, "discovery.k8s.io/v1", "endpointslices", &mut shutdown).await
+    let Some(slices_served) = served(
+        &client,
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        &mut shutdown,
+    )
+    .await
     else {
         return Ok(());
     };
