@@ -532,7 +532,7 @@ impl Pod {
         stream.read_to_string(&mut response).expect("response");
         let body = response.split("\r\n\r\n").nth(1).expect("body");
         let state: Value = serde_json::from_str(body).expect("state");
-        state["snapshot"]["metrics"]["cachedBlocks"]
+        state["metrics"]["cachedBlocks"]
             .as_u64()
             .expect("cachedBlocks")
     }

@@ -166,13 +166,18 @@ mod tests {
         assert_eq!(accepted.expect("accepted"), client_id);
         assert_eq!(connected.expect("connected"), server_id);
 
+        // The accepting side drops the connection on a failed proof (as the listener does),
+        // which ends the client's wait for Welcome.
         let (a, b) = tokio::io::duplex(1024);
-        let (mut a, mut b) = (FrameReader::new(a), FrameReader::new(b));
-        let (accepted, _) = tokio::join!(
-            accept(&mut a, secret, &server_id),
-            connect(&mut b, b"another secret of 16+ bytes", &client_id)
+        let (accepted, connected) = tokio::join!(
+            async move { accept(&mut FrameReader::new(a), secret, &server_id).await },
+            async move {
+                let wrong = b"another secret of 16+ bytes";
+                connect(&mut FrameReader::new(b), wrong, &client_id).await
+            }
         );
         assert!(matches!(accepted, Err(RelayError::Unauthenticated)));
+        assert!(connected.is_err());
 
         // A replica that dials itself (it is among its own peers) learns it at Hello.
         let (a, b) = tokio::io::duplex(1024);
