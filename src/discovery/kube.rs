@@ -392,7 +392,7 @@ impl PoolTarget {
                 PoolVersion::V1Alpha2 => "spec.targetPortNumber is missing",
             })?),
         };
-        if ports.iter().any(|&p| p == 0) {
+        if ports.contains(&0) {
             return Err("a target port is 0".into());
         }
         if ports.len() > 1 {
