@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Filter, Plugin, PluginContext, PluginError, SchedulingRequest,
 };
 
 pub const NAME: &str = "healthy";
@@ -24,7 +24,7 @@ pub struct Healthy;
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Filter>, PluginError> {
     let Params {} = parse_params(NAME, params)?;
     Ok(Arc::new(Healthy))
 }
@@ -33,11 +33,9 @@ impl Plugin for Healthy {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::FILTER
-    }
-
+impl Filter for Healthy {
     fn filter(&self, req: &SchedulingRequest<'_>, candidates: &mut Vec<Candidate>) {
         let now_ms = u64::try_from(req.now.as_millis()).unwrap_or(u64::MAX);
         candidates.retain(|c| c.pod.is_healthy(now_ms));

@@ -43,7 +43,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 use crate::events::IndexTargets;
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
@@ -107,7 +107,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let bad = |message: &str| Err(PluginError::params(NAME, message));
     if !(0.0..=1.0).contains(&p.cpu_discount) {
@@ -264,15 +264,7 @@ impl KvCache {
     }
 }
 
-impl Plugin for KvCache {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for KvCache {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         let Ok(request_blocks) = u32::try_from(req.block_keys.len()) else {
             return;
@@ -304,6 +296,12 @@ impl Plugin for KvCache {
             }
         });
     }
+}
+
+impl Plugin for KvCache {
+    fn name(&self) -> &'static str {
+        NAME
+    }
 
     fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
         if self.speculative_ttl.is_zero() || req.block_keys.is_empty() {
@@ -326,7 +324,7 @@ mod tests {
     use crate::plugins::testing::{candidates, context, params, request, scores};
     use crate::pods::ScrapedLoad;
 
-    fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), ctx).expect("valid params")
     }
 

@@ -18,7 +18,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 use crate::pods::PodId;
 
@@ -45,7 +45,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let capacity = p.capacity_blocks.unwrap_or(ctx.pod_kv_blocks);
     if capacity == 0 || capacity >= NIL as usize {
@@ -169,15 +169,7 @@ impl PodMemory {
     }
 }
 
-impl Plugin for Prefix {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for Prefix {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         if req.block_keys.is_empty() {
             return;
@@ -197,6 +189,12 @@ impl Plugin for Prefix {
                 .max(u32::try_from(matched).unwrap_or(u32::MAX));
             *score = matched as f64 / req.block_keys.len() as f64;
         }
+    }
+}
+
+impl Plugin for Prefix {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
     fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
@@ -228,7 +226,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{candidates, context, params, request, scores};
 
-    fn plugin(yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), &context()).expect("valid params")
     }
 
