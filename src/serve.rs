@@ -81,6 +81,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let summary = Summary::of(&config);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = crate::COMMIT,
         config = %args.config.display(),
         listen = %config.server.listen,
         admin = %config.server.admin,

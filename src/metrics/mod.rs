@@ -39,7 +39,7 @@
 //! | `kvgate_downstream_timeouts_total` | counter | phase |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
-//! | `kvgate_build_info` | gauge | version |
+//! | `kvgate_build_info` | gauge | version, commit |
 
 pub mod admin;
 
@@ -434,11 +434,11 @@ impl Metrics {
         let build_info = int_gauge_vec(
             &r,
             "kvgate_build_info",
-            "Always 1; labelled with the running kvgate version.",
-            &["version"],
+            "Always 1; labelled with the running kvgate version and the git commit it was built from.",
+            &["version", "commit"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
             .set(1);
         Ok(Self {
             registry: r,
@@ -1247,7 +1247,10 @@ mod tests {
         let v = value(
             &m,
             "kvgate_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))],
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::COMMIT),
+            ],
         );
         assert_eq!(v, Some(1.0));
     }
