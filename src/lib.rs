@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod scope;
 pub mod serve;
 pub mod sim;
+pub mod tls;
 pub mod tokenize;
 pub mod upgrade;
 pub mod vllm;
