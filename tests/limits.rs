@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use upstream::{
-    connect, curl, parse_head, wait_closed, wait_for, write_request, GatewayConfig, Kvgate,
+    connect, curl_head, parse_head, wait_closed, wait_for, write_request, GatewayConfig, Kvgate,
 };
 
 /// kvgate answers `GET /v1/models` itself: no pod is needed to exercise the listener.
@@ -23,20 +23,13 @@ fn gateway(config: GatewayConfig) -> Kvgate {
 
 /// `curl -i` of `GET /v1/models` with extra headers: (status, response head, body).
 fn get_models(gateway: &Kvgate, headers: &[String]) -> (u16, String, Vec<u8>) {
-    let mut args = vec!["-i".to_string()];
+    let mut args = Vec::new();
     for h in headers {
         args.extend(["-H".to_string(), h.clone()]);
     }
     args.push(gateway.url("/v1/models"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = curl(&args);
-    let (status, head, body_at) =
-        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
-    (
-        status,
-        head.to_ascii_lowercase(),
-        out.stdout[body_at..].to_vec(),
-    )
+    curl_head(&args)
 }
 
 fn error_of(body: &[u8]) -> Value {

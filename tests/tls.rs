@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use upstream::{
-    chat_body, curl, parse_head, wait_closed, wait_for, FakePod, GatewayConfig, Kvgate, HERE,
+    chat_body, curl, curl_head, parse_head, wait_closed, wait_for, FakePod, GatewayConfig, Kvgate,
+    HERE,
 };
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -34,6 +35,22 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new P-256 key, written to `key`.
+fn request_with_new_key(dir: &Path, key: &str, args: &[&str]) {
+    let mut all = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+    ];
+    all.extend_from_slice(args);
+    openssl(dir, &all);
+}
+
 /// A CA made for this test, and server certificates it issues for 127.0.0.1.
 struct TestCa {
     dir: tempfile::TempDir,
@@ -42,26 +59,16 @@ struct TestCa {
 impl TestCa {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=kvgate test CA",
-            ],
-        );
+        let self_signed = [
+            "-x509",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kvgate test CA",
+        ];
+        request_with_new_key(dir.path(), "ca.key", &self_signed);
         Self { dir }
     }
 
@@ -72,25 +79,17 @@ impl TestCa {
     /// A certificate for 127.0.0.1 named `cn`: (certificate PEM, key PEM).
     fn issue(&self, cn: &str) -> (Vec<u8>, Vec<u8>) {
         let dir = self.dir.path();
-        openssl(
+        let (key, csr, pem) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.pem"),
+        );
+        let subject = format!("/CN={cn}");
+        let san = "subjectAltName=IP:127.0.0.1,DNS:localhost";
+        request_with_new_key(
             dir,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{cn}.key"),
-                "-out",
-                &format!("{cn}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            ],
+            &key,
+            &["-new", "-out", &csr, "-subj", &subject, "-addext", san],
         );
         openssl(
             dir,
@@ -98,7 +97,7 @@ impl TestCa {
                 "x509",
                 "-req",
                 "-in",
-                &format!("{cn}.csr"),
+                &csr,
                 "-CA",
                 "ca.pem",
                 "-CAkey",
@@ -109,11 +108,11 @@ impl TestCa {
                 "-copy_extensions",
                 "copyall",
                 "-out",
-                &format!("{cn}.pem"),
+                &pem,
             ],
         );
-        let read = |name: String| fs::read(dir.join(name)).expect("read issued file");
-        (read(format!("{cn}.pem")), read(format!("{cn}.key")))
+        let read = |name: &str| fs::read(dir.join(name)).expect("read issued file");
+        (read(&pem), read(&key))
     }
 }
 
@@ -177,16 +176,9 @@ fn presented_cn(gateway: &Kvgate, ca: &Path) -> Option<String> {
 
 /// `curl -i` over HTTPS, trusting the test CA: (status, lower-cased head, body).
 fn https(ca: &Path, args: &[&str]) -> (u16, String, Vec<u8>) {
-    let mut all = vec!["-i", "--cacert", ca.to_str().expect("utf-8 path")];
+    let mut all = vec!["--cacert", ca.to_str().expect("utf-8 path")];
     all.extend_from_slice(args);
-    let out = curl(&all);
-    let (status, head, body_at) =
-        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
-    (
-        status,
-        head.to_ascii_lowercase(),
-        out.stdout[body_at..].to_vec(),
-    )
+    curl_head(&all)
 }
 
 fn error_code(body: &[u8]) -> Value {

@@ -361,6 +361,20 @@ pub fn curl(args: &[&str]) -> Output {
         .expect("run curl")
 }
 
+/// `curl -i ARGS`: (status, lower-cased response head, body).
+pub fn curl_head(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let mut all = vec!["-i"];
+    all.extend_from_slice(args);
+    let out = curl(&all);
+    let (status, head, body_at) =
+        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
+    (
+        status,
+        head.to_ascii_lowercase(),
+        out.stdout[body_at..].to_vec(),
+    )
+}
+
 /// Runs the openai SDK driver (`openai_client.py`).
 pub fn openai_sdk(base_url: &str, model: &str, mode: &str) -> Value {
     let out = Command::new("timeout")
