@@ -71,6 +71,19 @@ pub struct ServerConfig {
     pub profile_header: String,
     /// Pingora worker threads.
     pub threads: usize,
+    /// TLS on the public listener; absent, it speaks plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The public listener's certificate chain and private key, PEM files (a mounted Secret's
+/// `tls.crt` and `tls.key`); read at start and again whenever either file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The server certificate first, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key of the first certificate.
+    pub key_file: PathBuf,
 }
 
 /// Pingora 0.9.1 reads a request header into a buffer it refuses to grow past this
@@ -158,6 +171,7 @@ impl Default for ServerConfig {
             scrape_interval_ms: 1_000,
             profile_header: "x-kvgate-profile".into(),
             threads: 2,
+            tls: None,
         }
     }
 }
@@ -438,6 +452,10 @@ impl Config {
             if let Some(p) = model.chat_template.as_mut() {
                 fix(p);
             }
+        }
+        if let Some(tls) = self.server.tls.as_mut() {
+            fix(&mut tls.cert_file);
+            fix(&mut tls.key_file);
         }
     }
 

@@ -1,6 +1,8 @@
 //! `kvgate serve` end to end: real clients (curl, the openai SDK, raw sockets) against
 //! kvgate in a subprocess, in front of fake vLLM pods in Python processes.
 
+// Shared with the other end-to-end tests; each uses part of it.
+#[allow(dead_code)]
 mod upstream;
 
 use std::io::Read;

@@ -425,7 +425,14 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         ("kvgate_config_reloads_total{result=\"ok\"}".into(), 2.0),
         ("kvgate_config_reloads_total{result=\"failed\"}".into(), 1.0),
         ("kvgate_config_last_reload_successful".into(), 1.0),
-        (format!("kvgate_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0),
+        (
+            format!(
+                "kvgate_build_info{{version=\"{}\",commit=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                env!("KVGATE_COMMIT")
+            ),
+            1.0,
+        ),
     ];
     for (promql, expected) in &checks {
         prom.wait_for_value(promql, *expected).await;

@@ -37,9 +37,11 @@
 //! | `kvgate_downstream_connections` | gauge | |
 //! | `kvgate_downstream_connections_refused_total` | counter | |
 //! | `kvgate_downstream_timeouts_total` | counter | phase |
+//! | `kvgate_downstream_tls_handshake_failures_total` | counter | |
+//! | `kvgate_tls_certificate_reloads_total` | counter | result |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
-//! | `kvgate_build_info` | gauge | version |
+//! | `kvgate_build_info` | gauge | version, commit |
 
 pub mod admin;
 
@@ -220,6 +222,9 @@ pub struct Metrics {
     header_timeouts: IntCounter,
     idle_timeouts: IntCounter,
     body_timeouts: IntCounter,
+    tls_handshake_failures: IntCounter,
+    tls_reloads_ok: IntCounter,
+    tls_reloads_failed: IntCounter,
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
@@ -420,6 +425,19 @@ impl Metrics {
              within server.bodyTimeoutMs, answered 408) or idle (keep-alive expired).",
             &["phase"],
         )?;
+        let tls_handshake_failures = counter(
+            &r,
+            "kvgate_downstream_tls_handshake_failures_total",
+            "Client connections closed because their TLS handshake failed (a stalled one \
+             counts as a header timeout).",
+        )?;
+        let tls_reloads = counter_vec(
+            &r,
+            "kvgate_tls_certificate_reloads_total",
+            "Reloads of the public listener's certificate and key after their files changed, \
+             by result (failed: the old pair stays in use).",
+            &["result"],
+        )?;
         let reloads = counter_vec(
             &r,
             "kvgate_config_reloads_total",
@@ -434,11 +452,11 @@ impl Metrics {
         let build_info = int_gauge_vec(
             &r,
             "kvgate_build_info",
-            "Always 1; labelled with the running kvgate version.",
-            &["version"],
+            "Always 1; labelled with the running kvgate version and the git commit it was built from.",
+            &["version", "commit"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
             .set(1);
         Ok(Self {
             registry: r,
@@ -447,6 +465,9 @@ impl Metrics {
             header_timeouts: timeouts.with_label_values(&["header"]),
             idle_timeouts: timeouts.with_label_values(&["idle"]),
             body_timeouts: timeouts.with_label_values(&["body"]),
+            tls_handshake_failures,
+            tls_reloads_ok: tls_reloads.with_label_values(&["ok"]),
+            tls_reloads_failed: tls_reloads.with_label_values(&["failed"]),
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
             requests,
@@ -767,6 +788,18 @@ impl Metrics {
             ClientWait::Header => self.header_timeouts.inc(),
             ClientWait::Idle => self.idle_timeouts.inc(),
             ClientWait::Body => self.body_timeouts.inc(),
+        }
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    pub fn tls_certificate_reload(&self, ok: bool) {
+        if ok {
+            self.tls_reloads_ok.inc();
+        } else {
+            self.tls_reloads_failed.inc();
         }
     }
 
@@ -1247,7 +1280,10 @@ mod tests {
         let v = value(
             &m,
             "kvgate_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))],
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::COMMIT),
+            ],
         );
         assert_eq!(v, Some(1.0));
     }

@@ -118,6 +118,8 @@ pub struct GatewayConfig {
     pub header_timeout_ms: Option<u64>,
     pub keep_alive_timeout_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
+    /// `server.tls`: (certificate file, key file); the listener then speaks HTTPS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for GatewayConfig {
@@ -136,6 +138,7 @@ impl Default for GatewayConfig {
             header_timeout_ms: None,
             keep_alive_timeout_ms: None,
             body_timeout_ms: None,
+            tls: None,
         }
     }
 }
@@ -163,6 +166,13 @@ impl GatewayConfig {
         ]
         .iter()
         .filter_map(|(key, value)| value.map(|v| format!("  {key}: {v}\n")))
+        .chain(self.tls.iter().map(|(cert, key)| {
+            format!(
+                "  tls: {{certFile: \"{}\", keyFile: \"{}\"}}\n",
+                cert.display(),
+                key.display()
+            )
+        }))
         .collect()
     }
 
@@ -231,6 +241,7 @@ pub struct Kvgate {
     pub port: u16,
     admin_port: u16,
     dir: tempfile::TempDir,
+    scheme: &'static str,
 }
 
 impl Kvgate {
@@ -254,6 +265,11 @@ impl Kvgate {
             port,
             admin_port,
             dir,
+            scheme: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
         };
         wait_for("kvgate to listen", Duration::from_secs(60), || {
             if let Ok(Some(status)) = gateway.child.try_wait() {
@@ -268,6 +284,11 @@ impl Kvgate {
     pub fn reload(&self, config: &GatewayConfig) {
         let path = self.dir.path().join("kvgate.yaml");
         fs::write(path, config.render(self.port, self.admin_port)).expect("write config");
+        self.hang_up();
+    }
+
+    /// Sends SIGHUP.
+    pub fn hang_up(&self) {
         let status = Command::new("kill")
             .args(["-HUP", &self.child.id().to_string()])
             .status()
@@ -276,12 +297,21 @@ impl Kvgate {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     /// The admin listener (`/metrics`, `/readyz`, `/debug/pods`).
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    /// One sample of kvgate's `/metrics` (0 when the series does not exist yet).
+    pub fn metric(&self, series: &str) -> f64 {
+        let out = curl(&[&format!("http://{}/metrics", self.admin_addr())]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn log(&self) -> String {
@@ -331,6 +361,20 @@ pub fn curl(args: &[&str]) -> Output {
         .expect("run curl")
 }
 
+/// `curl -i ARGS`: (status, lower-cased response head, body).
+pub fn curl_head(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let mut all = vec!["-i"];
+    all.extend_from_slice(args);
+    let out = curl(&all);
+    let (status, head, body_at) =
+        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
+    (
+        status,
+        head.to_ascii_lowercase(),
+        out.stdout[body_at..].to_vec(),
+    )
+}
+
 /// Runs the openai SDK driver (`openai_client.py`).
 pub fn openai_sdk(base_url: &str, model: &str, mode: &str) -> Value {
     let out = Command::new("timeout")
@@ -378,6 +422,26 @@ pub fn connect(port: u16) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("read timeout");
     stream
+}
+
+/// Blocks until kvgate closes `stream` (end of file or reset) and returns when that was;
+/// any bytes kvgate sent first are returned too.
+pub fn wait_closed(stream: &mut TcpStream) -> (Instant, Vec<u8>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (Instant::now(), got),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (Instant::now(), got)
+            }
+            Err(e) => panic!("kvgate did not close the connection: {e}"),
+        }
+    }
 }
 
 pub fn write_request(
