@@ -163,6 +163,10 @@ fn connections_beyond_the_limit_are_refused_until_one_closes() {
         }
         .with_model("qwen", &[]),
     );
+    // Applying a reload loads the model's tokenizer again: slow on a loaded debug build.
+    wait_for("the reload to be applied", Duration::from_secs(60), || {
+        (gateway.metric("kvgate_config_reloads_total{result=\"ok\"}") >= 1.0).then_some(())
+    });
     wait_for(
         "a third connection to be accepted after the reload",
         Duration::from_secs(10),
