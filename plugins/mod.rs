@@ -125,8 +125,8 @@ pub trait Plugin: Send + Sync {
     /// Removes candidates this policy rules out. Filters must never remove the last
     /// candidate when that would fail a request another pod could still serve
     /// degraded (e.g. all pods overloaded): they keep the input then. Only a filter
-    /// that removes pods unable to serve at all (`healthy`) may leave none: the
-    /// request then fails fast (503).
+    /// that removes pods unable to serve at all (`healthy`, when its panic threshold
+    /// is 0) may leave none: the request then fails fast (503).
     fn filter(&self, _req: &SchedulingRequest<'_>, _candidates: &mut Vec<Candidate>) {}
 
     /// Writes one score in [0, 1] per candidate into `scores` (same order, same length).
