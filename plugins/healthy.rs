@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use super::{
@@ -40,8 +41,11 @@ impl Default for Params {
 
 pub struct Healthy {
     panic_threshold_percent: f64,
-    /// Whether the last request was routed in panic, to log only the changes.
-    panicking: AtomicBool,
+    /// Models whose requests are routed in panic, to log only the changes (one profile
+    /// serves many models).
+    panicking: Mutex<Vec<String>>,
+    /// Whether `panicking` has any model: spares the lock while every model is healthy.
+    any_panicking: AtomicBool,
 }
 
 pub fn build(
@@ -57,7 +61,8 @@ pub fn build(
     }
     Ok(Arc::new(Healthy {
         panic_threshold_percent: p.panic_threshold_percent,
-        panicking: AtomicBool::new(false),
+        panicking: Mutex::new(Vec::new()),
+        any_panicking: AtomicBool::new(false),
     }))
 }
 
@@ -78,29 +83,46 @@ impl Plugin for Healthy {
             .count();
         let panic =
             (healthy as f64) * 100.0 < self.panic_threshold_percent * candidates.len() as f64;
-        if self.panicking.swap(panic, Ordering::Relaxed) != panic {
-            if panic {
-                tracing::warn!(
-                    model = req.model,
-                    healthy,
-                    pods = candidates.len(),
-                    threshold_percent = self.panic_threshold_percent,
-                    "too few pods pass their health checks: routing to all of them"
-                );
-            } else {
-                tracing::info!(
-                    model = req.model,
-                    healthy,
-                    pods = candidates.len(),
-                    "enough pods pass their health checks again: routing to those only"
-                );
-            }
+        if panic || self.any_panicking.load(Ordering::Relaxed) {
+            self.log_change(req.model, panic, healthy, candidates.len());
         }
         if !panic {
             candidates.retain(|c| c.pod.is_healthy(now_ms));
         } else if candidates.iter().any(|c| !c.pod.is_ejected(now_ms)) {
             candidates.retain(|c| !c.pod.is_ejected(now_ms));
         }
+    }
+}
+
+impl Healthy {
+    /// Logs when `model` enters or leaves panic routing.
+    fn log_change(&self, model: &str, panic: bool, healthy: usize, pods: usize) {
+        let mut panicking = self.panicking.lock();
+        let known = panicking.iter().position(|m| m == model);
+        match (panic, known) {
+            (true, None) => {
+                panicking.push(model.to_string());
+                tracing::warn!(
+                    model,
+                    healthy,
+                    pods,
+                    threshold_percent = self.panic_threshold_percent,
+                    "too few pods pass their health checks: routing to all of them"
+                );
+            }
+            (false, Some(at)) => {
+                panicking.swap_remove(at);
+                tracing::info!(
+                    model,
+                    healthy,
+                    pods,
+                    "enough pods pass their health checks again: routing to those only"
+                );
+            }
+            _ => {}
+        }
+        self.any_panicking
+            .store(!panicking.is_empty(), Ordering::Relaxed);
     }
 }
 
@@ -183,6 +205,37 @@ mod tests {
         healthy("{panicThresholdPercent: 10}").filter(&req, &mut kept);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].pod.id, fresh[1].pod.id);
+    }
+
+    #[test]
+    fn panic_is_tracked_per_model() {
+        let plugin = Healthy {
+            panic_threshold_percent: 50.0,
+            panicking: Mutex::default(),
+            any_panicking: AtomicBool::new(false),
+        };
+        let failing = candidates(2);
+        for cand in &failing {
+            cand.pod.set_health_check(false);
+        }
+        let passing = candidates(2);
+        let blocks = [1u64];
+        let mut degraded = request(&blocks);
+        degraded.model = "degraded";
+        let mut fine = request(&blocks);
+        fine.model = "fine";
+        // Requests of a healthy model in between do not end the other model's panic.
+        for _ in 0..2 {
+            plugin.filter(&degraded, &mut failing.clone());
+            plugin.filter(&fine, &mut passing.clone());
+            assert_eq!(*plugin.panicking.lock(), ["degraded"]);
+        }
+        for cand in &failing {
+            cand.pod.set_health_check(true);
+        }
+        plugin.filter(&degraded, &mut failing.clone());
+        assert!(plugin.panicking.lock().is_empty());
+        assert!(!plugin.any_panicking.load(Ordering::Relaxed));
     }
 
     #[test]

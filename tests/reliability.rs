@@ -389,6 +389,28 @@ fn pods_that_start_after_the_gateway_are_probed_first_and_admitted_at_once() {
     let body = chat_body(MODEL, "hello", false);
     assert_eq!(post_chat(&gateway, "late-pods", &[], &body).0, 200);
     assert_eq!(pods.iter().map(|p| p.requests().len()).sum::<usize>(), 1);
+
+    // A pod discovery adds is probed at once, not at the next full round a minute away.
+    let down = format!("127.0.0.1:{}", free_port());
+    let mut listed = addrs.clone();
+    listed.push(down.clone());
+    gateway.reload(
+        &GatewayConfig {
+            health_check_interval_ms: 60_000,
+            ..GatewayConfig::default()
+        }
+        .with_model(MODEL, &listed),
+    );
+    wait_for(
+        "the added pod to fail its first probe",
+        Duration::from_secs(10),
+        || {
+            pods_healthy(&gateway)
+                .contains(&(down.clone(), false))
+                .then_some(())
+        },
+    );
+    assert_eq!(post_chat(&gateway, "added-pod", &[], &body).0, 200);
 }
 
 #[test]
