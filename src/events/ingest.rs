@@ -1389,6 +1389,29 @@ models:
     }
 
     #[test]
+    fn a_pod_whose_process_is_gone_loses_its_entries_and_its_stream_starts_over() {
+        let config = Config::parse(CONFIG).expect("config");
+        let mut p = Process::new(&config, &[endpoint(8001, "a")]);
+        p.ingestor.sync_pods(Instant::now());
+        p.store("a", 0, &[11, 12]);
+        p.store("a", 1, &[13]);
+        assert_eq!(p.cached_blocks("a", &[11, 12, 13]), 3);
+        assert_eq!(p.trust("a"), EventTrust::Synced);
+
+        // The proxy or the health checker found the pod's port refusing connections.
+        let pod = p.registry.by_topic_host("m", "a").expect("pod listed");
+        assert!(pod.connection_refused());
+        assert_eq!(p.trust("a"), EventTrust::Unknown);
+        p.ingestor.on_tick(Instant::now());
+        assert_eq!(p.cached_blocks("a", &[11, 12, 13]), 0);
+
+        // The new process publishes from seq 0 again: its stream is applied as a new one.
+        p.store("a", 0, &[21]);
+        assert_eq!(p.cached_blocks("a", &[21]), 1);
+        assert_eq!(p.trust("a"), EventTrust::Synced);
+    }
+
+    #[test]
     fn batch_ts_reads_the_first_field() {
         let mut payload = vec![0x93, 0xcb];
         payload.extend_from_slice(&1754006400.5f64.to_be_bytes());
