@@ -492,6 +492,11 @@ mod tests {
         let epoch = pod.cache_epoch();
         pod.set_trust(epoch, EventTrust::Synced);
         pod.set_prefill_rate(9_000.0);
+        let scraped = ScrapedLoad {
+            running: 3.0,
+            ..ScrapedLoad::default()
+        };
+        pod.set_scraped(scraped);
         assert_eq!(pod.trust(), EventTrust::Synced);
 
         // A clear: trust must be vouched for again, in the new epoch only.
@@ -503,6 +508,7 @@ mod tests {
         pod.set_trust(cleared, EventTrust::Synced);
         assert_eq!(pod.trust(), EventTrust::Synced);
         assert_eq!((pod.process(), pod.prefill_rate()), (0, Some(9_000.0)));
+        assert_eq!(pod.scraped(), scraped);
 
         // Refusals: the first of an outage ends the process, the rest change nothing.
         assert!(pod.connection_refused());
@@ -511,9 +517,32 @@ mod tests {
         assert_eq!(pod.cache_epoch(), cleared.next());
         assert_eq!(pod.trust(), EventTrust::Unknown);
         assert_eq!(pod.prefill_rate(), None);
+        assert_eq!(pod.scraped(), ScrapedLoad::default());
         pod.connected();
         assert!(pod.connection_refused());
         assert_eq!(pod.process(), 2);
+    }
+
+    #[test]
+    fn a_new_incarnation_or_a_relisted_pod_is_a_new_pod() {
+        let registry = PodRegistry::new(["a"]);
+        registry.apply_snapshot("a", &[endpoint(1)]);
+        let first = Arc::clone(&registry.pods("a").expect("a").pods[0]);
+        first.set_trust(first.cache_epoch(), EventTrust::Synced);
+
+        // The same address under another key (a Kubernetes pod with a new UID).
+        let mut restarted = endpoint(1);
+        restarted.key = "ns/vllm-0/uid-2".into();
+        let changes = registry.apply_snapshot("a", std::slice::from_ref(&restarted));
+        assert_eq!((changes.added.len(), changes.removed.len()), (1, 1));
+        let second = Arc::clone(&registry.pods("a").expect("a").pods[0]);
+        assert_ne!(second.id, first.id);
+        assert_eq!(second.trust(), EventTrust::Unknown);
+
+        // Removed, then listed again under the same key.
+        registry.apply_snapshot("a", &[]);
+        registry.apply_snapshot("a", &[restarted]);
+        assert_ne!(registry.pods("a").expect("a").pods[0].id, second.id);
     }
 
     #[test]
