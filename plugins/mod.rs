@@ -128,8 +128,8 @@ pub trait Filter: Plugin {
     /// Removes candidates this policy rules out. Filters must never remove the last
     /// candidate when that would fail a request another pod could still serve
     /// degraded (e.g. all pods overloaded): they keep the input then. Only a filter
-    /// that removes pods unable to serve at all (`healthy`) may leave none: the
-    /// request then fails fast (503).
+    /// that removes pods unable to serve at all (`healthy`, when its panic threshold
+    /// is 0) may leave none: the request then fails fast (503).
     fn filter(&self, req: &SchedulingRequest<'_>, candidates: &mut Vec<Candidate>);
 }
 

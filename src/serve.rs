@@ -2,10 +2,11 @@
 //! the background services into a Pingora server and runs it.
 //!
 //! Services and their start order (Pingora starts a service once its dependencies
-//! report ready): discovery, KV event ingestion (after discovery, so a handed-over
-//! index finds its pods), config reload, pod health and the admin listener start
-//! first; the ready gate waits for discovery, ingestion and reload, logs the
-//! startup summary and opens readiness; the proxy listens only after the gate.
+//! report ready): discovery, config reload and the admin listener start first; KV
+//! event ingestion (so a handed-over index finds its pods) and pod health (so every
+//! discovered pod is probed before kvgate is ready) after discovery; the ready gate
+//! waits for all of them, logs the startup summary and opens readiness; the proxy
+//! listens only after the gate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -172,10 +173,11 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let events_handle = server.add_service(shared_service("kv events", &events));
     events_handle.add_dependency(&discovery_handle);
     let reload_handle = server.add_service(background_service("config reload", reloader));
-    server.add_service(background_service(
+    let health_handle = server.add_service(background_service(
         "pod health",
         HealthChecker::new(Arc::clone(&gateway)),
     ));
+    health_handle.add_dependency(&discovery_handle);
     server.add_service(AdminEndpoint {
         addr: admin,
         state: admin_state(&gateway, &discovery, &events, &gate, &metrics),
@@ -185,7 +187,12 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         DrainExit::new(Arc::clone(&gateway), Arc::clone(&handing_over)),
     ));
     let gate_handle = server.add_service(shared_service("ready gate", &gate));
-    gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
+    gate_handle.add_dependencies([
+        &discovery_handle,
+        &events_handle,
+        &reload_handle,
+        &health_handle,
+    ]);
 
     // HTTP/1.1 only (no h2, no h2c): the listener limits follow one request at a time per
     // connection. With TLS the listener runs the handshake itself, inside those limits.

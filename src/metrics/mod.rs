@@ -39,6 +39,8 @@
 //! | `kvgate_downstream_timeouts_total` | counter | phase |
 //! | `kvgate_downstream_tls_handshake_failures_total` | counter | |
 //! | `kvgate_tls_certificate_reloads_total` | counter | result |
+//! | `kvgate_request_body_buffered_bytes` | gauge | |
+//! | `kvgate_request_body_buffer_full_total` | counter | |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
 //! | `kvgate_build_info` | gauge | version, commit |
@@ -219,6 +221,8 @@ pub struct Metrics {
     pod_in_flight: IntGaugeVec,
     downstream_connections: IntGauge,
     connections_refused: IntCounter,
+    body_buffered: IntGauge,
+    body_buffer_full: IntCounter,
     header_timeouts: IntCounter,
     idle_timeouts: IntCounter,
     body_timeouts: IntCounter,
@@ -417,6 +421,18 @@ impl Metrics {
             "kvgate_downstream_connections_refused_total",
             "Client connections refused with 503 because server.maxConnections were open.",
         )?;
+        let body_buffered = gauge(
+            &r,
+            "kvgate_request_body_buffered_bytes",
+            "Request-body bytes held in memory across all connections (bounded by \
+             server.maxBufferedBodyBytes).",
+        )?;
+        let body_buffer_full = counter(
+            &r,
+            "kvgate_request_body_buffer_full_total",
+            "Requests refused with 503 because their body would have exceeded \
+             server.maxBufferedBodyBytes.",
+        )?;
         let timeouts = counter_vec(
             &r,
             "kvgate_downstream_timeouts_total",
@@ -462,6 +478,8 @@ impl Metrics {
             registry: r,
             downstream_connections,
             connections_refused,
+            body_buffered,
+            body_buffer_full,
             header_timeouts: timeouts.with_label_values(&["header"]),
             idle_timeouts: timeouts.with_label_values(&["idle"]),
             body_timeouts: timeouts.with_label_values(&["body"]),
@@ -781,6 +799,17 @@ impl Metrics {
     /// A client connection was turned away at `server.maxConnections`.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// Request-body bytes held right now, across all connections.
+    pub fn body_bytes_buffered(&self, bytes: usize) {
+        self.body_buffered
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A request was refused because its body would not fit the body budget.
+    pub fn body_buffer_full(&self) {
+        self.body_buffer_full.inc();
     }
 
     pub fn connection_timed_out(&self, waiting_for: ClientWait) {
@@ -1504,7 +1533,7 @@ mod tests {
             waiting: 5.0,
             kv_usage: 0.25,
         });
-        a.set_trust(EventTrust::Synced);
+        a.set_trust(a.cache_epoch(), EventTrust::Synced);
         let _in_flight = a.begin_request(100);
         set.pods
             .iter()

@@ -120,6 +120,9 @@ pub struct GatewayConfig {
     pub body_timeout_ms: Option<u64>,
     /// `server.tls`: (certificate file, key file); the listener then speaks HTTPS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub max_buffered_body_bytes: Option<usize>,
+    /// A `profiles:` section (its body, indented two spaces); kvgate's defaults when `None`.
+    pub profiles: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -139,6 +142,8 @@ impl Default for GatewayConfig {
             keep_alive_timeout_ms: None,
             body_timeout_ms: None,
             tls: None,
+            max_buffered_body_bytes: None,
+            profiles: None,
         }
     }
 }
@@ -163,6 +168,10 @@ impl GatewayConfig {
             ("headerTimeoutMs", self.header_timeout_ms),
             ("keepAliveTimeoutMs", self.keep_alive_timeout_ms),
             ("bodyTimeoutMs", self.body_timeout_ms),
+            (
+                "maxBufferedBodyBytes",
+                self.max_buffered_body_bytes.map(|v| v as u64),
+            ),
         ]
         .iter()
         .filter_map(|(key, value)| value.map(|v| format!("  {key}: {v}\n")))
@@ -231,6 +240,10 @@ models:
                 ));
             }
         }
+        if let Some(profiles) = &self.profiles {
+            out.push_str("profiles:\n");
+            out.push_str(profiles);
+        }
         out
     }
 }
@@ -246,11 +259,16 @@ pub struct Kvgate {
 
 impl Kvgate {
     pub fn start(config: &GatewayConfig) -> Self {
+        Self::start_yaml(|port, admin_port| config.render(port, admin_port))
+    }
+
+    /// Starts kvgate with the config `render(listen port, admin port)` returns.
+    pub fn start_yaml(render: impl FnOnce(u16, u16) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
         let config_path = dir.path().join("kvgate.yaml");
-        fs::write(&config_path, config.render(port, admin_port)).expect("write config");
+        fs::write(&config_path, render(port, admin_port)).expect("write config");
         let log = fs::File::create(dir.path().join("kvgate.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .arg("serve")
@@ -298,6 +316,11 @@ impl Kvgate {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
+    }
+
+    /// The process id, to read its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The admin listener (`/metrics`, `/readyz`, `/debug/pods`).
