@@ -131,7 +131,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{candidates, context, params, request};
 
-    fn healthy(yaml: &str) -> Arc<dyn Plugin> {
+    fn healthy(yaml: &str) -> Arc<dyn Filter> {
         build(Some(&params(yaml)), &context()).expect("valid params")
     }
 
@@ -170,7 +170,7 @@ mod tests {
         let plugin = build(None, &context()).expect("defaults");
         let blocks = [1u64];
         let req = request(&blocks);
-        let kept = |plugin: &dyn Plugin| {
+        let kept = |plugin: &dyn Filter| {
             let mut kept = cands.clone();
             plugin.filter(&req, &mut kept);
             kept.len()

@@ -259,11 +259,21 @@ pub struct Kvgate {
 
 impl Kvgate {
     pub fn start(config: &GatewayConfig) -> Self {
-        Self::start_yaml(|port, admin_port| config.render(port, admin_port))
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Self::launch(scheme, |port, admin_port| config.render(port, admin_port))
     }
 
-    /// Starts kvgate with the config `render(listen port, admin port)` returns.
+    /// Starts kvgate, listening on plain HTTP, with the config `render(listen port,
+    /// admin port)` returns.
     pub fn start_yaml(render: impl FnOnce(u16, u16) -> String) -> Self {
+        Self::launch("http", render)
+    }
+
+    fn launch(scheme: &'static str, render: impl FnOnce(u16, u16) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
@@ -283,11 +293,7 @@ impl Kvgate {
             port,
             admin_port,
             dir,
-            scheme: if config.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            },
+            scheme,
         };
         wait_for("kvgate to listen", Duration::from_secs(60), || {
             if let Ok(Some(status)) = gateway.child.try_wait() {
