@@ -20,6 +20,7 @@ pub mod scope;
 pub mod serve;
 pub mod sim;
 pub mod tokenize;
+pub mod trace;
 pub mod upgrade;
 pub mod vllm;
 

@@ -29,6 +29,7 @@ use crate::proxy::{
     DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy, LimitedListener,
 };
 use crate::reload::Reloader;
+use crate::trace::TraceRecorder;
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +73,8 @@ pub enum ServeError {
     Events(#[from] EventServiceError),
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+    #[error("cannot start the traffic trace writer: {0}")]
+    TraceWriter(std::io::Error),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
@@ -175,6 +178,14 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let gate_handle = server.add_service(shared_service("ready gate", &gate));
     gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
 
+    let trace = {
+        let gateway = Arc::clone(&gateway);
+        TraceRecorder::start(
+            Box::new(move || gateway.state().config.trace.clone()),
+            Arc::clone(&metrics),
+        )
+        .map_err(ServeError::TraceWriter)?
+    };
     // Plain HTTP/1.1 (no TLS, no h2c): the listener limits follow one request at a time
     // per connection.
     let mut proxy = ListeningService::new(
@@ -182,7 +193,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         LimitedListener::new(
             pingora::proxy::http_proxy(
                 &server.configuration,
-                KvGateProxy::new(Arc::clone(&gateway)),
+                KvGateProxy::new(Arc::clone(&gateway), trace),
             ),
             Arc::clone(&gateway),
             Arc::clone(&metrics),
