@@ -25,6 +25,9 @@ pub struct Config {
     pub index: IndexSettings,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Recording of a privacy-safe trace of the traffic; off when absent.
+    #[serde(default)]
+    pub trace: Option<TraceConfig>,
     /// Named scheduling profiles; every model names one, and a request may pick
     /// another with the `x-kvgate-profile` header.
     #[serde(default = "default_profiles")]
@@ -282,6 +285,57 @@ impl Default for LoggingConfig {
     }
 }
 
+/// The traffic trace (`kvgate bench --trace` replays it): one JSON line per routed request
+/// with its arrival, lengths, keyed block-hash chain, pod and cached tokens; no text, no
+/// token ids. Written off the request path; hot-reloadable.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TraceConfig {
+    /// The file written; it rotates to `<path>.1` … `<path>.<maxFiles>`.
+    pub path: PathBuf,
+    /// Size at which the file rotates.
+    #[serde(default = "default_trace_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept besides the current one.
+    #[serde(default = "default_trace_max_files")]
+    pub max_files: u32,
+    /// Key of the block-hash chain's hashing. Replicas given the same salt write traces
+    /// that join; absent, each process draws its own. Keep it secret: with it, a guessed
+    /// prompt can be hashed and looked up in the trace.
+    #[serde(default)]
+    pub salt: Option<String>,
+}
+
+fn default_trace_max_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_trace_max_files() -> u32 {
+    4
+}
+
+/// Smallest rotation size: room for one long prompt's line.
+pub const MIN_TRACE_BYTES: u64 = 1 << 16;
+
+impl TraceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.path.as_os_str().is_empty() {
+            return invalid("trace.path must name a file".into());
+        }
+        if self.max_bytes < MIN_TRACE_BYTES {
+            return invalid(format!(
+                "trace.maxBytes must be at least {MIN_TRACE_BYTES}, got {}",
+                self.max_bytes
+            ));
+        }
+        if self.salt.as_deref().is_some_and(str::is_empty) {
+            return invalid("trace.salt must not be empty (leave it out to draw one)".into());
+        }
+        Ok(())
+    }
+}
+
 /// One scheduling profile: filters, then weighted scorers, then a picker.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -457,6 +511,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        if let Some(trace) = self.trace.as_mut() {
+            fix(&mut trace.path);
+        }
         for model in &mut self.models {
             fix(&mut model.tokenizer);
             if let Some(p) = model.tokenizer_config.as_mut() {
@@ -491,6 +548,9 @@ impl Config {
                 "server.listen and server.admin are both {}: the admin port must be separate",
                 self.server.listen
             ));
+        }
+        if let Some(trace) = &self.trace {
+            trace.validate()?;
         }
         if !(0.0..=1.0).contains(&self.events.parity_sample) {
             return invalid("events.paritySample must be between 0 and 1".into());
@@ -698,6 +758,31 @@ mod tests {
         for bad in ["  dataParallelSize: 0\n", "  dataParallelSize: 65\n"] {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains("events.dataParallelSize"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_trace_is_off_by_default_and_checked_when_on() {
+        let model = with_model(
+            "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
+        );
+        assert_eq!(Config::parse(&model).unwrap().trace, None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvgate.yaml");
+        std::fs::write(&file, format!("trace: {{path: traces/t.jsonl}}\n{model}")).unwrap();
+        let trace = Config::load(&file).unwrap().trace.expect("trace on");
+        assert_eq!(trace.path, dir.path().join("traces/t.jsonl"));
+        assert_eq!((trace.max_bytes, trace.max_files), (256 << 20, 4));
+        assert_eq!(trace.salt, None);
+        for (bad, field) in [
+            ("trace: {path: t.jsonl, maxBytes: 100}\n", "trace.maxBytes"),
+            ("trace: {path: t.jsonl, salt: \"\"}\n", "trace.salt"),
+            ("trace: {path: t.jsonl, maxFile: 2}\n", "maxFile"),
+        ] {
+            let err = Config::parse(&format!("{bad}{model}"))
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .expect_err(bad);
+            assert!(err.contains(field), "{bad}: {err}");
         }
     }
 

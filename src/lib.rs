@@ -21,6 +21,7 @@ pub mod serve;
 pub mod sim;
 pub mod tls;
 pub mod tokenize;
+pub mod trace;
 pub mod upgrade;
 pub mod vllm;
 

@@ -31,6 +31,7 @@ use crate::proxy::{
 };
 use crate::reload::Reloader;
 use crate::tls::{ListenerTls, TlsError};
+use crate::trace::TraceRecorder;
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +77,8 @@ pub enum ServeError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot start the traffic trace writer: {0}")]
+    TraceWriter(std::io::Error),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
@@ -194,12 +197,20 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         &health_handle,
     ]);
 
+    let trace = {
+        let gateway = Arc::clone(&gateway);
+        TraceRecorder::start(
+            Box::new(move || gateway.state().config.trace.clone()),
+            Arc::clone(&metrics),
+        )
+        .map_err(ServeError::TraceWriter)?
+    };
     // HTTP/1.1 only (no h2, no h2c): the listener limits follow one request at a time per
     // connection. With TLS the listener runs the handshake itself, inside those limits.
     let mut listener = LimitedListener::new(
         pingora::proxy::http_proxy(
             &server.configuration,
-            KvGateProxy::new(Arc::clone(&gateway)),
+            KvGateProxy::new(Arc::clone(&gateway), trace),
         ),
         Arc::clone(&gateway),
         Arc::clone(&metrics),

@@ -43,6 +43,7 @@
 //! | `kvgate_request_body_buffer_full_total` | counter | |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
+//! | `kvgate_trace_records_total` | counter | result |
 //! | `kvgate_build_info` | gauge | version, commit |
 
 pub mod admin;
@@ -232,6 +233,9 @@ pub struct Metrics {
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
+    trace_written: IntCounter,
+    trace_dropped: IntCounter,
+    trace_failed: IntCounter,
     pods: CowMap<SocketAddr, Arc<PodSeries>>,
     routes: CowMap<RouteKey, Arc<RouteSeries>>,
     unrouted_requests: CowMap<RequestKey, IntCounter>,
@@ -465,6 +469,13 @@ impl Metrics {
             "kvgate_config_last_reload_successful",
             "1 when the last configuration reload was applied, 0 when it was refused.",
         )?;
+        let trace = counter_vec(
+            &r,
+            "kvgate_trace_records_total",
+            "Traffic trace records: written, dropped (the writer's queue was full) or failed \
+             (the trace file could not be written).",
+            &["result"],
+        )?;
         let build_info = int_gauge_vec(
             &r,
             "kvgate_build_info",
@@ -488,6 +499,9 @@ impl Metrics {
             tls_reloads_failed: tls_reloads.with_label_values(&["failed"]),
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
+            trace_written: trace.with_label_values(&["written"]),
+            trace_dropped: trace.with_label_values(&["dropped"]),
+            trace_failed: trace.with_label_values(&["failed"]),
             requests,
             request_duration,
             ttft,
@@ -840,6 +854,25 @@ impl Metrics {
         }
         self.last_reload_ok.set(ok as i64);
     }
+
+    /// Counts traffic trace records by what became of them.
+    pub fn trace_records(&self, outcome: TraceOutcome, count: u64) {
+        match outcome {
+            TraceOutcome::Written => self.trace_written.inc_by(count),
+            TraceOutcome::Dropped => self.trace_dropped.inc_by(count),
+            TraceOutcome::Failed => self.trace_failed.inc_by(count),
+        }
+    }
+}
+
+/// What became of a traffic trace record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceOutcome {
+    Written,
+    /// The writer's queue was full: dropped rather than making the request wait.
+    Dropped,
+    /// The trace file could not be opened or written.
+    Failed,
 }
 
 fn saturating_i64(v: u64) -> i64 {

@@ -141,8 +141,11 @@ impl KvGateProxy {
                 Prompt::unknown(routing_since)
             }
         };
-        self.dispatch(session, ctx, &state, route, &prompt, &body)
-            .await
+        let outcome = self
+            .dispatch(session, ctx, &state, route, &prompt, &body)
+            .await;
+        ctx.prompt_blocks = prompt.block_keys;
+        outcome
     }
 
     /// Any other `/v1/*` path: sent to a pod of the model the body names (or the only
@@ -207,6 +210,7 @@ impl KvGateProxy {
         let runtime = &route.model;
         ctx.target_model = Some(runtime.name.clone());
         ctx.prompt_tokens = Some(prompt.tokens);
+        ctx.block_size = runtime.block_size;
         let server = &state.config.server;
         let requested_profile = header_str(session.req_header(), &server.profile_header);
         let profile: &Pipeline = runtime
@@ -278,6 +282,7 @@ impl KvGateProxy {
         ctx.upstream_status = report.status;
         ctx.time_to_first_byte = report.time_to_first_byte;
         ctx.actual_cached_tokens = report.usage.and_then(|u| u.cached_tokens);
+        ctx.output_tokens = report.usage.and_then(|u| u.completion_tokens);
         if let Some(i) = report.target {
             let (Some(candidate), Some(target)) = (decision.ranked.get(i), targets.get(i)) else {
                 return Ok(());
