@@ -3,6 +3,8 @@
 //! needs and nothing of the prompts, rotates at its size limit, follows a hot reload, and
 //! `kvgate bench --trace` replays it to a verdict whose hit rate matches the live one.
 
+// Shared with the other end-to-end tests, which use parts of it this file does not.
+#[allow(dead_code)]
 #[path = "support/sim.rs"]
 mod sim;
 // Shared with the gateway tests, which use more of it.
