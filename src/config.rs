@@ -27,6 +27,9 @@ pub struct Config {
     pub index: IndexSettings,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Recording of a privacy-safe trace of the traffic; off when absent.
+    #[serde(default)]
+    pub trace: Option<TraceConfig>,
     /// Named scheduling profiles; every model names one, and a request may pick
     /// another with the `x-kvgate-profile` header.
     #[serde(default = "default_profiles")]
@@ -51,6 +54,9 @@ pub struct ServerConfig {
     pub admin: SocketAddr,
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// Request-body bytes held in memory across all connections; a body that would
+    /// exceed it is refused with 503 and `Retry-After`.
+    pub max_buffered_body_bytes: usize,
     /// Largest request header (request line and fields, as received) accepted (431 above it).
     pub max_header_bytes: usize,
     /// Most header fields a request may carry (431 above it).
@@ -80,6 +86,19 @@ pub struct ServerConfig {
     pub profile_header: String,
     /// Pingora worker threads.
     pub threads: usize,
+    /// TLS on the public listener; absent, it speaks plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The public listener's certificate chain and private key, PEM files (a mounted Secret's
+/// `tls.crt` and `tls.key`); read at start and again whenever either file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The server certificate first, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key of the first certificate.
+    pub key_file: PathBuf,
 }
 
 /// Pingora 0.9.1 reads a request header into a buffer it refuses to grow past this
@@ -128,6 +147,13 @@ impl ServerConfig {
         if self.body_timeout_ms == 0 {
             return invalid("server.bodyTimeoutMs must be ≥ 1".into());
         }
+        if self.max_buffered_body_bytes < self.max_body_bytes {
+            return invalid(format!(
+                "server.maxBufferedBodyBytes ({}) must be at least server.maxBodyBytes ({}): \
+                 a body of the largest accepted size could never be read",
+                self.max_buffered_body_bytes, self.max_body_bytes
+            ));
+        }
         Ok(())
     }
 }
@@ -138,6 +164,9 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:8080".parse().expect("literal address"),
             admin: "127.0.0.1:9090".parse().expect("literal address"),
             max_body_bytes: 32 << 20,
+            // Sixteen bodies of the largest size at once, or thousands of long chats;
+            // an eighth of the 4 GiB deploy/ gives a replica, next to its 1 GiB index.
+            max_buffered_body_bytes: 512 << 20,
             // An OpenAI SDK request carries a dozen fields in under 2 KiB; 64 KiB leaves room
             // for the long bearer tokens and tracing headers that gateways in front add, while
             // bounding what an idle connection can make kvgate buffer (Envoy ships 60 KiB).
@@ -167,6 +196,7 @@ impl Default for ServerConfig {
             scrape_interval_ms: 1_000,
             profile_header: "x-kvgate-profile".into(),
             threads: 2,
+            tls: None,
         }
     }
 }
@@ -261,6 +291,57 @@ impl Default for LoggingConfig {
             format: LogFormat::Text,
             log_bodies: false,
         }
+    }
+}
+
+/// The traffic trace (`kvgate bench --trace` replays it): one JSON line per routed request
+/// with its arrival, lengths, keyed block-hash chain, pod and cached tokens; no text, no
+/// token ids. Written off the request path; hot-reloadable.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TraceConfig {
+    /// The file written; it rotates to `<path>.1` … `<path>.<maxFiles>`.
+    pub path: PathBuf,
+    /// Size at which the file rotates.
+    #[serde(default = "default_trace_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept besides the current one.
+    #[serde(default = "default_trace_max_files")]
+    pub max_files: u32,
+    /// Key of the block-hash chain's hashing. Replicas given the same salt write traces
+    /// that join; absent, each process draws its own. Keep it secret: with it, a guessed
+    /// prompt can be hashed and looked up in the trace.
+    #[serde(default)]
+    pub salt: Option<String>,
+}
+
+fn default_trace_max_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_trace_max_files() -> u32 {
+    4
+}
+
+/// Smallest rotation size: room for one long prompt's line.
+pub const MIN_TRACE_BYTES: u64 = 1 << 16;
+
+impl TraceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.path.as_os_str().is_empty() {
+            return invalid("trace.path must name a file".into());
+        }
+        if self.max_bytes < MIN_TRACE_BYTES {
+            return invalid(format!(
+                "trace.maxBytes must be at least {MIN_TRACE_BYTES}, got {}",
+                self.max_bytes
+            ));
+        }
+        if self.salt.as_deref().is_some_and(str::is_empty) {
+            return invalid("trace.salt must not be empty (leave it out to draw one)".into());
+        }
+        Ok(())
     }
 }
 
@@ -445,6 +526,9 @@ impl Config {
         if let Some(relay) = self.relay.as_mut() {
             relay.resolve_paths(base);
         }
+        if let Some(trace) = self.trace.as_mut() {
+            fix(&mut trace.path);
+        }
         for model in &mut self.models {
             fix(&mut model.tokenizer);
             if let Some(p) = model.tokenizer_config.as_mut() {
@@ -453,6 +537,10 @@ impl Config {
             if let Some(p) = model.chat_template.as_mut() {
                 fix(p);
             }
+        }
+        if let Some(tls) = self.server.tls.as_mut() {
+            fix(&mut tls.cert_file);
+            fix(&mut tls.key_file);
         }
     }
 
@@ -494,6 +582,9 @@ impl Config {
                 "server.listen and server.admin are both {}: the admin port must be separate",
                 self.server.listen
             ));
+        }
+        if let Some(trace) = &self.trace {
+            trace.validate()?;
         }
         if !(0.0..=1.0).contains(&self.events.parity_sample) {
             return invalid("events.paritySample must be between 0 and 1".into());
@@ -701,6 +792,31 @@ mod tests {
         for bad in ["  dataParallelSize: 0\n", "  dataParallelSize: 65\n"] {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains("events.dataParallelSize"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_trace_is_off_by_default_and_checked_when_on() {
+        let model = with_model(
+            "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
+        );
+        assert_eq!(Config::parse(&model).unwrap().trace, None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvgate.yaml");
+        std::fs::write(&file, format!("trace: {{path: traces/t.jsonl}}\n{model}")).unwrap();
+        let trace = Config::load(&file).unwrap().trace.expect("trace on");
+        assert_eq!(trace.path, dir.path().join("traces/t.jsonl"));
+        assert_eq!((trace.max_bytes, trace.max_files), (256 << 20, 4));
+        assert_eq!(trace.salt, None);
+        for (bad, field) in [
+            ("trace: {path: t.jsonl, maxBytes: 100}\n", "trace.maxBytes"),
+            ("trace: {path: t.jsonl, salt: \"\"}\n", "trace.salt"),
+            ("trace: {path: t.jsonl, maxFile: 2}\n", "maxFile"),
+        ] {
+            let err = Config::parse(&format!("{bad}{model}"))
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .expect_err(bad);
+            assert!(err.contains(field), "{bad}: {err}");
         }
     }
 

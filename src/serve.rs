@@ -2,10 +2,11 @@
 //! the background services into a Pingora server and runs it.
 //!
 //! Services and their start order (Pingora starts a service once its dependencies
-//! report ready): discovery, KV event ingestion (after discovery, so a handed-over
-//! index finds its pods), config reload, pod health and the admin listener start
-//! first; the ready gate waits for discovery, ingestion and reload, logs the
-//! startup summary and opens readiness; the proxy listens only after the gate.
+//! report ready): discovery, config reload and the admin listener start first; KV
+//! event ingestion (so a handed-over index finds its pods) and pod health (so every
+//! discovered pod is probed before kvgate is ready) after discovery; the ready gate
+//! waits for all of them, logs the startup summary and opens readiness; the proxy
+//! listens only after the gate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ use crate::proxy::{
     DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy, LimitedListener,
 };
 use crate::reload::Reloader;
+use crate::tls::{ListenerTls, TlsError};
+use crate::trace::TraceRecorder;
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +78,10 @@ pub enum ServeError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Cluster(#[from] StartupError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot start the traffic trace writer: {0}")]
+    TraceWriter(std::io::Error),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
@@ -86,8 +93,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let summary = Summary::of(&config);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = crate::COMMIT,
         config = %args.config.display(),
         listen = %config.server.listen,
+        tls = config.server.tls.is_some(),
         admin = %config.server.admin,
         models = %summary.models,
         profiles = %summary.profiles,
@@ -98,6 +107,13 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let metrics = Arc::clone(metrics::global());
     let listen = config.server.listen;
     let admin = config.server.admin;
+    // Before anything starts: a certificate that does not load is a bad config.
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(ListenerTls::new)
+        .transpose()?;
     let gateway = Arc::new(Gateway::build(config.clone())?);
     let events = Arc::new(KvEventService::new(
         &config,
@@ -167,15 +183,15 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     events_handle.add_dependency(&discovery_handle);
     let reload_handle = server.add_service(background_service("config reload", reloader));
     if let Some(link) = cluster {
-        server.add_service(background_service(
-            "InferenceTrafficPolicy watch",
+                "InferenceTrafficPolicy watch",
             PolicyWatcher::new(link),
         ));
     }
-    server.add_service(background_service(
+    let health_handle = server.add_service(background_service(
         "pod health",
         HealthChecker::new(Arc::clone(&gateway)),
     ));
+    health_handle.add_dependency(&discovery_handle);
     server.add_service(AdminEndpoint {
         addr: admin,
         state: admin_state(&gateway, &discovery, &events, &gate, &metrics),
@@ -185,21 +201,39 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         DrainExit::new(Arc::clone(&gateway), Arc::clone(&handing_over)),
     ));
     let gate_handle = server.add_service(shared_service("ready gate", &gate));
-    gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
+    gate_handle.add_dependencies([
+        &discovery_handle,
+        &events_handle,
+        &reload_handle,
+        &health_handle,
+    ]);
 
-    // Plain HTTP/1.1 (no TLS, no h2c): the listener limits follow one request at a time
-    // per connection.
-    let mut proxy = ListeningService::new(
-        "kvgate proxy".to_string(),
-        LimitedListener::new(
-            pingora::proxy::http_proxy(
-                &server.configuration,
-                KvGateProxy::new(Arc::clone(&gateway)),
-            ),
-            Arc::clone(&gateway),
+    let trace = {
+        let gateway = Arc::clone(&gateway);
+        TraceRecorder::start(
+            Box::new(move || gateway.state().config.trace.clone()),
             Arc::clone(&metrics),
+        )
+        .map_err(ServeError::TraceWriter)?
+    };
+    // HTTP/1.1 only (no h2, no h2c): the listener limits follow one request at a time per
+    // connection. With TLS the listener runs the handshake itself, inside those limits.
+    let mut listener = LimitedListener::new(
+        pingora::proxy::http_proxy(
+            &server.configuration,
+            KvGateProxy::new(Arc::clone(&gateway), trace),
         ),
+        Arc::clone(&gateway),
+        Arc::clone(&metrics),
     );
+    if let Some(tls) = tls {
+        server.add_service(background_service(
+            "TLS certificate reload",
+            tls.reloader(Arc::clone(&metrics)),
+        ));
+        listener = listener.with_tls(tls);
+    }
+    let mut proxy = ListeningService::new("kvgate proxy".to_string(), listener);
     proxy.add_tcp(&listen.to_string());
     let proxy = server.add_service(proxy);
     proxy.add_dependency(&gate_handle);

@@ -1,117 +1,175 @@
-//! `kvgate demo` as a user runs it: the real binary starts `kvgate sim` and `kvgate serve`
-//! as its children, sends the seed chat through the gateway and runs the live comparison.
-//! The shipped config is used with free ports substituted, so the test can run beside
-//! others; the pods run four times faster than modelled to keep it short.
+//! `kvgate demo` as a user runs it: the real binary starts `kvgate sim` pods and two
+//! `kvgate serve` replicas as its children, sends the two-round chat across the replicas and
+//! runs the comparison with a pod restarted mid-run. The shipped config is used with free
+//! ports substituted, so the test can run beside others.
 
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Seven consecutive free ports: four pods, the gateway, its admin listener, the event SUB.
+/// Four consecutive free ports: the replicas' listeners at `base`, `base + 1`, their admin
+/// listeners at `base + 2`, `base + 3` (the demo puts replica r at the config's ports + r;
+/// the pods pick their own).
+/// Each test of this binary draws its own range, since they run at once.
 fn free_ports() -> u16 {
-    let start = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+    static DRAWN: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000
+        + (std::process::id() % 2_000) as u16 * 10
+        + DRAWN.fetch_add(1, Ordering::Relaxed) * 1_009;
     (0..200u16)
         .map(|k| start.wrapping_add(k * 7) % 40_000 + 20_000)
-        .find(|&base| (0..7).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
-        .expect("seven free consecutive ports")
+        .find(|&base| (0..4).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
+        .expect("four free consecutive ports")
 }
 
-fn config(dir: &Path, base: u16) -> std::path::PathBuf {
+fn config(dir: &Path, base: u16) -> PathBuf {
     let shipped =
         std::fs::read_to_string(Path::new(ROOT).join("conf/kvgate.yaml")).expect("shipped config");
-    let mut text = shipped
+    let text = shipped
         .replace("../.tokenizers", &format!("{ROOT}/.tokenizers"))
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", base + 4))
-        .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", base + 5))
-        .replace(
-            "tcp://127.0.0.1:5557",
-            &format!("tcp://127.0.0.1:{}", base + 6),
-        );
-    for i in 1..=4u16 {
-        text = text.replace(
-            &format!("127.0.0.1:800{i}"),
-            &format!("127.0.0.1:{}", base + i - 1),
-        );
-    }
-    assert!(!text.contains(":8001"), "every shipped port was replaced");
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{base}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", base + 2));
     let path = dir.join("kvgate.yaml");
     std::fs::write(&path, text).expect("write config");
     path
 }
 
-#[test]
-fn demo_runs_the_chat_and_the_comparison_and_leaves_nothing_running() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let base = free_ports();
-    let config = config(dir.path(), base);
-    let out = dir.path().join("out");
+fn demo(dir: &Path, base: u16, extra: &[&str]) -> (Output, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .args(["demo", "--config"])
-        .arg(&config)
+        .arg(config(dir, base))
         .arg("--chat")
         .arg(Path::new(ROOT).join("conf/examples/round1.json"))
-        .args([
-            "--duration",
-            "3",
-            "--qps",
-            "4",
-            "--time-scale",
-            "0.25",
-            "--out",
-        ])
-        .arg(&out)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .args(extra)
         .output()
         .expect("kvgate demo runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stdout, stderr)
+}
+
+fn assert_ports_released(base: u16) {
+    for port in base..base + 4 {
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still taken after the demo"
+        );
+    }
+}
+
+/// A table row's cells: profile, hit rate, TTFT p50, TTFT p90, agreement, predicted /
+/// reported, failed.
+fn row<'a>(stdout: &'a str, profile: &str) -> Vec<&'a str> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("| {profile} |")))
+        .unwrap_or_else(|| panic!("a table row for {profile}:\n{stdout}"));
+    line.trim_matches('|').split('|').map(str::trim).collect()
+}
+
+fn number(cell: &str) -> f64 {
+    cell.trim_end_matches('%')
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a number: {cell:?}"))
+}
+
+#[test]
+fn demo_runs_the_chat_across_replicas_and_kv_cache_wins_the_comparison() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = free_ports();
+    let (output, stdout, stderr) = demo(dir.path(), base, &[]);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
 
+    let mut pods = Vec::new();
     for round in ["demo-round-1", "demo-round-2"] {
         let line = stdout
             .lines()
             .find(|l| l.contains("Request handled") && l.contains(&format!("request_id={round}")))
             .unwrap_or_else(|| panic!("the gateway's line for {round} is shown:\n{stdout}"));
         assert!(line.contains("status=200"), "{line}");
-        assert!(line.contains("policy=\"default\""), "{line}");
+        let pod = line
+            .split_ascii_whitespace()
+            .find_map(|f| f.strip_prefix("endpoint="))
+            .unwrap_or_else(|| panic!("the line names the pod: {line}"));
+        pods.push(pod.to_string());
     }
-    for profile in ["kv-cache", "prefix", "round-robin"] {
-        let row = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("| {profile} |")))
-            .unwrap_or_else(|| panic!("a table row for {profile}:\n{stdout}"));
-        assert!(
-            row.trim_end().ends_with("| 0 |"),
-            "no failed requests: {row}"
-        );
-    }
+    assert_eq!(pods[0], pods[1], "both rounds on one pod:\n{stdout}");
+    assert!(stdout.contains("round 2 via replica 2"), "{stdout}");
+
+    let kv = row(&stdout, "kv-cache");
+    let prefix = row(&stdout, "prefix");
+    row(&stdout, "round-robin");
+    // Margins: kv-cache must lead prefix by at least 2 points of hit rate, and its TTFT p90
+    // must not exceed prefix's (under load the two replicas of prefix split the prefixes
+    // over the pods, which is what this checks, whatever the machine's speed).
+    assert!(
+        number(kv[1]) >= number(prefix[1]) + 2.0,
+        "kv-cache ahead on hit rate:\n{stdout}"
+    );
+    assert!(
+        number(kv[3]) <= number(prefix[3]),
+        "kv-cache ahead on TTFT p90:\n{stdout}"
+    );
+    assert!(
+        number(kv[4]) >= 95.0,
+        "the replicas agree for kv-cache:\n{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("kv-cache wins")),
+        "the line under the table names the winner:\n{stdout}"
+    );
+
+    let out = dir.path().join("out");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("demo.json")).expect("report written"))
             .expect("report parses");
-    assert_eq!(report["mode"], "live");
-    let policies = report["segments"][0]["policies"]
+    assert_eq!(report["replicas"], 2);
+    assert_eq!(report["profiles"].as_array().expect("profiles").len(), 3);
+    let replay = report["replay"]
         .as_array()
-        .expect("policies");
-    assert_eq!(policies.len(), 3);
-    for policy in policies {
-        let served: u64 = policy["summary"]["podRequests"]
-            .as_array()
-            .expect("per-pod counts")
-            .iter()
-            .filter_map(serde_json::Value::as_u64)
-            .sum();
-        assert_eq!(
-            served,
-            policy["summary"]["requests"].as_u64().unwrap(),
-            "every request was served by one of the pods"
-        );
-    }
-    // The children are gone: their ports can be bound again.
-    for port in base..base + 7 {
-        assert!(
-            TcpListener::bind(("127.0.0.1", port)).is_ok(),
-            "port {port} still taken after the demo"
-        );
-    }
+        .expect("the replay of the trace");
+    let kv_replay = &replay[0];
+    let (replayed, live) = (
+        kv_replay["replayedHitRate"].as_f64().expect("replayed"),
+        kv_replay["liveHitRate"].as_f64().expect("live"),
+    );
+    eprintln!("kv-cache hit rate: replayed {replayed:.4}, live {live:.4}");
+    let svg = std::fs::read_to_string(out.join("demo.svg")).expect("plot written");
+    assert!(svg.starts_with("<svg") && svg.contains("replicas agree"));
+    assert_ports_released(base);
+}
+
+#[test]
+fn demo_fails_when_the_chat_lands_on_two_pods() {
+    // One replica with round-robin: round 2 goes to the next pod, whatever is cached.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = free_ports();
+    let (output, stdout, stderr) = demo(
+        dir.path(),
+        base,
+        &[
+            "--replicas",
+            "1",
+            "--pods",
+            "2",
+            "--chat-profile",
+            "round-robin",
+        ],
+    );
+    assert!(!output.status.success(), "the demo must fail:\n{stdout}");
+    assert!(
+        stderr.contains("did not reuse round 1"),
+        "a clear message:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("| kv-cache |"),
+        "no comparison after a failed chat:\n{stdout}"
+    );
+    assert_ports_released(base);
 }

@@ -21,8 +21,9 @@ use super::workload::{BenchRequest, LivePrompt, Segment};
 /// Where a live run sends its requests.
 #[derive(Clone, Debug)]
 pub struct LiveSetup {
-    /// The gateway's OpenAI base URL, e.g. `http://127.0.0.1:8080`.
-    pub gateway: String,
+    /// The gateways' OpenAI base URLs, e.g. `http://127.0.0.1:8080`: one, or every replica
+    /// of a deployment, each request going to one of them ([`gateway_of`]).
+    pub gateways: Vec<String>,
     /// The pods behind it, for cache resets and request counts.
     pub pods: Vec<SocketAddr>,
     pub model: String,
@@ -33,6 +34,33 @@ pub struct LiveSetup {
     pub time_scale: f64,
     /// Most requests in flight at once (open loop below it).
     pub max_in_flight: usize,
+    /// A pod restarted mid-run, with an empty cache (simulated pods only).
+    pub restart: Option<PodRestart>,
+}
+
+/// A restart of one simulated pod during each policy's run, through `kvgate sim`'s
+/// control port: the pod's process dies (its in-flight requests with it) and comes back
+/// `down_ms` later with an empty cache and fresh event sequence numbers.
+#[derive(Clone, Debug)]
+pub struct PodRestart {
+    /// The control port's base URL, e.g. `http://127.0.0.1:9000`.
+    pub control: String,
+    /// The pod's index in the simulation.
+    pub pod: usize,
+    /// When, in workload seconds from the run's start.
+    pub at_s: f64,
+    pub down_ms: u64,
+}
+
+/// Which gateway request `index` goes to: spread evenly and independently of the policy,
+/// as a `LoadBalancer` Service spreads connections, and the same in every run.
+pub fn gateway_of(index: usize, gateways: usize) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(&(index as u64).to_le_bytes()) % gateways.max(1) as u64) as usize
+}
+
+/// The `x-request-id` request `index` of a policy's run is sent with.
+pub fn request_id(profile: &str, index: usize) -> String {
+    format!("bench-{profile}-{index}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +73,12 @@ pub enum LiveError {
     NotLive { policy: String, reason: String },
     #[error("request {request} of the workload has no prompt to send (built for virtual time)")]
     NoPrompt { request: usize },
+    #[error("restarting pod {pod} through {url}: {message}")]
+    Restart {
+        pod: usize,
+        url: String,
+        message: String,
+    },
 }
 
 fn http_error(url: &str, error: impl std::fmt::Display) -> LiveError {
@@ -220,7 +254,8 @@ impl RunState<'_> {
             .as_deref()
             .ok_or(LiveError::NoPrompt { request: index })?;
         let (path, body) = body(&self.setup.model, request, prompt);
-        let url = format!("{}{path}", self.setup.gateway);
+        let gateway = gateway_of(index, self.setup.gateways.len());
+        let url = format!("{}{path}", self.setup.gateways[gateway]);
         let _slot = self.slots.acquire().await;
         let sent = Instant::now();
         let outcome = self.exchange(&url, &body, index).await;
@@ -259,7 +294,7 @@ impl RunState<'_> {
             .client
             .post(url)
             .header(self.setup.profile_header.as_str(), self.profile)
-            .header("x-request-id", format!("bench-{}-{index}", self.profile))
+            .header("x-request-id", request_id(self.profile, index))
             .json(body)
             .send()
             .await
@@ -369,7 +404,18 @@ pub async fn run_policy(
                 state.session(i, followers).await
             }
         });
-    let results = futures::future::join_all(sessions).await;
+    let restart = async {
+        match &setup.restart {
+            Some(restart) => {
+                let at = state.started + Duration::from_secs_f64(restart.at_s.max(0.0) * scale);
+                tokio::time::sleep_until(at.into()).await;
+                restart_pod(client, restart).await
+            }
+            None => Ok(()),
+        }
+    };
+    let (results, restarted) = tokio::join!(futures::future::join_all(sessions), restart);
+    restarted?;
     for result in results {
         result?;
     }
@@ -399,6 +445,32 @@ pub async fn run_policy(
     })
 }
 
+async fn restart_pod(client: &reqwest::Client, restart: &PodRestart) -> Result<(), LiveError> {
+    let url = format!(
+        "{}/sim/pods/{}/restart?downMs={}",
+        restart.control, restart.pod, restart.down_ms
+    );
+    let failed = |message: String| LiveError::Restart {
+        pod: restart.pod,
+        url: url.clone(),
+        message,
+    };
+    let response = client
+        .post(&url)
+        .send()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(failed(response.status().to_string()));
+    }
+    tracing::info!(
+        pod = restart.pod,
+        down_ms = restart.down_ms,
+        "pod restarted"
+    );
+    Ok(())
+}
+
 /// Checks that a policy can be selected on the gateway: its profile is in the gateway's
 /// config and its index is fed by real events (no simulated delay, loss or oracle).
 pub fn check_live(policy: &PolicySpec, profiles: &[&str]) -> Result<(), LiveError> {
@@ -419,7 +491,7 @@ pub fn check_live(policy: &PolicySpec, profiles: &[&str]) -> Result<(), LiveErro
     }
     if policy.replicas > 1 {
         return Err(not_live(
-            "replicas are simulated in virtual time only (live, run the gateways and point --live at their Service)"
+            "replicas are simulated in virtual time only (live, run the gateways and list each in --live)"
                 .into(),
         ));
     }

@@ -34,8 +34,12 @@ use self::policy::{PolicyError, PolicySpec};
 use self::report::{BenchReport, ReportError, SegmentReport};
 use self::virtual_time::{SimError, SimSetup};
 use self::workload::{
-    ChatShape, Ladder, MooncakeTrace, SharedPrefixShape, Workload, WorkloadError,
+    ChatShape, Ladder, MooncakeTrace, SharedPrefixShape, TraceReplay, Workload, WorkloadError,
 };
+use crate::trace::TraceRecord;
+
+/// Simulated pods when neither --pods nor a recorded trace says.
+const DEFAULT_PODS: usize = 8;
 
 /// The shared data folder, beside the repository (see BRIEF: `../shared`).
 const SHARED_TRACES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/traces");
@@ -74,9 +78,15 @@ pub struct BenchArgs {
     /// Default: all of them for W1, a shorter list for the other workloads.
     #[arg(long, value_delimiter = ',')]
     pub policies: Vec<String>,
-    /// Simulated pods.
-    #[arg(long, default_value_t = 8)]
-    pub pods: usize,
+    /// Replay trace files instead of --workload, merged by timestamp: traces `kvgate serve`
+    /// recorded (its `trace` config section) or Mooncake's, comma-separated. The fleet is
+    /// sized like the recording one: as many pods and gateway replicas as the trace shows
+    /// at once, unless --pods or --policies say otherwise.
+    #[arg(long, value_delimiter = ',')]
+    pub trace: Vec<PathBuf>,
+    /// Simulated pods (default: a recorded trace's pods, else 8).
+    #[arg(long)]
+    pub pods: Option<usize>,
     /// QPS steps of the ladder (W1, control), comma-separated; default llm-d's 3 → 60
     /// for W1, 2 → 16 for the control.
     #[arg(long, value_delimiter = ',')]
@@ -85,7 +95,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub duration: Option<f64>,
     /// Seconds of warm-up before the ladder, at --warmup-qps; 0 for none (default: 50
-    /// for W1, none for the control).
+    /// for W1, none for the control). With --trace: the trace's first seconds, replayed
+    /// but not measured.
     #[arg(long)]
     pub warmup: Option<f64>,
     #[arg(long, default_value_t = 15.0)]
@@ -105,8 +116,9 @@ pub struct BenchArgs {
     /// Output tokens per request (shared-prefix workloads: 1000).
     #[arg(long)]
     pub output_tokens: Option<u32>,
-    /// Trace speed-ups (Mooncake), comma-separated: timestamps are divided by each.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Trace speed-ups, comma-separated: timestamps are divided by each (default: 1 for
+    /// the Mooncake workloads, 1,2,4 with --trace).
+    #[arg(long, value_delimiter = ',')]
     pub speedup: Vec<f64>,
     /// Use only the first N requests of a trace.
     #[arg(long)]
@@ -154,13 +166,14 @@ pub struct BenchArgs {
     /// Runs simulated in parallel (default: the machine's cores).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// No progress bar.
+    /// No progress on stderr (neither the step lines nor the progress bar).
     #[arg(long)]
     pub quiet: bool,
-    /// Live mode: the running gateway's base URL (e.g. http://127.0.0.1:8080). Requests
-    /// go through it to its pods; each policy is selected with the profile header.
-    #[arg(long)]
-    pub live: Option<String>,
+    /// Live mode: the running gateway's base URL (e.g. http://127.0.0.1:8080), or every
+    /// replica's, comma-separated (each request goes to one). Requests go through it to
+    /// its pods; each policy is selected with the profile header.
+    #[arg(long, value_delimiter = ',')]
+    pub live: Vec<String>,
     /// Live mode: the pods' HTTP addresses, comma-separated, for cache resets and request
     /// counts (default: the model's static pods in the config).
     #[arg(long, value_delimiter = ',')]
@@ -265,10 +278,11 @@ fn load_context(args: &BenchArgs) -> Result<Context, BenchError> {
         pod_params.kv_blocks = blocks;
     }
     let kv_tokens = u64::from(pod_params.kv_blocks) * u64::from(pod_params.block_size);
-    let trace = matches!(
-        args.workload,
-        WorkloadKind::MooncakeSynthetic | WorkloadKind::MooncakeConversation
-    );
+    let trace = !args.trace.is_empty()
+        || matches!(
+            args.workload,
+            WorkloadKind::MooncakeSynthetic | WorkloadKind::MooncakeConversation
+        );
     pod_params.max_model_len = match args.max_model_len {
         Some(len) => len,
         None if trace => u32::try_from(kv_tokens).unwrap_or(u32::MAX),
@@ -355,7 +369,7 @@ fn build_workload(args: &BenchArgs, ctx: &Context, live: bool) -> Result<Workloa
             let (workload, skipped) = workload::mooncake(
                 &traces,
                 trace,
-                &args.speedup,
+                &speedups(args),
                 max_tokens,
                 args.limit,
                 &ctx.hasher,
@@ -400,15 +414,92 @@ fn build_workload(args: &BenchArgs, ctx: &Context, live: bool) -> Result<Workloa
     })
 }
 
-fn policies(args: &BenchArgs, ctx: &Context) -> Result<Vec<PolicySpec>, BenchError> {
-    let names: Vec<String> = if args.policies.is_empty() {
+fn speedups(args: &BenchArgs) -> Vec<f64> {
+    match (args.speedup.is_empty(), args.trace.is_empty()) {
+        (false, _) => args.speedup.clone(),
+        (true, false) => vec![1.0, 2.0, 4.0],
+        (true, true) => vec![1.0],
+    }
+}
+
+/// Trace files to replay, and the fleet that recorded them.
+struct TraceInput {
+    records: Vec<TraceRecord>,
+    pods: Option<usize>,
+    replicas: Option<usize>,
+}
+
+fn read_traces(paths: &[PathBuf]) -> Result<TraceInput, BenchError> {
+    let mut records = Vec::new();
+    for path in paths {
+        records.extend(workload::read_trace(path)?);
+    }
+    let (pods, replicas) = workload::trace_fleet(&records);
+    Ok(TraceInput {
+        records,
+        pods,
+        replicas,
+    })
+}
+
+fn replay_trace(
+    args: &BenchArgs,
+    ctx: &Context,
+    records: Vec<TraceRecord>,
+) -> Result<Workload, BenchError> {
+    let first = args.trace.first().map(PathBuf::as_path);
+    let name = first
+        .and_then(|p| p.file_stem())
+        .map_or_else(|| "trace".into(), |s| s.to_string_lossy().into_owned());
+    let source = args
+        .trace
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let replay = TraceReplay {
+        speedups: speedups(args),
+        max_tokens: ctx.pod_params.max_model_len,
+        limit: args.limit,
+        model: Some(ctx.model.name.clone()),
+        warmup_s: args.warmup.unwrap_or(0.0),
+    };
+    let (workload, skips) = workload::trace_workload(
+        &name,
+        &source,
+        records,
+        &replay,
+        &ctx.hasher,
+        !args.live.is_empty(),
+    )?;
+    if skips.total() > 0 {
+        tracing::warn!(?skips, "trace requests left out of the replay");
+    }
+    Ok(workload)
+}
+
+fn policies(
+    args: &BenchArgs,
+    ctx: &Context,
+    replicas: usize,
+) -> Result<Vec<PolicySpec>, BenchError> {
+    let names: Vec<String> = if !args.policies.is_empty() {
+        args.policies.clone()
+    } else if args.trace.is_empty() {
         args.workload
             .default_policies()
             .iter()
             .map(|s| s.to_string())
             .collect()
     } else {
-        args.policies.clone()
+        // As many gateway replicas as recorded the trace (the oracle needs none).
+        policy::SHORT_POLICIES
+            .iter()
+            .map(|&name| match replicas {
+                n if n > 1 && name != "oracle" => format!("{name}-x{n}"),
+                _ => name.to_string(),
+            })
+            .collect()
     };
     names
         .iter()
@@ -422,19 +513,50 @@ pub fn evaluate(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if !(args.slo_ttft_p90.is_finite() && args.slo_ttft_p90 > 0.0) {
         return Err(BenchError::Usage("--slo-ttft-p90 must be > 0".into()));
     }
+    let steps = Steps::new(args.quiet);
+    steps.line(format_args!(
+        "loading {} (model, tokenizer, profiles)",
+        args.config.display()
+    ));
     let ctx = load_context(args)?;
-    let policies = policies(args, &ctx)?;
-    let started = Instant::now();
-    let workload = build_workload(args, &ctx, args.live.is_some())?;
-    tracing::info!(
-        workload = %workload.name,
-        requests = workload.request_count(),
-        seconds = started.elapsed().as_secs_f64(),
-        "workload built"
-    );
-    match &args.live {
-        Some(gateway) => {
-            let setup = live_setup(args, &ctx, gateway)?;
+    let trace = if args.trace.is_empty() {
+        None
+    } else {
+        Some(read_traces(&args.trace)?)
+    };
+    let pods = args
+        .pods
+        .or(trace.as_ref().and_then(|t| t.pods))
+        .unwrap_or(DEFAULT_PODS);
+    let replicas = trace.as_ref().and_then(|t| t.replicas).unwrap_or(1);
+    let policies = policies(args, &ctx, replicas)?;
+    steps.line(format_args!(
+        "model {}, {} pods; building the workload (rendering, tokenizing, hashing prompts)",
+        ctx.model.name, pods
+    ));
+    let workload = match trace {
+        Some(trace) => replay_trace(args, &ctx, trace.records)?,
+        None => build_workload(args, &ctx, !args.live.is_empty())?,
+    };
+    steps.line(format_args!(
+        "workload {}: {} requests in {} segments; {} policies to run: {}",
+        workload.name,
+        workload.request_count(),
+        workload.segments.len(),
+        policies.len(),
+        policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    match args.live.as_slice() {
+        [_, ..] => {
+            steps.line(format_args!(
+                "replaying through the gateway at {}",
+                args.live.join(", ")
+            ));
+            let setup = live_setup(args, &ctx)?;
             let profiles: Vec<&str> = ctx.config.profiles.keys().map(String::as_str).collect();
             for policy in &policies {
                 live::check_live(policy, &profiles)?;
@@ -447,19 +569,22 @@ pub fn evaluate(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             let mut bar = ProgressBar::new(workload.request_count() * policies.len(), args.quiet);
             let segments = runtime.block_on(run_live(&setup, &workload, &policies, &mut bar))?;
             Ok(report_of(
-                args, &ctx, &workload, &policies, segments, "live",
+                args, &ctx, pods, &workload, &policies, segments, "live",
             ))
         }
-        None => {
-            let segments = run_virtual(args, &ctx, &workload, &policies)?;
-            Ok(report_of(
-                args, &ctx, &workload, &policies, segments, "virtual",
-            ))
+        [] => {
+            steps.line(format_args!("simulating in virtual time"));
+            let segments = run_virtual(args, &ctx, pods, &workload, &policies)?;
+            let mut report = report_of(args, &ctx, pods, &workload, &policies, segments, "virtual");
+            if !args.trace.is_empty() {
+                report.verdict = Some(report::verdict(&report));
+            }
+            Ok(report)
         }
     }
 }
 
-fn live_setup(args: &BenchArgs, ctx: &Context, gateway: &str) -> Result<LiveSetup, BenchError> {
+fn live_setup(args: &BenchArgs, ctx: &Context) -> Result<LiveSetup, BenchError> {
     if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
         return Err(BenchError::Usage("--time-scale must be > 0".into()));
     }
@@ -478,12 +603,17 @@ fn live_setup(args: &BenchArgs, ctx: &Context, gateway: &str) -> Result<LiveSetu
         args.pod_addrs.clone()
     };
     Ok(LiveSetup {
-        gateway: gateway.trim_end_matches('/').to_string(),
+        gateways: args
+            .live
+            .iter()
+            .map(|g| g.trim_end_matches('/').to_string())
+            .collect(),
         pods,
         model: ctx.model.name.clone(),
         profile_header: ctx.config.server.profile_header.clone(),
         time_scale: args.time_scale,
         max_in_flight: args.max_in_flight,
+        restart: None,
     })
 }
 
@@ -498,7 +628,7 @@ pub async fn run_live(
         .pool_max_idle_per_host(setup.max_in_flight.max(1))
         .build()
         .map_err(|e| LiveError::Http {
-            url: setup.gateway.clone(),
+            url: setup.gateways.join(", "),
             message: e.to_string(),
         })?;
     let progress = AtomicUsize::new(0);
@@ -532,6 +662,7 @@ pub async fn run_live(
 fn report_of(
     args: &BenchArgs,
     ctx: &Context,
+    pods: usize,
     workload: &Workload,
     policies: &[PolicySpec],
     runs: Vec<Vec<RunData>>,
@@ -550,21 +681,23 @@ fn report_of(
         pods: if mode == "live" {
             runs.first()
                 .and_then(|r| r.first())
-                .map_or(args.pods, |r| r.pod_requests.len())
+                .map_or(pods, |r| r.pod_requests.len())
         } else {
-            args.pods
+            pods
         },
         model: ctx.model.name.clone(),
         pod_params: ctx.pod_params.clone(),
         slo_ttft_p90_s: args.slo_ttft_p90,
         seed: args.seed,
         segments,
+        verdict: None,
     }
 }
 
 /// `kvgate bench`: evaluates, writes the report files and prints the markdown table.
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     let report = evaluate(args)?;
+    Steps::new(args.quiet).line(format_args!("writing the report to {}", args.out.display()));
     let written = report::write(&report, &args.out, &report.workload)?;
     println!("{}", written.markdown);
     for file in &written.files {
@@ -581,11 +714,12 @@ const DONE: u8 = 2;
 fn run_virtual(
     args: &BenchArgs,
     ctx: &Context,
+    pods: usize,
     workload: &Workload,
     policies: &[PolicySpec],
 ) -> Result<Vec<Vec<RunData>>, BenchError> {
     let setup = SimSetup {
-        pods: args.pods,
+        pods,
         pod_params: ctx.pod_params.clone(),
         model: ctx.model.name.clone(),
         scope: crate::scope::scope_id(&ctx.model.name, None),
@@ -669,6 +803,24 @@ fn run_virtual(
         runs[segment].push(data);
     }
     Ok(runs)
+}
+
+/// One line on stderr per step of a long run, so a run that takes minutes says what it is
+/// doing before the progress bar starts.
+struct Steps {
+    quiet: bool,
+}
+
+impl Steps {
+    fn new(quiet: bool) -> Self {
+        Self { quiet }
+    }
+
+    fn line(&self, what: std::fmt::Arguments<'_>) {
+        if !self.quiet {
+            eprintln!("kvgate bench: {what}");
+        }
+    }
 }
 
 /// A one-line progress bar on stderr (a line every few seconds when it is not a terminal).

@@ -26,6 +26,9 @@ pub struct BenchReport {
     pub slo_ttft_p90_s: f64,
     pub seed: u64,
     pub segments: Vec<SegmentReport>,
+    /// A trace replay's verdict: which policy wins, by how much, at what load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -274,6 +277,100 @@ pub fn markdown(report: &BenchReport) -> String {
             let _ = writeln!(out, "Problems: {}.\n", failures.join("; "));
         }
     }
+    if let Some(verdict) = &report.verdict {
+        let _ = writeln!(out, "## Verdict\n\n{verdict}");
+    }
+    out
+}
+
+/// Which policy wins each speed-up of a trace replay (lowest TTFT p90, then highest hit
+/// rate; the oracle is a bound, not a contender), by how much over the runner-up, and the
+/// highest load at which each policy still keeps TTFT p90 under the SLO.
+pub fn verdict(report: &BenchReport) -> String {
+    let mut out = String::new();
+    let p90 = |p: &PolicyReport| p.summary.figures.ttft_p90_s.unwrap_or(f64::INFINITY);
+    let mut held: Vec<(String, Option<String>)> = Vec::new();
+    for segment in &report.segments {
+        let mut ranked: Vec<&PolicyReport> = segment
+            .policies
+            .iter()
+            .filter(|p| p.feed != IndexFeed::Oracle)
+            .collect();
+        ranked.sort_by(|a, b| {
+            p90(a).total_cmp(&p90(b)).then(
+                b.summary
+                    .figures
+                    .hit_rate
+                    .total_cmp(&a.summary.figures.hit_rate),
+            )
+        });
+        let load = segment
+            .stages
+            .iter()
+            .rfind(|s| s.measured)
+            .map_or(0.0, |s| s.offered_qps);
+        if let Some(winner) = ranked.first() {
+            let _ = write!(
+                out,
+                "- at {} ({} QPS): **{}** (profile `{}`) wins with TTFT p90 {} s and hit rate {}",
+                segment.label,
+                qps_text(load),
+                winner.summary.policy,
+                winner.profile,
+                seconds(winner.summary.figures.ttft_p90_s),
+                percent(Some(winner.summary.figures.hit_rate)),
+            );
+            if let Some(next) = ranked.get(1) {
+                let ratio = p90(next) / p90(winner);
+                let _ = write!(
+                    out,
+                    "; next is {} with {} s ({}) and {}",
+                    next.summary.policy,
+                    seconds(next.summary.figures.ttft_p90_s),
+                    if ratio.is_finite() {
+                        format!("{ratio:.1}× the winner's")
+                    } else {
+                        "no answer".into()
+                    },
+                    percent(Some(next.summary.figures.hit_rate)),
+                );
+            }
+            out.push_str(".\n");
+        }
+        // The SLO holds up to the first speed-up that breaks it (segments go up in load).
+        for policy in &ranked {
+            let name = &policy.summary.policy;
+            let index = match held.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    held.push((name.clone(), Some(String::new())));
+                    held.len() - 1
+                }
+            };
+            if let Some(best) = &mut held[index].1 {
+                if p90(policy) < report.slo_ttft_p90_s {
+                    *best = format!("{} ({} QPS)", segment.label, qps_text(load));
+                } else {
+                    held[index].1 = None;
+                }
+            }
+        }
+    }
+    let slo: Vec<String> = held
+        .into_iter()
+        .map(|(name, best)| match best {
+            Some(best) if !best.is_empty() => format!("{name} up to {best}"),
+            _ => format!("{name} only below the loads tried"),
+        })
+        .collect();
+    if !slo.is_empty() {
+        let _ = writeln!(
+            out,
+            "- TTFT p90 under {} s: {}.",
+            report.slo_ttft_p90_s,
+            slo.join(", ")
+        );
+    }
     out
 }
 
@@ -304,7 +401,7 @@ fn stage_matrix(
     out.push('\n');
 }
 
-const PALETTE: [&str; 10] = [
+pub(crate) const PALETTE: [&str; 10] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf",
 ];
@@ -316,7 +413,7 @@ const RIGHT: f64 = 200.0;
 const TOP: f64 = 44.0;
 const BOTTOM: f64 = 56.0;
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -331,7 +428,7 @@ fn escape(text: &str) -> String {
 }
 
 /// Round tick values covering [lo, hi].
-fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(crate) fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-9);
     let raw = span / 6.0;
     let magnitude = 10f64.powf(raw.log10().floor());
@@ -349,7 +446,7 @@ fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
     ticks
 }
 
-fn tick_label(value: f64) -> String {
+pub(crate) fn tick_label(value: f64) -> String {
     if value == 0.0 {
         "0".into()
     } else if value.abs() >= 1_000.0 {

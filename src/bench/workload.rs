@@ -13,7 +13,7 @@
 //! * **LooGLE multi-turn** (W3): chats over shared long documents through the model's real
 //!   chat template and tokenizer, each turn sent after the previous answer plus think time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,13 +24,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::hash::{BlockHash, BlockHasher, ExtraKeys};
 use crate::tokenize::{self, Endpoint, ModelTokenizer, TokenizeError};
+use crate::trace::{TraceRecord, MOONCAKE_BLOCK_TOKENS};
 
 /// Token ids drawn for synthetic prompts: ordinary vocabulary entries of Qwen-sized
 /// tokenizers, below every special token, so pods and tokenizers accept them.
 const SYNTHETIC_TOKENS: std::ops::Range<u32> = 1_000..150_000;
-
-/// Tokens one Mooncake `hash_id` stands for.
-pub const MOONCAKE_BLOCK_TOKENS: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -47,6 +45,16 @@ pub enum WorkloadError {
     },
     #[error("{path} holds no usable request")]
     EmptyTrace { path: PathBuf },
+    #[error("{trace} was recorded with {recorded}-token blocks but the model's blockSize is {model}: replay it with a config of the recording fleet's model")]
+    TraceBlocks {
+        trace: String,
+        recorded: u32,
+        model: usize,
+    },
+    #[error(
+        "{trace} holds block hashes, not tokens: a recorded trace replays in virtual time only"
+    )]
+    NoTokens { trace: String },
     #[error("workload parameter {name} must be {rule} (got {value})")]
     Param {
         name: &'static str,
@@ -464,15 +472,6 @@ fn ladder_text(ladder: &Ladder) -> String {
     }
 }
 
-/// One line of a Mooncake FAST'25 trace.
-#[derive(Debug, Deserialize)]
-struct MooncakeLine {
-    timestamp: f64,
-    input_length: u32,
-    output_length: u32,
-    hash_ids: Vec<u64>,
-}
-
 /// Which Mooncake trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MooncakeTrace {
@@ -499,11 +498,12 @@ impl MooncakeTrace {
 /// Expands Mooncake hash ids into token ids: the same id always gives the same 512 tokens.
 fn expand_hash_ids(hash_ids: &[u64], input_length: usize, out: &mut Vec<u32>) {
     out.clear();
+    let block = MOONCAKE_BLOCK_TOKENS as usize;
     for &id in hash_ids {
         if out.len() >= input_length {
             break;
         }
-        let take = MOONCAKE_BLOCK_TOKENS.min(input_length - out.len());
+        let take = block.min(input_length - out.len());
         let mut rng = StdRng::seed_from_u64(sub_seed(0, "mooncake-block", id));
         out.extend((0..take).map(|_| rng.random_range(SYNTHETIC_TOKENS)));
     }
@@ -518,6 +518,230 @@ fn expand_hash_ids(hash_ids: &[u64], input_length: usize, out: &mut Vec<u32>) {
     }
 }
 
+/// Reads a trace file: Mooncake FAST'25 lines or kvgate's recorded ones ([`TraceRecord`]).
+pub fn read_trace(path: &Path) -> Result<Vec<TraceRecord>, WorkloadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut records = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(line).map_err(|e| WorkloadError::TraceLine {
+            path: path.to_path_buf(),
+            line: number + 1,
+            message: e.to_string(),
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// How a trace is replayed.
+#[derive(Clone, Debug)]
+pub struct TraceReplay {
+    /// Speed-ups, one segment each: timestamps are divided by the speed-up.
+    pub speedups: Vec<f64>,
+    /// Longest request (prompt + output) the pods accept; longer ones are left out.
+    pub max_tokens: u32,
+    /// Use only the first N requests.
+    pub limit: Option<usize>,
+    /// Keep only the lines of this model (lines that name none are kept).
+    pub model: Option<String>,
+    /// Seconds at the start of the trace (at 1×) replayed but not measured.
+    pub warmup_s: f64,
+}
+
+/// Lines of a trace a replay left out, and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceSkips {
+    /// Prompt and output beyond what the pods accept.
+    pub too_long: usize,
+    /// Lines of another model.
+    pub other_model: usize,
+    /// No prompt tokens.
+    pub empty: usize,
+}
+
+impl TraceSkips {
+    pub fn total(&self) -> usize {
+        self.too_long + self.other_model + self.empty
+    }
+}
+
+/// Builds the replay of trace lines (in any order): one segment per speed-up, requests at
+/// their timestamps. Mooncake's 512-token ids are expanded into tokens and hashed with the
+/// model's hasher; a recorded trace's ids are the block keys themselves, already in the
+/// model's blocks.
+pub fn trace_workload(
+    name: &str,
+    source: &str,
+    mut records: Vec<TraceRecord>,
+    replay: &TraceReplay,
+    hasher: &BlockHasher,
+    live: bool,
+) -> Result<(Workload, TraceSkips), WorkloadError> {
+    let speedups = &replay.speedups;
+    if speedups.is_empty() || speedups.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(WorkloadError::Param {
+            name: "speed-ups",
+            rule: "one or more positive numbers",
+            value: format!("{speedups:?}"),
+        });
+    }
+    if !(replay.warmup_s.is_finite() && replay.warmup_s >= 0.0) {
+        return Err(WorkloadError::Param {
+            name: "trace warm-up",
+            rule: "a number of seconds ≥ 0",
+            value: replay.warmup_s.to_string(),
+        });
+    }
+    records.sort_by_key(|r| r.timestamp);
+    let block_size = hasher.settings().block_size;
+    let mut skips = TraceSkips::default();
+    let mut kept = Vec::with_capacity(records.len());
+    for record in records {
+        if replay.limit.is_some_and(|limit| kept.len() >= limit) {
+            break;
+        }
+        if let (Some(model), Some(wanted)) = (&record.model, &replay.model) {
+            if model != wanted {
+                skips.other_model += 1;
+                continue;
+            }
+        }
+        let output = record.output_length.max(1);
+        if record.input_length == 0 {
+            skips.empty += 1;
+            continue;
+        }
+        if u64::from(record.input_length) + u64::from(output) > u64::from(replay.max_tokens) {
+            skips.too_long += 1;
+            continue;
+        }
+        if let Some(recorded) = record.block_size {
+            if recorded as usize != block_size {
+                return Err(WorkloadError::TraceBlocks {
+                    trace: source.to_string(),
+                    recorded,
+                    model: block_size,
+                });
+            }
+            if live {
+                return Err(WorkloadError::NoTokens {
+                    trace: source.to_string(),
+                });
+            }
+        }
+        kept.push(record);
+    }
+    let Some(first) = kept.first().map(|r| r.timestamp) else {
+        return Err(WorkloadError::EmptyTrace {
+            path: PathBuf::from(source),
+        });
+    };
+    let mut prompt_hasher = PromptHasher::new(hasher);
+    let mut tokens = Vec::new();
+    let mut base = Vec::with_capacity(kept.len());
+    for record in &kept {
+        let (block_keys, live_prompt) = match record.block_size {
+            Some(_) => {
+                let full = (record.input_length as usize / block_size).min(record.hash_ids.len());
+                (Arc::from(&record.hash_ids[..full]), None)
+            }
+            None => {
+                expand_hash_ids(&record.hash_ids, record.input_length as usize, &mut tokens);
+                let keys = prompt_hasher.block_keys(&tokens);
+                (
+                    keys,
+                    live.then(|| Arc::new(LivePrompt::Tokens(tokens.clone()))),
+                )
+            }
+        };
+        base.push((record, block_keys, live_prompt));
+    }
+    let last = kept.last().map_or(first, |r| r.timestamp);
+    let span_ms = ((last - first) as f64).max(1.0);
+    let mut segments = Vec::new();
+    for &speedup in speedups {
+        let end_ms = span_ms / speedup + 1.0;
+        let warmup_ms = (replay.warmup_s * 1e3 / speedup).min(end_ms);
+        let arrivals = |r: &TraceRecord| (r.timestamp - first) as f64 / speedup;
+        let measured_requests = kept.iter().filter(|r| arrivals(r) >= warmup_ms).count();
+        let offered_qps = measured_requests as f64 / ((end_ms - warmup_ms).max(1.0) / 1e3);
+        let label = format!("{speedup}× ({offered_qps:.1} QPS)");
+        let mut stages = Vec::new();
+        if warmup_ms > 0.0 {
+            stages.push(Stage {
+                label: format!("warm-up {}", replay.warmup_s / speedup),
+                offered_qps,
+                start_ms: 0.0,
+                end_ms: warmup_ms,
+                measured: false,
+            });
+        }
+        stages.push(Stage {
+            label,
+            offered_qps,
+            start_ms: warmup_ms,
+            end_ms,
+            measured: true,
+        });
+        let requests: Vec<BenchRequest> = base
+            .iter()
+            .map(|(record, keys, live_prompt)| {
+                let arrival_ms = arrivals(record);
+                BenchRequest {
+                    arrival_ms,
+                    stage: u32::from(stages.len() > 1 && arrival_ms >= warmup_ms),
+                    block_keys: Arc::clone(keys),
+                    prompt_tokens: record.input_length,
+                    output_tokens: record.output_length.max(1),
+                    follows: None,
+                    live: live_prompt.clone(),
+                }
+            })
+            .collect();
+        let pooled_hit_ceiling = pooled_hit_ceiling(&requests, &stages, block_size);
+        segments.push(Segment {
+            label: format!("{speedup}×"),
+            stages,
+            requests,
+            pooled_hit_ceiling,
+        });
+    }
+    let skipped = if skips.total() > 0 {
+        format!(
+            " ({} left out: {} too long for the pods, {} of another model, {} without a prompt)",
+            skips.total(),
+            skips.too_long,
+            skips.other_model,
+            skips.empty
+        )
+    } else {
+        String::new()
+    };
+    let description = format!(
+        "{source}: {} requests over {:.0} s{skipped}, {}, timestamps ÷ speed-up",
+        kept.len(),
+        span_ms / 1e3,
+        match kept[0].block_size {
+            Some(size) => format!("recorded {size}-token block hashes"),
+            None => "512-token hash ids expanded to fixed tokens".into(),
+        },
+    );
+    Ok((
+        Workload {
+            name: name.to_string(),
+            description,
+            segments,
+        },
+        skips,
+    ))
+}
+
 /// Replays a Mooncake trace at each speed-up (timestamps divided by it), one segment each.
 /// Requests longer than `max_tokens` (prompt + output) are left out and counted.
 pub fn mooncake(
@@ -529,114 +753,61 @@ pub fn mooncake(
     hasher: &BlockHasher,
     live: bool,
 ) -> Result<(Workload, usize), WorkloadError> {
-    if speedups.is_empty() || speedups.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(WorkloadError::Param {
-            name: "speed-ups",
-            rule: "one or more positive numbers",
-            value: format!("{speedups:?}"),
-        });
-    }
     let path = traces_dir.join(trace.file_name());
-    let text = std::fs::read_to_string(&path).map_err(|source| WorkloadError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let mut lines = Vec::new();
-    let mut skipped = 0;
-    for (number, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if limit.is_some_and(|limit| lines.len() >= limit) {
-            break;
-        }
-        let parsed: MooncakeLine =
-            serde_json::from_str(line).map_err(|e| WorkloadError::TraceLine {
-                path: path.clone(),
-                line: number + 1,
-                message: e.to_string(),
-            })?;
-        let output = parsed.output_length.max(1);
-        if parsed.input_length == 0
-            || u64::from(parsed.input_length) + u64::from(output) > u64::from(max_tokens)
-        {
-            skipped += 1;
-            continue;
-        }
-        lines.push(parsed);
-    }
-    if lines.is_empty() {
-        return Err(WorkloadError::EmptyTrace { path });
-    }
-    let mut prompt_hasher = PromptHasher::new(hasher);
-    let mut tokens = Vec::new();
-    let mut base = Vec::with_capacity(lines.len());
-    for line in &lines {
-        expand_hash_ids(&line.hash_ids, line.input_length as usize, &mut tokens);
-        let block_keys = prompt_hasher.block_keys(&tokens);
-        let live_prompt = live.then(|| Arc::new(LivePrompt::Tokens(tokens.clone())));
-        base.push((line, block_keys, live_prompt));
-    }
-    let block_size = hasher.settings().block_size;
-    let first = lines
-        .iter()
-        .map(|l| l.timestamp)
-        .fold(f64::INFINITY, f64::min);
-    let last = lines.iter().map(|l| l.timestamp).fold(0.0, f64::max);
-    let span_ms = (last - first).max(1.0);
-    let mut segments = Vec::new();
-    for &speedup in speedups {
-        let mut requests: Vec<BenchRequest> = base
-            .iter()
-            .map(|(line, keys, live_prompt)| BenchRequest {
-                arrival_ms: (line.timestamp - first) / speedup,
-                stage: 0,
-                block_keys: Arc::clone(keys),
-                prompt_tokens: line.input_length,
-                output_tokens: line.output_length.max(1),
-                follows: None,
-                live: live_prompt.clone(),
-            })
-            .collect();
-        requests.sort_by(|a, b| a.arrival_ms.total_cmp(&b.arrival_ms));
-        let end_ms = span_ms / speedup + 1.0;
-        let offered_qps = requests.len() as f64 / (end_ms / 1e3);
-        let stages = vec![Stage {
-            label: format!("{speedup}× ({offered_qps:.1} QPS)"),
-            offered_qps,
-            start_ms: 0.0,
-            end_ms,
-            measured: true,
-        }];
-        let pooled_hit_ceiling = pooled_hit_ceiling(&requests, &stages, block_size);
-        segments.push(Segment {
-            label: format!("{speedup}×"),
-            stages,
-            requests,
-            pooled_hit_ceiling,
-        });
-    }
-    let description = format!(
-        "Mooncake FAST'25 {} trace, {} requests{}, 512-token hash ids expanded to fixed tokens, timestamps ÷ speed-up",
+    let records = read_trace(&path)?;
+    let replay = TraceReplay {
+        speedups: speedups.to_vec(),
+        max_tokens,
+        limit,
+        model: None,
+        warmup_s: 0.0,
+    };
+    let source = format!(
+        "Mooncake FAST'25 {} trace",
         match trace {
             MooncakeTrace::Conversation => "conversation",
             MooncakeTrace::Synthetic => "synthetic",
-        },
-        lines.len(),
-        if skipped > 0 {
-            format!(" ({skipped} longer than {max_tokens} tokens left out)")
-        } else {
-            String::new()
-        },
+        }
     );
-    Ok((
-        Workload {
-            name: trace.name().to_string(),
-            description,
-            segments,
-        },
-        skipped,
-    ))
+    let (workload, skips) = trace_workload(trace.name(), &source, records, &replay, hasher, live)?;
+    Ok((workload, skips.total()))
+}
+
+/// How many pods and gateway replicas a recorded trace saw at once: the most distinct
+/// `pod` (`replica`) values whose first-to-last spans overlap, so a pod replaced in a
+/// rollout is not counted twice. `None` when the lines do not say (Mooncake traces).
+pub fn trace_fleet(records: &[TraceRecord]) -> (Option<usize>, Option<usize>) {
+    fn most_at_once<'a>(spans: impl Iterator<Item = (&'a str, u64)>) -> Option<usize> {
+        let mut by_id: HashMap<&str, (u64, u64)> = HashMap::new();
+        for (id, at) in spans {
+            let span = by_id.entry(id).or_insert((at, at));
+            span.0 = span.0.min(at);
+            span.1 = span.1.max(at);
+        }
+        // Starts before ends at the same instant: touching spans overlap.
+        let mut edges: Vec<(u64, i32)> = by_id
+            .values()
+            .flat_map(|&(start, end)| [(start, -1), (end, 1)])
+            .collect();
+        edges.sort_unstable();
+        let (mut open, mut most) = (0i32, 0i32);
+        for (_, edge) in edges {
+            open -= edge;
+            most = most.max(open);
+        }
+        usize::try_from(most).ok().filter(|&n| n > 0)
+    }
+    let pods = most_at_once(
+        records
+            .iter()
+            .filter_map(|r| Some((r.pod.as_deref()?, r.timestamp))),
+    );
+    let replicas = most_at_once(
+        records
+            .iter()
+            .filter_map(|r| Some((r.replica.as_deref()?, r.timestamp))),
+    );
+    (pods, replicas)
 }
 
 /// Shape of the W3 multi-turn LooGLE sessions.

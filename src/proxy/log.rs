@@ -1,13 +1,14 @@
 //! Per-request context and the one structured `Request handled` line it becomes.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pingora::http::RequestHeader;
 
 use super::gateway::ActiveRequest;
 use super::REQUEST_ID_HEADER;
 use crate::metrics::{Metrics, RequestRecord, UNKNOWN};
+use crate::trace::TraceEntry;
 
 /// Longest client-supplied request id that is kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
@@ -27,6 +28,10 @@ pub struct RequestCtx {
     pub endpoint: Option<SocketAddr>,
     pub policy: Option<String>,
     pub prompt_tokens: Option<usize>,
+    /// The prompt's block keys and the model's block size, kept for the traffic trace.
+    pub prompt_blocks: Vec<u64>,
+    pub block_size: usize,
+    pub output_tokens: Option<u64>,
     pub predicted_cached_tokens: Option<usize>,
     pub actual_cached_tokens: Option<u64>,
     pub scores: Option<String>,
@@ -81,6 +86,29 @@ impl RequestCtx {
             error = error.as_deref(),
             "Request handled"
         );
+    }
+
+    /// The request as the traffic trace records it, when a pod answered a prompt kvgate
+    /// read; moves the context's buffers out (the context is done once logged).
+    pub fn take_trace_entry(&mut self) -> Option<TraceEntry> {
+        let prompt_tokens = self.prompt_tokens.filter(|&n| n > 0)?;
+        self.endpoint?;
+        let arrived = SystemTime::now() - self.started.map_or(Duration::ZERO, |s| s.elapsed());
+        Some(TraceEntry {
+            arrived_unix_ms: arrived
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            model: self.target_model.take(),
+            block_keys: std::mem::take(&mut self.prompt_blocks),
+            block_size: self.block_size,
+            prompt_tokens,
+            output_tokens: self.output_tokens,
+            pod: self.endpoint,
+            policy: self.policy.take(),
+            predicted_cached_tokens: self.predicted_cached_tokens,
+            actual_cached_tokens: self.actual_cached_tokens,
+            status: self.upstream_status,
+        })
     }
 
     /// Records the request in the Prometheus metrics. `status` is what the client got

@@ -26,6 +26,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
+use body::BodyBudget;
 pub use discovery::DiscoveryFeed;
 pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
@@ -36,6 +37,7 @@ pub use log::RequestCtx;
 pub use usage::{Usage, UsageTap};
 
 use crate::tokenize::Endpoint;
+use crate::trace::TraceRecorder;
 
 /// Carries the request id from the client (when it sent one) to the pod and back.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -46,13 +48,18 @@ pub const SESSION_HEADER: &str = "x-session-id";
 pub struct KvGateProxy {
     gateway: Arc<Gateway>,
     forwarder: Forwarder,
+    /// Request bodies held across all connections (`server.maxBufferedBodyBytes`).
+    bodies: Arc<BodyBudget>,
+    trace: TraceRecorder,
 }
 
 impl KvGateProxy {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
+    pub fn new(gateway: Arc<Gateway>, trace: TraceRecorder) -> Self {
         Self {
             gateway,
             forwarder: Forwarder::new(),
+            bodies: Arc::default(),
+            trace,
         }
     }
 
@@ -172,6 +179,11 @@ impl ProxyHttp for KvGateProxy {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         ctx.log_handled(status, error);
         ctx.record_metrics(crate::metrics::global(), status, streamed);
+        if self.gateway.state().config.trace.is_some() {
+            if let Some(entry) = ctx.take_trace_entry() {
+                self.trace.record(entry);
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use serde::Deserialize;
 
-use super::body::{self, BodyError};
+use super::body::{self, BodyError, BodyHold};
 use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::gateway::{GatewayState, Route};
@@ -105,7 +105,7 @@ impl KvGateProxy {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let body = read_body(session, &state).await?;
+        let (body, _buffered) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
@@ -141,8 +141,11 @@ impl KvGateProxy {
                 Prompt::unknown(routing_since)
             }
         };
-        self.dispatch(session, ctx, &state, route, &prompt, &body)
-            .await
+        let outcome = self
+            .dispatch(session, ctx, &state, route, &prompt, &body)
+            .await;
+        ctx.prompt_blocks = prompt.block_keys;
+        outcome
     }
 
     /// Any other `/v1/*` path: sent to a pod of the model the body names (or the only
@@ -153,7 +156,7 @@ impl KvGateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let body = read_body(session, &state).await?;
+        let (body, _buffered) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let named = is_json(session.req_header())
             .then(|| model_field(&body))
@@ -207,6 +210,7 @@ impl KvGateProxy {
         let runtime = &route.model;
         ctx.target_model = Some(runtime.name.clone());
         ctx.prompt_tokens = Some(prompt.tokens);
+        ctx.block_size = runtime.block_size;
         let server = &state.config.server;
         let requested_profile = header_str(session.req_header(), &server.profile_header);
         let profile: &Pipeline = runtime
@@ -278,6 +282,7 @@ impl KvGateProxy {
         ctx.upstream_status = report.status;
         ctx.time_to_first_byte = report.time_to_first_byte;
         ctx.actual_cached_tokens = report.usage.and_then(|u| u.cached_tokens);
+        ctx.output_tokens = report.usage.and_then(|u| u.completion_tokens);
         if let Some(i) = report.target {
             let (Some(candidate), Some(target)) = (decision.ranked.get(i), targets.get(i)) else {
                 return Ok(());
@@ -317,17 +322,31 @@ impl KvGateProxy {
     }
 }
 
-async fn read_body(session: &mut Session, state: &GatewayState) -> Result<bytes::Bytes, ApiError> {
-    let server = &state.config.server;
-    let timeout = Duration::from_millis(server.body_timeout_ms);
-    body::read_body(session, server.max_body_bytes, timeout)
-        .await
-        .map_err(|e: BodyError| {
-            if let BodyError::TimedOut { .. } = e {
-                crate::metrics::global().connection_timed_out(ClientWait::Body);
-            }
-            ApiError::from(&e)
-        })
+impl KvGateProxy {
+    /// The request body, and its charge to the body budget, which the caller holds for
+    /// as long as the body lives (until the request ends).
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        state: &GatewayState,
+    ) -> Result<(bytes::Bytes, BodyHold), ApiError> {
+        let server = &state.config.server;
+        let timeout = Duration::from_millis(server.body_timeout_ms);
+        let mut hold = self.bodies.hold(server.max_buffered_body_bytes);
+        let body = body::read_body(session, server.max_body_bytes, timeout, &mut hold)
+            .await
+            .map_err(|e: BodyError| {
+                match &e {
+                    BodyError::TimedOut { .. } => {
+                        crate::metrics::global().connection_timed_out(ClientWait::Body)
+                    }
+                    BodyError::BufferFull { .. } => crate::metrics::global().body_buffer_full(),
+                    BodyError::TooLarge { .. } | BodyError::Read(_) => {}
+                }
+                ApiError::from(&e)
+            })?;
+        Ok((body, hold))
+    }
 }
 
 fn header_str<'a>(header: &'a RequestHeader, name: &str) -> Option<&'a str> {

@@ -16,11 +16,13 @@ const SSE_MAX_LINE: usize = 64 << 10;
 pub struct Usage {
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct UsageJson {
     prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
     prompt_tokens_details: Option<PromptDetails>,
 }
 
@@ -39,6 +41,7 @@ impl From<UsageJson> for Usage {
         Self {
             prompt_tokens: u.prompt_tokens,
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            completion_tokens: u.completion_tokens,
         }
     }
 }
@@ -184,7 +187,8 @@ mod tests {
                 tap.finish(),
                 Some(Usage {
                     prompt_tokens: Some(120),
-                    cached_tokens: Some(96)
+                    cached_tokens: Some(96),
+                    completion_tokens: Some(10),
                 })
             );
         }
@@ -198,7 +202,8 @@ mod tests {
             tap.finish(),
             Some(Usage {
                 prompt_tokens: Some(5),
-                cached_tokens: None
+                cached_tokens: None,
+                completion_tokens: None,
             })
         );
         let mut tap = UsageTap::for_content_type(b"application/json");
@@ -220,7 +225,8 @@ mod tests {
                 tap.finish(),
                 Some(Usage {
                     prompt_tokens: Some(40),
-                    cached_tokens: Some(16)
+                    cached_tokens: Some(16),
+                    completion_tokens: None,
                 })
             );
         }
