@@ -347,6 +347,16 @@ pub struct ModelConfig {
     /// A chat template file that overrides the one in `tokenizerConfig` (vLLM's `--chat-template`).
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
+    /// Template variables every request gets under its own `chat_template_kwargs`
+    /// (vLLM's `--default-chat-template-kwargs`).
+    #[serde(default)]
+    pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// How the template expects message `content` (vLLM's `--chat-template-content-format`).
+    #[serde(default)]
+    pub chat_template_content_format: ChatTemplateContentFormat,
+    /// Bytes the model's token cache (text seen before → its token ids) may hold.
+    #[serde(default = "default_token_cache_bytes")]
+    pub token_cache_bytes: usize,
     /// vLLM's `--block-size`.
     pub block_size: usize,
     /// vLLM's `--prefix-caching-hash-algo`.
@@ -365,6 +375,23 @@ pub struct ModelConfig {
     #[serde(default = "default_profile_name")]
     pub profile: String,
     pub discovery: DiscoveryConfig,
+}
+
+/// vLLM's `--chat-template-content-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatTemplateContentFormat {
+    /// Detected from the template, as vLLM does by default.
+    #[default]
+    Auto,
+    /// `content` is one string.
+    String,
+    /// `content` is a list of `{"type": "text", "text": ...}` parts.
+    Openai,
+}
+
+fn default_token_cache_bytes() -> usize {
+    crate::tokenize::DEFAULT_PIECE_CACHE_BYTES
 }
 
 fn default_pod_kv_blocks() -> usize {
@@ -505,6 +532,9 @@ impl Config {
             }
             if model.pod_kv_blocks == 0 {
                 return Err(err("podKvBlocks must be > 0".into()));
+            }
+            if let Some(kwargs) = &model.default_chat_template_kwargs {
+                crate::tokenize::default_template_kwargs(kwargs).map_err(|e| err(e.to_string()))?;
             }
             crate::hash::BlockHasher::new(&model.hash_settings())
                 .map_err(|e| err(e.to_string()))?;
