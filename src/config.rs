@@ -606,6 +606,46 @@ mod tests {
     }
 
     #[test]
+    fn template_flags_are_validated_at_load() {
+        let hash = "    hashAlgo: sha256_cbor\n    vllmRelease: \"0.11.0\"\n";
+        let flags = "    defaultChatTemplateKwargs: {enable_thinking: false, style: {n: 3}}\n    chatTemplateContentFormat: openai\n    tokenCacheBytes: 1048576\n";
+        let config = Config::parse(&with_model(&format!("{hash}{flags}"))).unwrap();
+        config.validate().unwrap();
+        let model = &config.models[0];
+        assert_eq!(
+            model.chat_template_content_format,
+            ChatTemplateContentFormat::Openai
+        );
+        assert_eq!(model.token_cache_bytes, 1 << 20);
+        assert_eq!(
+            model.default_chat_template_kwargs.as_ref().unwrap()["style"]["n"],
+            3
+        );
+        let defaults = Config::parse(&with_model(hash)).unwrap();
+        assert_eq!(
+            defaults.models[0].chat_template_content_format,
+            ChatTemplateContentFormat::Auto
+        );
+        // vLLM refuses `tokenize` in a request's kwargs; kvgate refuses it as a default.
+        let refused = Config::parse(&with_model(&format!(
+            "{hash}    defaultChatTemplateKwargs: {{tokenize: true}}\n"
+        )))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("model \"m\"") && refused.contains("tokenize"),
+            "{refused}"
+        );
+        let unknown_format = Config::parse(&with_model(&format!(
+            "{hash}    chatTemplateContentFormat: markdown\n"
+        )))
+        .unwrap_err();
+        assert!(unknown_format.contains("markdown"), "{unknown_format}");
+    }
+
+    #[test]
     fn removed_algorithm_is_rejected_with_the_replacement() {
         let text = with_model(
             "    hashAlgo: sha256_cbor_64bit\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n",
