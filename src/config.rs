@@ -350,7 +350,7 @@ pub struct ModelConfig {
     /// Template variables every request gets under its own `chat_template_kwargs`
     /// (vLLM's `--default-chat-template-kwargs`).
     #[serde(default)]
-    pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub default_chat_template_kwargs: Option<crate::tokenize::JsonObject>,
     /// How the template expects message `content` (vLLM's `--chat-template-content-format`).
     #[serde(default)]
     pub chat_template_content_format: ChatTemplateContentFormat,
@@ -576,6 +576,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::JsonValue;
 
     fn shipped(path: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -607,7 +608,7 @@ mod tests {
 
     #[test]
     fn template_flags_are_validated_at_load() {
-        let hash = "    hashAlgo: sha256_cbor\n    vllmRelease: \"0.11.0\"\n";
+        let hash = "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n";
         let flags = "    defaultChatTemplateKwargs: {enable_thinking: false, style: {n: 3}}\n    chatTemplateContentFormat: openai\n    tokenCacheBytes: 1048576\n";
         let config = Config::parse(&with_model(&format!("{hash}{flags}"))).unwrap();
         config.validate().unwrap();
@@ -617,9 +618,15 @@ mod tests {
             ChatTemplateContentFormat::Openai
         );
         assert_eq!(model.token_cache_bytes, 1 << 20);
+        // Key order as written, as Python's `json.loads` keeps it for vLLM's flag.
+        let kwargs = model.default_chat_template_kwargs.as_ref().unwrap();
+        let keys: Vec<&str> = kwargs.iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, ["enable_thinking", "style"]);
         assert_eq!(
-            model.default_chat_template_kwargs.as_ref().unwrap()["style"]["n"],
-            3
+            kwargs.get("style"),
+            Some(&JsonValue::Object(
+                [("n".to_owned(), JsonValue::Int(3))].into_iter().collect()
+            ))
         );
         let defaults = Config::parse(&with_model(hash)).unwrap();
         assert_eq!(

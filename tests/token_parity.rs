@@ -27,8 +27,10 @@ struct CorpusEntry<'a> {
     #[serde(borrow)]
     body: &'a RawValue,
     /// The pod's template flags as `models[]` fields; `chatTemplate` names a file in
-    /// tests/parity/templates.
-    options: Option<serde_json::Map<String, serde_json::Value>>,
+    /// tests/parity/templates. Kept as text: `defaultChatTemplateKwargs` keeps its key
+    /// order, which a template's `tojson` prints.
+    #[serde(borrow)]
+    options: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -116,29 +118,41 @@ fn token_parity_with_transformers() {
     assert_eq!(corpus.len(), references.len());
     assert!(corpus.len() >= 200, "corpus too small: {}", corpus.len());
 
-    let load = |options: &serde_json::Map<String, serde_json::Value>| {
-        let mut model = serde_json::json!({
+    let load = |options: &str| {
+        let fixed = serde_json::json!({
             "name": "Qwen/Qwen3-8B",
             "tokenizer": tokenizer_dir.join("tokenizer.json"),
             "tokenizerConfig": tokenizer_dir.join("tokenizer_config.json"),
             "blockSize": 16,
             "hashAlgo": "sha256_cbor",
+            "hashSeed": "42",
             "vllmRelease": "0.11.0",
             "discovery": {"static": {"pods": []}},
-        });
+        })
+        .to_string();
+        // The fields as text, so that the config reads them in their written order.
+        let mut model = fixed.strip_suffix('}').unwrap().to_owned();
+        let options: HashMap<String, &RawValue> =
+            serde_json::from_str(options).expect("options are a JSON object");
         for (key, value) in options {
-            let value = match (key.as_str(), value) {
-                ("chatTemplate", serde_json::Value::String(name)) => {
-                    serde_json::json!(manifest_dir().join("tests/parity/templates").join(name))
+            let value = match key.as_str() {
+                "chatTemplate" => {
+                    let name: String = serde_json::from_str(value.get()).unwrap();
+                    let path = manifest_dir().join("tests/parity/templates").join(name);
+                    serde_json::to_string(&path).unwrap()
                 }
-                _ => value.clone(),
+                _ => value.get().to_owned(),
             };
-            model[key] = value;
+            model.push_str(&format!(
+                ",{}:{value}",
+                serde_json::to_string(&key).unwrap()
+            ));
         }
-        let model: ModelConfig = serde_json::from_value(model).expect("a valid models[] entry");
+        model.push('}');
+        let model: ModelConfig = serde_json::from_str(&model).expect("a valid models[] entry");
         ModelTokenizer::for_model(&model).unwrap()
     };
-    let model = load(&serde_json::Map::new());
+    let model = load("{}");
     let mut with_options: HashMap<String, ModelTokenizer> = HashMap::new();
 
     let mut identical = 0;
@@ -152,8 +166,8 @@ fn token_parity_with_transformers() {
         let model = match &entry.options {
             None => &model,
             Some(options) => with_options
-                .entry(serde_json::Value::Object(options.clone()).to_string())
-                .or_insert_with(|| load(options)),
+                .entry(options.get().to_owned())
+                .or_insert_with(|| load(options.get())),
         };
         let outcome = parse_request(endpoint, entry.body.get().as_bytes())
             .map_err(|e| e.to_string())

@@ -275,21 +275,10 @@ impl ModelTokenizer {
 
 /// `defaultChatTemplateKwargs` from the config, as the template sees them; refused
 /// where vLLM refuses them in a request's `chat_template_kwargs`.
-pub fn default_template_kwargs(
-    kwargs: &serde_json::Map<String, serde_json::Value>,
-) -> Result<JsonObject, TokenizerLoadError> {
-    let text =
-        serde_json::to_vec(kwargs).map_err(|e| TokenizerLoadError::DefaultKwargs(e.to_string()))?;
-    let JsonValue::Object(object) =
-        json::parse(&text).map_err(|e| TokenizerLoadError::DefaultKwargs(e.to_string()))?
-    else {
-        return Err(TokenizerLoadError::DefaultKwargs(
-            "expected a mapping".into(),
-        ));
-    };
-    request::validate_template_kwargs(&object, "defaultChatTemplateKwargs")
+pub fn default_template_kwargs(kwargs: &JsonObject) -> Result<JsonObject, TokenizerLoadError> {
+    request::validate_template_kwargs(kwargs, "defaultChatTemplateKwargs")
         .map_err(|e| TokenizerLoadError::DefaultKwargs(e.to_string()))?;
-    Ok(object)
+    Ok(kwargs.clone())
 }
 
 fn read_json_object(path: &Path) -> Result<JsonObject, TokenizerLoadError> {
