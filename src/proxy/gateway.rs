@@ -219,12 +219,7 @@ fn build_model(
     index: &Arc<BlockIndex>,
     targets: &Arc<IndexTargets>,
 ) -> Result<ModelRuntime, GatewayError> {
-    let tokenizer = ModelTokenizer::load(
-        &model.tokenizer,
-        model.tokenizer_config.as_deref(),
-        model.chat_template.as_deref(),
-    )
-    .map_err(|source| GatewayError::Tokenizer {
+    let tokenizer = ModelTokenizer::for_model(model).map_err(|source| GatewayError::Tokenizer {
         model: model.name.clone(),
         source,
     })?;
