@@ -1,0 +1,5 @@
+//! The KV-event wire codec (see `decode`).
+
+mod decode;
+
+pub use decode::*;
