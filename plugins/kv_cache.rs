@@ -45,8 +45,7 @@ use serde::Deserialize;
 use super::{
     parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
 };
-use crate::events::IndexTargets;
-use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
+use crate::index::{BlockIndex, IndexTargets, PodPrefix, PrefixMatch, ScopeId};
 use crate::pods::{EventTrust, Pod, PodId};
 
 pub const NAME: &str = "kv-cache";
