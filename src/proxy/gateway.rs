@@ -13,9 +13,8 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::{Config, ModelConfig};
-use crate::events::IndexTargets;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
-use crate::index::{BlockIndex, IndexConfig, ScopeId};
+use crate::index::{BlockIndex, IndexConfig, IndexTargets, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
 use crate::pods::{PodChanges, PodRegistry};
 use crate::scheduler::ModelScheduler;
