@@ -21,11 +21,11 @@ use bytes::Bytes;
 use kvgate::config::{Config, EventsConfig, EventsMode};
 use kvgate::discovery::PodEndpoint;
 use kvgate::events::{
-    decode_batch_into, EventBatch, EventEncoder, EventStats, ExtraKeys, IndexTargets, IngestConfig,
-    Ingestor, KvEvent, ModelEvents, Origin, OutEvent, WireHash,
+    decode_batch_into, EventBatch, EventEncoder, EventStats, ExtraKeys, IngestConfig, Ingestor,
+    KvEvent, ModelEvents, Origin, OutEvent, WireHash,
 };
 use kvgate::hash::{BlockHash, BlockHasher, ExtraKeys as HashExtraKeys};
-use kvgate::index::{BlockIndex, IndexConfig, PrefixMatch, Tier};
+use kvgate::index::{BlockIndex, IndexConfig, IndexTargets, PrefixMatch, Tier};
 use kvgate::pods::PodRegistry;
 use kvgate::scope::scope_id;
 use kvgate::vllm::VllmRelease;

@@ -1,6 +1,8 @@
 //! The gateway's speed: latency kvgate adds over calling the pod directly (4k- and 100k-token chat
 //! requests), tiny-request throughput through kvgate vs through nginx proxying the same pod, and
 //! kvgate's CPU-seconds per request. One simulated pod (`kvgate sim`, sped up) is the upstream.
+//! The long prompts go to a second kvgate pinned to one core (`taskset -c 0`) as well, so a cold
+//! 100k-token chat is reported on one core and on every core.
 //!
 //! Needs a release build of the binary: `cargo build --release && cargo bench --bench proxy`.
 
@@ -221,20 +223,22 @@ async fn added_latency(
     let mut directs = Vec::with_capacity(LATENCY_ROUNDS);
     let mut gateway_cpu = 0.0;
     for round in 0..LATENCY_ROUNDS {
-        // A distinct prefix per round keeps the pod's prefix cache from favouring either path;
-        // alternating the order cancels any remaining warm-up effect.
-        let body = chat_body(&format!("Round {round}. {text}"));
+        // A distinct prompt per round and per path: the pod tokenizes (and caches) what it is
+        // sent, so a prompt it saw on the other path would make the second request of a round
+        // cheaper at the pod. Alternating the order cancels any remaining warm-up effect.
+        let direct_body = chat_body(&format!("Round {round} direct. {text}"));
+        let gateway_body = chat_body(&format!("Round {round} kvgate. {text}"));
         let (d, g) = if round % 2 == 0 {
-            let d = timed_post(client, direct, body.clone()).await;
+            let d = timed_post(client, direct, direct_body).await;
             let before = cpu_seconds(gateway_pid);
-            let g = timed_post(client, gateway, body).await;
+            let g = timed_post(client, gateway, gateway_body).await;
             gateway_cpu += cpu_seconds(gateway_pid) - before;
             (d, g)
         } else {
             let before = cpu_seconds(gateway_pid);
-            let g = timed_post(client, gateway, body.clone()).await;
+            let g = timed_post(client, gateway, gateway_body).await;
             gateway_cpu += cpu_seconds(gateway_pid) - before;
-            (timed_post(client, direct, body).await, g)
+            (timed_post(client, direct, direct_body).await, g)
         };
         added.push((g.as_secs_f64() - d.as_secs_f64()) * 1e3);
         directs.push(d.as_secs_f64() * 1e3);
@@ -286,8 +290,15 @@ fn main() {
 async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (pod, listen, admin, nginx_port) = (free_port(), free_port(), free_port(), free_port());
+    let (pinned_listen, pinned_admin) = (free_port(), free_port());
     let config = dir.path().join("kvgate.yaml");
     std::fs::write(&config, gateway_config(listen, admin, pod)).expect("write kvgate config");
+    let pinned_config = dir.path().join("kvgate-pinned.yaml");
+    std::fs::write(
+        &pinned_config,
+        gateway_config(pinned_listen, pinned_admin, pod),
+    )
+    .expect("write kvgate config");
     // The 100k-token request needs a longer context than the simulated pod's default.
     let pod_params = dir.path().join("pod.yaml");
     std::fs::write(&pod_params, "maxModelLen: 131072\nkvBlocks: 8192\n").expect("write pod params");
@@ -317,19 +328,29 @@ async fn run() {
             .spawn()
             .expect("start kvgate sim"),
     );
-    let gateway = Command::new(&bin)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--upgrade-sock"])
-        .arg(dir.path().join("upgrade.sock"))
-        .args(["--pid-file"])
-        .arg(dir.path().join("kvgate.pid"))
-        .stdout(log("kvgate.log"))
-        .stderr(log("kvgate.err"))
-        .spawn()
-        .expect("start kvgate serve");
+    // `kvgate serve` named `name`, started by `launcher` (the binary itself, or taskset).
+    let serve = |name: &str, config: &Path, mut launcher: Command| {
+        launcher
+            .arg(&bin)
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--upgrade-sock")
+            .arg(dir.path().join(format!("{name}.sock")))
+            .arg("--pid-file")
+            .arg(dir.path().join(format!("{name}.pid")))
+            .stdout(log(&format!("{name}.log")))
+            .stderr(log(&format!("{name}.err")))
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"))
+    };
+    let gateway = serve("kvgate", &config, Command::new("env"));
     let gateway_pid = gateway.id();
     children.0.push(gateway);
+    let mut one_core = Command::new("taskset");
+    one_core.args(["-c", "0"]);
+    let pinned = serve("kvgate-pinned", &pinned_config, one_core);
+    let pinned_pid = pinned.id();
+    children.0.push(pinned);
     children.0.push(
         Command::new("/usr/sbin/nginx")
             .arg("-c")
@@ -362,6 +383,12 @@ async fn run() {
     .await;
     wait_ok(
         &client,
+        &format!("http://127.0.0.1:{pinned_admin}/readyz"),
+        &mut children,
+    )
+    .await;
+    wait_ok(
+        &client,
         &format!("http://127.0.0.1:{nginx_port}/health"),
         &mut children,
     )
@@ -369,17 +396,24 @@ async fn run() {
 
     let direct_chat = format!("http://127.0.0.1:{pod}/v1/chat/completions");
     let gateway_chat = format!("http://127.0.0.1:{listen}/v1/chat/completions");
+    let pinned_chat = format!("http://127.0.0.1:{pinned_listen}/v1/chat/completions");
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!("kvgate proxy bench: 1 sim pod (time-scale 0.001), kvgate threads=1, nginx worker_processes=1");
     for (label, chars) in [("4k-token", 16_000), ("100k-token", 400_000)] {
         let text = loogle_text(chars);
-        let r = added_latency(&client, &direct_chat, &gateway_chat, &text, gateway_pid).await;
-        println!(
-            "{label:>10} chat ({LATENCY_ROUNDS} seq): added latency p50 {:.2} ms, p99 {:.2} ms (direct p50 {:.2} ms); kvgate CPU {:.2} ms/request",
-            r.added_p50_ms,
-            r.added_p99_ms,
-            r.direct_p50_ms,
-            r.cpu_per_request * 1e3
-        );
+        for (gateway, pid, cpus) in [
+            (&pinned_chat, pinned_pid, 1),
+            (&gateway_chat, gateway_pid, cores),
+        ] {
+            let r = added_latency(&client, &direct_chat, gateway, &text, pid).await;
+            println!(
+                "{label:>10} chat ({LATENCY_ROUNDS} seq, kvgate on {cpus} core(s)): added latency p50 {:.2} ms, p99 {:.2} ms (direct p50 {:.2} ms); kvgate CPU {:.2} ms/request",
+                r.added_p50_ms,
+                r.added_p99_ms,
+                r.direct_p50_ms,
+                r.cpu_per_request * 1e3
+            );
+        }
     }
 
     let completions = |port: u16| format!("http://127.0.0.1:{port}/v1/completions");

@@ -10,6 +10,11 @@
 //! encode) runs in the same process tree for the ratio. Python keeps no cache,
 //! so its warm and cold times are the same work.
 //!
+//! Then the routing work (parse + render + tokenize + vLLM block hashes) for a 100k-token
+//! user message whose first 99 % was seen before (a document followed by new text and a
+//! question), against the same messages with an empty piece cache (cold) and a message
+//! seen whole, in the same run.
+//!
 //! Run: `cargo bench --bench tokenize [-- --shared PATH --tokenizer-dir PATH]`.
 
 use std::io::Write;
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kvgate::hash::{BlockHasher, ExtraKeys, HashAlgo, HashSettings};
 use kvgate::tokenize::{parse_request, Endpoint, ModelTokenizer};
 
 /// Characters of LooGLE text per token with the Qwen3 tokenizer, to size conversations.
@@ -186,6 +192,7 @@ fn load(tokenizer_dir: &Path) -> ModelTokenizer {
         None,
     )
     .expect("Qwen3 tokenizer loads (run .ci/setup)")
+    .with_threads(1)
 }
 
 fn measure(tokenizer_dir: &Path, scenario: &Scenario, first_samples: usize) -> Measured {
@@ -207,12 +214,12 @@ fn measure(tokenizer_dir: &Path, scenario: &Scenario, first_samples: usize) -> M
     // Steady state: word-level caches have seen this kind of text before.
     tokens(&model, &scenario.finals[0]);
     let (cold, count) = timed_loop(scenario.finals.iter(), |body| {
-        model.clear_segment_cache();
+        model.clear_piece_cache();
         tokens(&model, body)
     });
 
     // Each final request extends the previous one with a new question.
-    model.clear_segment_cache();
+    model.clear_piece_cache();
     tokens(&model, &scenario.previous);
     let (warm, warm_count) = timed_loop(scenario.finals.iter(), |body| tokens(&model, body));
     assert_eq!(warm_count, count);
@@ -361,6 +368,92 @@ fn ms(time: Duration) -> f64 {
     time.as_secs_f64() * 1e3
 }
 
+/// Characters of the document a prefix-reuse message starts with (~100k tokens).
+const DOCUMENT_CHARS: usize = 100_000 * CHARS_PER_TOKEN;
+const PREFIX_ROUNDS: usize = 21;
+
+fn user_message(text: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "Qwen/Qwen3-8B",
+        "messages": [{"role": "user", "content": text}],
+    }))
+    .expect("request serializes")
+}
+
+/// Parse, render, tokenize and block-hash one request, as the gateway routes it.
+fn route(model: &ModelTokenizer, hasher: &BlockHasher, body: &[u8]) -> usize {
+    let request = parse_request(Endpoint::ChatCompletions, body).expect("bench request parses");
+    let tokens = model.tokens(&request).expect("bench request tokenizes");
+    let mut hashes = Vec::with_capacity(tokens.len() / 64 + 1);
+    hasher.hash_prompt(&tokens, &ExtraKeys::default(), &mut hashes);
+    tokens.len()
+}
+
+fn prefix_reuse(tokenizer_dir: &Path, source: &str) {
+    let hasher = BlockHasher::new(&HashSettings {
+        algo: HashAlgo::Sha256Cbor,
+        block_size: 64,
+        seed: Some("42".into()),
+        release: "0.11.0".parse().expect("a release"),
+    })
+    .expect("hash settings");
+    let document = char_prefix(source, DOCUMENT_CHARS);
+    let seen = char_prefix(document, DOCUMENT_CHARS * 99 / 100);
+    let later = &source[document.len()..];
+    // Each message: the seen 99 %, then 1 % of text never seen, then a question.
+    let messages: Vec<Vec<u8>> = (0..PREFIX_ROUNDS)
+        .map(|i| {
+            let skip = char_prefix(later, i * 5_000).len();
+            let fresh = char_prefix(&later[skip..], DOCUMENT_CHARS / 100);
+            user_message(&format!(
+                "{seen}{fresh}\n\nQuestion {i}: what does this add?"
+            ))
+        })
+        .collect();
+    let seen_message = user_message(&format!("{document}\n\nQuestion: what is this about?"));
+    let mut threads = vec![1];
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores > 1 {
+        threads.push(cores.min(8));
+    }
+    println!("\n[routing a 100k-token user message: parse + render + tokenize + block hashes, {PREFIX_ROUNDS} messages]");
+    println!("(CPU: this thread's time, mean; with 2+ threads the other threads' time is not in it. wall: median)");
+    println!(
+        "{:>7} | {:>7} | {:>15} | {:>21} | {:>15} | {:>17}",
+        "threads", "tokens", "cold CPU/wall", "first 99 % seen", "seen whole", "cold / 99 % seen"
+    );
+    for threads in threads {
+        let model = load(tokenizer_dir).with_threads(threads);
+        route(&model, &hasher, &messages[0]);
+        let (cold, count) = timed_loop(messages.iter(), |body| {
+            model.clear_piece_cache();
+            route(&model, &hasher, body)
+        });
+        model.clear_piece_cache();
+        route(&model, &hasher, &seen_message);
+        let before = model.cache_stats().prefix_hits;
+        let (prefix, prefix_count) =
+            timed_loop(messages.iter(), |body| route(&model, &hasher, body));
+        assert_eq!(prefix_count, count);
+        assert_eq!(
+            model.cache_stats().prefix_hits - before,
+            PREFIX_ROUNDS as u64,
+            "every message reuses the seen prefix"
+        );
+        let (whole, _) = timed_loop(std::iter::repeat_n(&messages[0], PREFIX_ROUNDS), |body| {
+            route(&model, &hasher, body)
+        });
+        let cell = |sample: &Sample| format!("{:.2} / {:.2}", ms(sample.cpu), ms(sample.wall));
+        println!(
+            "{threads:>7} | {count:>7} | {:>15} | {:>21} | {:>15} | {:>16.1}x",
+            cell(&cold),
+            cell(&prefix),
+            cell(&whole),
+            cold.wall.as_secs_f64() / prefix.wall.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let shared = arg("--shared")
@@ -438,4 +531,5 @@ fn main() {
     println!("\nfirst: fresh tokenizer, every cache empty; cold: segment cache emptied, word caches warm;");
     println!("warm: the conversation's previous request was seen; HF enc: Tokenizer::encode of the rendered prompt;");
     println!("speedup: python first / kvgate first, python median / kvgate cold, python median / kvgate warm");
+    prefix_reuse(&tokenizer_dir, &source);
 }

@@ -47,8 +47,7 @@ use serde::Deserialize;
 use super::{
     parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
-use crate::events::IndexTargets;
-use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
+use crate::index::{BlockIndex, IndexTargets, PodPrefix, PrefixMatch, ScopeId};
 use crate::pods::{CacheEpoch, EventTrust, Pod, PodId};
 
 pub const NAME: &str = "kv-cache";

@@ -33,8 +33,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::events::IndexTargets;
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, IndexTargets};
 use crate::pods::Pod;
 
 mod healthy;

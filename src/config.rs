@@ -437,6 +437,16 @@ pub struct ModelConfig {
     /// A chat template file that overrides the one in `tokenizerConfig` (vLLM's `--chat-template`).
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
+    /// Template variables every request gets under its own `chat_template_kwargs`
+    /// (vLLM's `--default-chat-template-kwargs`).
+    #[serde(default)]
+    pub default_chat_template_kwargs: Option<crate::tokenize::JsonObject>,
+    /// How the template expects message `content` (vLLM's `--chat-template-content-format`).
+    #[serde(default)]
+    pub chat_template_content_format: ChatTemplateContentFormat,
+    /// Bytes the model's token cache (text seen before → its token ids) may hold.
+    #[serde(default = "default_token_cache_bytes")]
+    pub token_cache_bytes: usize,
     /// vLLM's `--block-size`.
     pub block_size: usize,
     /// vLLM's `--prefix-caching-hash-algo`.
@@ -455,6 +465,23 @@ pub struct ModelConfig {
     #[serde(default = "default_profile_name")]
     pub profile: String,
     pub discovery: DiscoveryConfig,
+}
+
+/// vLLM's `--chat-template-content-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatTemplateContentFormat {
+    /// Detected from the template, as vLLM does by default.
+    #[default]
+    Auto,
+    /// `content` is one string.
+    String,
+    /// `content` is a list of `{"type": "text", "text": ...}` parts.
+    Openai,
+}
+
+fn default_token_cache_bytes() -> usize {
+    crate::tokenize::DEFAULT_PIECE_CACHE_BYTES
 }
 
 pub(crate) fn default_pod_kv_blocks() -> usize {
@@ -631,6 +658,9 @@ impl Config {
             if model.pod_kv_blocks == 0 {
                 return Err(err("podKvBlocks must be > 0".into()));
             }
+            if let Some(kwargs) = &model.default_chat_template_kwargs {
+                crate::tokenize::default_template_kwargs(kwargs).map_err(|e| err(e.to_string()))?;
+            }
             crate::hash::BlockHasher::new(&model.hash_settings())
                 .map_err(|e| err(e.to_string()))?;
         }
@@ -671,6 +701,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::JsonValue;
 
     fn shipped(path: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -698,6 +729,52 @@ mod tests {
         let config = Config::parse(&text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.models[0].hash_algo, HashAlgo::Sha256Cbor64bit);
+    }
+
+    #[test]
+    fn template_flags_are_validated_at_load() {
+        let hash = "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n";
+        let flags = "    defaultChatTemplateKwargs: {enable_thinking: false, style: {n: 3}}\n    chatTemplateContentFormat: openai\n    tokenCacheBytes: 1048576\n";
+        let config = Config::parse(&with_model(&format!("{hash}{flags}"))).unwrap();
+        config.validate().unwrap();
+        let model = &config.models[0];
+        assert_eq!(
+            model.chat_template_content_format,
+            ChatTemplateContentFormat::Openai
+        );
+        assert_eq!(model.token_cache_bytes, 1 << 20);
+        // Key order as written, as Python's `json.loads` keeps it for vLLM's flag.
+        let kwargs = model.default_chat_template_kwargs.as_ref().unwrap();
+        let keys: Vec<&str> = kwargs.iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, ["enable_thinking", "style"]);
+        assert_eq!(
+            kwargs.get("style"),
+            Some(&JsonValue::Object(
+                [("n".to_owned(), JsonValue::Int(3))].into_iter().collect()
+            ))
+        );
+        let defaults = Config::parse(&with_model(hash)).unwrap();
+        assert_eq!(
+            defaults.models[0].chat_template_content_format,
+            ChatTemplateContentFormat::Auto
+        );
+        // vLLM refuses `tokenize` in a request's kwargs; kvgate refuses it as a default.
+        let refused = Config::parse(&with_model(&format!(
+            "{hash}    defaultChatTemplateKwargs: {{tokenize: true}}\n"
+        )))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("model \"m\"") && refused.contains("tokenize"),
+            "{refused}"
+        );
+        let unknown_format = Config::parse(&with_model(&format!(
+            "{hash}    chatTemplateContentFormat: markdown\n"
+        )))
+        .unwrap_err();
+        assert!(unknown_format.contains("markdown"), "{unknown_format}");
     }
 
     #[test]

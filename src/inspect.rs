@@ -122,12 +122,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Value, InspectError> {
     let (model, adapter) = config
         .served_model(&request.model)
         .ok_or_else(|| InspectError::UnknownModel(request.model.clone()))?;
-    let tokenizer = ModelTokenizer::load(
-        &model.tokenizer,
-        model.tokenizer_config.as_deref(),
-        model.chat_template.as_deref(),
-    )
-    .map_err(|source| InspectError::Tokenizer {
+    let tokenizer = ModelTokenizer::for_model(model).map_err(|source| InspectError::Tokenizer {
         model: model.name.clone(),
         source,
     })?;

@@ -183,7 +183,8 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     events_handle.add_dependency(&discovery_handle);
     let reload_handle = server.add_service(background_service("config reload", reloader));
     if let Some(link) = cluster {
-                "InferenceTrafficPolicy watch",
+        server.add_service(background_service(
+            "InferenceTrafficPolicy watch",
             PolicyWatcher::new(link),
         ));
     }

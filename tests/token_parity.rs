@@ -2,6 +2,12 @@
 //! tokenize to exactly the ids Python `transformers` computes the way vLLM
 //! calls it (tests/parity/reference.py), and be rejected where vLLM rejects it.
 //!
+//! Requests carry the template flags their pod runs with (`chatTemplate`,
+//! `defaultChatTemplateKwargs`, `chatTemplateContentFormat`), set on kvgate's side as
+//! the same `models[]` fields, and long messages that agree with an earlier one up to
+//! every character around a chunk end of the piece cache, so prefix reuse is checked
+//! against transformers tokenizing from scratch.
+//!
 //! Needs `python3` with `transformers` (tests/requirements.txt) and the Qwen3
 //! tokenizer in `.tokenizers/qwen3` (`.ci/setup`).
 
@@ -9,6 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
+use kvgate::config::ModelConfig;
 use kvgate::tokenize::{parse_request, Endpoint, ModelTokenizer, PromptInput};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -19,8 +26,11 @@ struct CorpusEntry<'a> {
     endpoint: String,
     #[serde(borrow)]
     body: &'a RawValue,
-    /// A test template from tests/parity/templates instead of the model's own.
-    template: Option<String>,
+    /// The pod's template flags as `models[]` fields; `chatTemplate` names a file in
+    /// tests/parity/templates. Kept as text: `defaultChatTemplateKwargs` keeps its key
+    /// order, which a template's `tojson` prints.
+    #[serde(borrow)]
+    options: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -108,18 +118,42 @@ fn token_parity_with_transformers() {
     assert_eq!(corpus.len(), references.len());
     assert!(corpus.len() >= 200, "corpus too small: {}", corpus.len());
 
-    let load = |template: Option<&str>| {
-        let template =
-            template.map(|name| manifest_dir().join("tests/parity/templates").join(name));
-        ModelTokenizer::load(
-            &tokenizer_dir.join("tokenizer.json"),
-            Some(&tokenizer_dir.join("tokenizer_config.json")),
-            template.as_deref(),
-        )
-        .unwrap()
+    let load = |options: &str| {
+        let fixed = serde_json::json!({
+            "name": "Qwen/Qwen3-8B",
+            "tokenizer": tokenizer_dir.join("tokenizer.json"),
+            "tokenizerConfig": tokenizer_dir.join("tokenizer_config.json"),
+            "blockSize": 16,
+            "hashAlgo": "sha256_cbor",
+            "hashSeed": "42",
+            "vllmRelease": "0.11.0",
+            "discovery": {"static": {"pods": []}},
+        })
+        .to_string();
+        // The fields as text, so that the config reads them in their written order.
+        let mut model = fixed.strip_suffix('}').unwrap().to_owned();
+        let options: HashMap<String, &RawValue> =
+            serde_json::from_str(options).expect("options are a JSON object");
+        for (key, value) in options {
+            let value = match key.as_str() {
+                "chatTemplate" => {
+                    let name: String = serde_json::from_str(value.get()).unwrap();
+                    let path = manifest_dir().join("tests/parity/templates").join(name);
+                    serde_json::to_string(&path).unwrap()
+                }
+                _ => value.get().to_owned(),
+            };
+            model.push_str(&format!(
+                ",{}:{value}",
+                serde_json::to_string(&key).unwrap()
+            ));
+        }
+        model.push('}');
+        let model: ModelConfig = serde_json::from_str(&model).expect("a valid models[] entry");
+        ModelTokenizer::for_model(&model).unwrap()
     };
-    let model = load(None);
-    let mut with_test_templates: HashMap<String, ModelTokenizer> = HashMap::new();
+    let model = load("{}");
+    let mut with_options: HashMap<String, ModelTokenizer> = HashMap::new();
 
     let mut identical = 0;
     let mut failures = Vec::new();
@@ -129,11 +163,11 @@ fn token_parity_with_transformers() {
             "chat" => Endpoint::ChatCompletions,
             _ => Endpoint::Completions,
         };
-        let model = match &entry.template {
+        let model = match &entry.options {
             None => &model,
-            Some(name) => with_test_templates
-                .entry(name.clone())
-                .or_insert_with(|| load(Some(name))),
+            Some(options) => with_options
+                .entry(options.get().to_owned())
+                .or_insert_with(|| load(options.get())),
         };
         let outcome = parse_request(endpoint, entry.body.get().as_bytes())
             .map_err(|e| e.to_string())
@@ -183,15 +217,30 @@ fn token_parity_with_transformers() {
             _ => failures.push(format!("request {}: malformed reference", entry.id)),
         }
     }
-    let (hits, misses) = model.cache_stats();
+    let stats = model.cache_stats();
     println!(
         "token parity: {identical}/{} requests identical",
         corpus.len()
     );
-    println!("segment cache: {hits} hits, {misses} misses");
+    println!(
+        "piece cache: {} hits, {} prefix hits, {} misses",
+        stats.hits, stats.prefix_hits, stats.misses
+    );
     for failure in &failures {
         println!("{failure}");
     }
     assert!(failures.is_empty(), "{} requests differ", failures.len());
-    assert!(hits > 0, "multi-turn requests should reuse cached segments");
+    assert!(
+        stats.hits > 0,
+        "multi-turn requests should reuse cached pieces"
+    );
+    assert!(
+        stats.prefix_hits >= 100,
+        "messages that start with a seen message should reuse its prefix: {stats:?}"
+    );
+    assert!(
+        with_options.len() >= 10,
+        "template flag cases: {}",
+        with_options.len()
+    );
 }

@@ -385,12 +385,8 @@ fn build_workload(args: &BenchArgs, ctx: &Context, live: bool) -> Result<Workloa
             workload
         }
         WorkloadKind::LoogleChat => {
-            let tokenizer = crate::tokenize::ModelTokenizer::load(
-                &ctx.model.tokenizer,
-                ctx.model.tokenizer_config.as_deref(),
-                ctx.model.chat_template.as_deref(),
-            )
-            .map_err(WorkloadError::from)?;
+            let tokenizer = crate::tokenize::ModelTokenizer::for_model(&ctx.model)
+                .map_err(WorkloadError::from)?;
             let chat = ChatShape {
                 sessions_per_s: args.sessions_per_s,
                 duration_s: args.sessions_for,

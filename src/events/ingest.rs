@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use zeromq::ZmqMessage;
 
@@ -36,7 +35,7 @@ use crate::events::tracker::{
     TrackerConfig, Verdict,
 };
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
-use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId, Tier};
+use crate::index::{BlockIndex, IndexTargets, ScopeId, Tier};
 use crate::pods::{CacheEpoch, EventTrust, Pod, PodId, PodRegistry};
 use crate::relay::{PodSnapshot, PublisherSnapshot};
 use crate::scope::scope_id;
@@ -135,49 +134,6 @@ impl ModelEvents {
             (None, None) => return Adapter::Base,
         };
         found.map_or(Adapter::Unknown, Adapter::Known)
-    }
-}
-
-/// Which block-index ids hold a pod's blocks when that is not simply its own
-/// id: one per data-parallel rank above 0 (each rank has its own cache and
-/// sequence), and the ids of publishers tracked before discovery listed the pod.
-/// Read on the request path without locks.
-#[derive(Debug, Default)]
-pub struct IndexTargets {
-    map: ArcSwap<HashMap<PodId, Box<[PodId]>>>,
-}
-
-impl IndexTargets {
-    /// The index ids of `pod`'s blocks; `None` when it is just `pod`.
-    pub fn of(&self, pod: PodId) -> Option<Box<[PodId]>> {
-        self.map.load().get(&pod).cloned()
-    }
-
-    /// The pod's best prefix over its targets (the longest any-tier run, GPU
-    /// run as tie-break). Equals `found.get(pod)` for a pod without extra targets.
-    pub fn best_prefix(&self, found: &PrefixMatch, pod: PodId) -> PodPrefix {
-        match self.map.load().get(&pod) {
-            None => found.get(pod),
-            Some(targets) => targets
-                .iter()
-                .map(|&target| found.get(target))
-                .max_by_key(|p| (p.any_blocks, p.gpu_blocks))
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Records the index ids holding `pod`'s blocks (its own id alone: no entry).
-    pub fn set(&self, pod: PodId, targets: &[PodId]) {
-        let identity = targets.is_empty() || targets == [pod];
-        self.map.rcu(|current| {
-            let mut next = HashMap::clone(current);
-            if identity {
-                next.remove(&pod);
-            } else {
-                next.insert(pod, targets.into());
-            }
-            next
-        });
     }
 }
 
@@ -1208,7 +1164,7 @@ mod tests {
     use crate::config::Config;
     use crate::discovery::PodEndpoint;
     use crate::events::codec::{EventEncoder, ExtraKeys, OutEvent, WireHash};
-    use crate::index::IndexConfig;
+    use crate::index::{IndexConfig, PrefixMatch};
     use crate::vllm::VllmRelease;
 
     const MODEL: &str = "m";

@@ -24,8 +24,7 @@ pub use codec::{
     OutEvent, ReplayFrame, WireError, WireHash, REPLAY_END_SEQ, TOPIC_PREFIX,
 };
 pub use ingest::{
-    IndexTargets, IngestConfig, Ingestor, ModelEvents, PodHandover, PublisherHandover, ReplayDone,
-    ReplayRequest,
+    IngestConfig, Ingestor, ModelEvents, PodHandover, PublisherHandover, ReplayDone, ReplayRequest,
 };
 pub use parity::{ParityChecker, ParityMismatch, ParityOutcome};
 pub use replay::{ReplayClient, ReplayError, ReplayReply};

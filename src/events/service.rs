@@ -17,16 +17,14 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, EventsMode};
-use crate::events::ingest::{
-    IndexTargets, IngestConfig, Ingestor, ModelEvents, PodHandover, ReplayDone,
-};
+use crate::events::ingest::{IngestConfig, Ingestor, ModelEvents, PodHandover, ReplayDone};
 use crate::events::replay::ReplayClient;
 use crate::events::stats::EventStats;
 use crate::events::subscriber::{
     BindSource, ConnectSource, EventSource, Inbound, Origin, SubscriberError,
 };
 use crate::hash::HashConfigError;
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, IndexTargets};
 use crate::pods::PodRegistry;
 use crate::relay::{self, RelayConfig, RelayError, RelayHub, Relayed};
 

@@ -34,6 +34,9 @@
 //! walking its per-shard lists: O(blocks the pod held). `retire_pod` does the same and marks
 //! the pod id retired first, so a late event for it can no longer store anything: ids are
 //! never reused, so the mark is permanent.
+//!
+//! `IndexTargets` (`targets`) says which index ids hold a pod's blocks when that is not just
+//! its own id (one per data-parallel rank, publishers adopted after discovery listed them).
 
 mod arena;
 mod prefix;
@@ -41,11 +44,13 @@ mod registry;
 mod shard;
 mod snapshot;
 mod table;
+mod targets;
 #[cfg(test)]
 mod tests;
 
 pub use prefix::{PodPrefix, PrefixMatch};
 pub use snapshot::{SnapshotError, SnapshotStats};
+pub use targets::IndexTargets;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use registry::Registry;

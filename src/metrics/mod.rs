@@ -481,6 +481,7 @@ impl Metrics {
             "1 when the InferenceTrafficPolicy's current version is applied, 0 when it was refused \
              (the previous configuration keeps serving).",
             &["policy"],
+        )?;
         let trace = counter_vec(
             &r,
             "kvgate_trace_records_total",

@@ -13,9 +13,8 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::{Config, ModelConfig};
-use crate::events::IndexTargets;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
-use crate::index::{BlockIndex, IndexConfig, ScopeId};
+use crate::index::{BlockIndex, IndexConfig, IndexTargets, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
 use crate::pods::{PodChanges, PodRegistry};
 use crate::scheduler::ModelScheduler;
@@ -219,12 +218,7 @@ fn build_model(
     index: &Arc<BlockIndex>,
     targets: &Arc<IndexTargets>,
 ) -> Result<ModelRuntime, GatewayError> {
-    let tokenizer = ModelTokenizer::load(
-        &model.tokenizer,
-        model.tokenizer_config.as_deref(),
-        model.chat_template.as_deref(),
-    )
-    .map_err(|source| GatewayError::Tokenizer {
+    let tokenizer = ModelTokenizer::for_model(model).map_err(|source| GatewayError::Tokenizer {
         model: model.name.clone(),
         source,
     })?;

@@ -194,12 +194,7 @@ fn sim_model(
     config: &ModelConfig,
     params: &PodParams,
 ) -> Result<SimModel, SimError> {
-    let tokenizer = ModelTokenizer::load(
-        &config.tokenizer,
-        config.tokenizer_config.as_deref(),
-        config.chat_template.as_deref(),
-    )
-    .map_err(|source| SimError::Tokenizer {
+    let tokenizer = ModelTokenizer::for_model(config).map_err(|source| SimError::Tokenizer {
         model: config.name.clone(),
         source,
     })?;

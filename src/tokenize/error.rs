@@ -190,6 +190,9 @@ pub enum TokenizerLoadError {
 
     #[error("the tokenizer's post-processor is not supported: {message}")]
     PostProcessor { message: String },
+
+    #[error("defaultChatTemplateKwargs: {0}")]
+    DefaultKwargs(String),
 }
 
 #[cfg(test)]

@@ -147,6 +147,90 @@ impl JsonObject {
     }
 }
 
+/// Config values (`defaultChatTemplateKwargs`) keep the key order they were written in,
+/// as vLLM's flag, parsed by Python's `json.loads`, does.
+impl<'de> serde::Deserialize<'de> for JsonValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JsonObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_map(ValueVisitor)
+            .and_then(|value| match value {
+                JsonValue::Object(object) => Ok(object),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a mapping, found {}",
+                    other.type_name()
+                ))),
+            })
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+    type Value = JsonValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<JsonValue, E> {
+        Ok(JsonValue::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<JsonValue, E> {
+        Ok(JsonValue::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<JsonValue, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<JsonValue, E> {
+        Ok(JsonValue::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<JsonValue, E> {
+        Ok(JsonValue::Int(i))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<JsonValue, E> {
+        Ok(i64::try_from(u).map_or(JsonValue::UInt(u), JsonValue::Int))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<JsonValue, E> {
+        Ok(JsonValue::Float(f))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<JsonValue, E> {
+        Ok(JsonValue::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<JsonValue, E> {
+        Ok(JsonValue::String(s))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonValue, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(JsonValue::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonValue, A::Error> {
+        let mut object = JsonObject::new();
+        while let Some((key, value)) = map.next_entry::<String, JsonValue>()? {
+            object.insert(key, value);
+        }
+        Ok(JsonValue::Object(object))
+    }
+}
+
 /// Objects with more keys than this deduplicate through a hash index instead of a scan.
 const LINEAR_DEDUP_LIMIT: usize = 16;
 

@@ -9,9 +9,12 @@
 //!
 //! Encoding splits the prompt at added tokens first, as the tokenizer itself
 //! does, and caches each piece's ids: a conversation whose earlier turns were
-//! seen before only tokenizes its new text.
+//! seen before only tokenizes its new text, and a message that starts with a
+//! text seen before (a document followed by a new question) only tokenizes
+//! what follows the seen text.
 
 mod cache;
+mod cuts;
 mod error;
 pub mod json;
 mod pyfmt;
@@ -24,6 +27,7 @@ mod words;
 
 use std::path::Path;
 
+pub use cache::CacheStats;
 pub use error::{ApiError, RequestError, TokenizeError, TokenizerLoadError};
 pub use json::{JsonObject, JsonValue};
 pub use request::{
@@ -31,7 +35,9 @@ pub use request::{
     PromptInput,
 };
 pub use template::{ChatTemplate, ContentFormat};
-pub use tokenizer::DEFAULT_SEGMENT_CACHE_TOKENS;
+pub use tokenizer::DEFAULT_PIECE_CACHE_BYTES;
+
+use crate::config::{ChatTemplateContentFormat, ModelConfig};
 
 use tokenizer::TextTokenizer;
 
@@ -46,7 +52,7 @@ const SPECIAL_TOKEN_NAMES: [&str; 7] = [
     "mask_token",
 ];
 
-/// One model's tokenizer, chat template and segment cache. Shared by all requests for the model.
+/// One model's tokenizer, chat template and piece cache. Shared by all requests for the model.
 pub struct ModelTokenizer {
     tokenizer: TextTokenizer,
     template: Option<ChatTemplate>,
@@ -137,28 +143,44 @@ impl ModelTokenizer {
         })
     }
 
-    /// Bounds the segment cache to about this many token ids (default [`DEFAULT_SEGMENT_CACHE_TOKENS`]).
-    pub fn with_segment_cache_capacity(mut self, tokens: usize) -> Self {
-        self.tokenizer.set_segment_cache_capacity(tokens);
+    /// A configured model's tokenizer, with vLLM's template flags its pods run with:
+    /// `--chat-template` (`chatTemplate`), `--default-chat-template-kwargs`
+    /// (`defaultChatTemplateKwargs`) and `--chat-template-content-format`
+    /// (`chatTemplateContentFormat`).
+    pub fn for_model(model: &ModelConfig) -> Result<Self, TokenizerLoadError> {
+        let mut loaded = Self::load(
+            &model.tokenizer,
+            model.tokenizer_config.as_deref(),
+            model.chat_template.as_deref(),
+        )?
+        .with_piece_cache_bytes(model.token_cache_bytes);
+        if let Some(template) = &mut loaded.template {
+            if let Some(kwargs) = &model.default_chat_template_kwargs {
+                template.set_default_kwargs(default_template_kwargs(kwargs)?);
+            }
+            match model.chat_template_content_format {
+                ChatTemplateContentFormat::Auto => {}
+                ChatTemplateContentFormat::String => {
+                    template.set_content_format(ContentFormat::String)
+                }
+                ChatTemplateContentFormat::Openai => {
+                    template.set_content_format(ContentFormat::OpenAi)
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Bounds the piece cache to about this many bytes (default [`DEFAULT_PIECE_CACHE_BYTES`]).
+    pub fn with_piece_cache_bytes(mut self, bytes: usize) -> Self {
+        self.tokenizer.set_piece_cache_bytes(bytes);
         self
     }
 
-    /// The server's default chat template kwargs (vLLM `--default-chat-template-kwargs`).
-    pub fn with_default_chat_template_kwargs(
-        mut self,
-        kwargs: JsonObject,
-    ) -> Result<Self, RequestError> {
-        if let Some(template) = &mut self.template {
-            template.set_default_kwargs(kwargs)?;
-        }
-        Ok(self)
-    }
-
-    /// Overrides the detected template content format (vLLM `--chat-template-content-format`).
-    pub fn with_content_format(mut self, format: ContentFormat) -> Self {
-        if let Some(template) = &mut self.template {
-            template.set_content_format(format);
-        }
+    /// Tokenizes a long new piece on at most this many threads (default: the cores this
+    /// process may run on, at most 8).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.tokenizer.set_threads(threads);
         self
     }
 
@@ -212,7 +234,7 @@ impl ModelTokenizer {
         }
     }
 
-    /// Encodes text through the segment cache.
+    /// Encodes text through the piece cache.
     pub fn encode_text(
         &self,
         text: &str,
@@ -230,25 +252,33 @@ impl ModelTokenizer {
         self.tokenizer.encode_whole(text, add_special_tokens)
     }
 
-    /// Segment-cache `(hits, misses)` since load.
-    pub fn cache_stats(&self) -> (u64, u64) {
+    /// Piece-cache hits since load.
+    pub fn cache_stats(&self) -> CacheStats {
         self.tokenizer.cache_stats()
     }
 
-    /// Token ids the segment cache holds now.
-    pub fn cache_held_tokens(&self) -> usize {
-        self.tokenizer.cache_held_tokens()
+    /// Bytes the piece cache holds now.
+    pub fn cache_held_bytes(&self) -> usize {
+        self.tokenizer.cache_held_bytes()
     }
 
-    /// Empties the segment cache; words seen before stay cached.
-    pub fn clear_segment_cache(&self) {
-        self.tokenizer.clear_segment_cache();
+    /// Empties the piece cache; words seen before stay cached.
+    pub fn clear_piece_cache(&self) {
+        self.tokenizer.clear_piece_cache();
     }
 
-    /// Empties the segment and word caches.
+    /// Empties the piece and word caches.
     pub fn clear_caches(&self) {
         self.tokenizer.clear_caches();
     }
+}
+
+/// `defaultChatTemplateKwargs` from the config, as the template sees them; refused
+/// where vLLM refuses them in a request's `chat_template_kwargs`.
+pub fn default_template_kwargs(kwargs: &JsonObject) -> Result<JsonObject, TokenizerLoadError> {
+    request::validate_template_kwargs(kwargs, "defaultChatTemplateKwargs")
+        .map_err(|e| TokenizerLoadError::DefaultKwargs(e.to_string()))?;
+    Ok(kwargs.clone())
 }
 
 fn read_json_object(path: &Path) -> Result<JsonObject, TokenizerLoadError> {
@@ -422,9 +452,8 @@ mod tests {
                 });
             }
         });
-        let (hits, _) = model.cache_stats();
-        assert!(hits > 0);
-        assert!(model.cache_held_tokens() > 0);
+        assert!(model.cache_stats().hits > 0);
+        assert!(model.cache_held_bytes() > 0);
     }
 
     #[test]

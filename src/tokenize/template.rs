@@ -13,7 +13,7 @@ use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, Rest, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value};
 
-use super::error::{RequestError, TokenizeError, TokenizerLoadError};
+use super::error::{TokenizeError, TokenizerLoadError};
 use super::json::{JsonObject, JsonValue};
 use super::pyfmt::{self, JsonDumpOptions};
 use super::request::{self, ChatMessage, ChatPrompt, ContentPart, MessageContent};
@@ -133,15 +133,14 @@ impl ChatTemplate {
         })
     }
 
-    /// Sets the server's default template kwargs (vLLM `--default-chat-template-kwargs`).
-    pub fn set_default_kwargs(&mut self, kwargs: JsonObject) -> Result<(), RequestError> {
-        request::validate_template_kwargs(&kwargs, "default_chat_template_kwargs")?;
+    /// Sets the server's default template kwargs (vLLM `--default-chat-template-kwargs`),
+    /// as [`super::default_template_kwargs`] validated them.
+    pub(crate) fn set_default_kwargs(&mut self, kwargs: JsonObject) {
         self.default_kwargs = kwargs;
-        Ok(())
     }
 
     /// Overrides the detected content format of every template (vLLM `--chat-template-content-format`).
-    pub fn set_content_format(&mut self, format: ContentFormat) {
+    pub(crate) fn set_content_format(&mut self, format: ContentFormat) {
         for template in &mut self.templates {
             template.content_format = format;
         }
@@ -235,7 +234,8 @@ impl ChatTemplate {
         }
     }
 
-    /// Server defaults under the request's kwargs; unset request values (`None`, "auto") do not override.
+    /// vLLM's `default_chat_template_kwargs | request_chat_template_kwargs`: the
+    /// request's own kwargs (unset request-level values already left out) win.
     fn merged_kwargs(&self, chat: &ChatPrompt) -> JsonObject {
         if self.default_kwargs.is_empty() {
             return chat.template_kwargs.clone();
@@ -244,10 +244,7 @@ impl ChatTemplate {
         merged.remove("add_generation_prompt");
         merged.remove("continue_final_message");
         for (key, value) in chat.template_kwargs.iter() {
-            let unset = matches!(value, JsonValue::Null) || value.as_str() == Some("auto");
-            if !unset {
-                merged.insert(key.to_owned(), value.clone());
-            }
+            merged.insert(key.to_owned(), value.clone());
         }
         merged
     }

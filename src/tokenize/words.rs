@@ -21,6 +21,7 @@ use tokenizers::{
 };
 
 use super::cache::WordCache;
+use super::cuts;
 
 type TkResult<T> = tokenizers::Result<T>;
 
@@ -77,6 +78,8 @@ pub(crate) struct WordEncoder {
     splits: Vec<Split>,
     stage: WordStage,
     cache: WordCache,
+    /// Whether `cuts` applies: a Unicode form (or none) and one analysed split.
+    cuttable: bool,
 }
 
 /// Per-split pre-tokenizers that ignore a split's position, so running them
@@ -146,12 +149,22 @@ impl WordEncoder {
             }
             _ => WordStage::PreTokenizers(rest.to_vec()),
         };
+        let cuttable = matches!(
+            normalizer,
+            NormalizerUse::None | NormalizerUse::Nfc | NormalizerUse::UnicodeForm
+        ) && matches!(splits.as_slice(), [split] if cuts::split_is_analysed(split));
         Some(WordEncoder {
             normalizer,
             splits,
             stage,
             cache: WordCache::new(cache_words),
+            cuttable,
         })
+    }
+
+    /// Whether a piece may be cut where `cuts` says, and its parts encoded apart.
+    pub(crate) fn cuttable(&self) -> bool {
+        self.cuttable
     }
 
     pub(crate) fn clear_cache(&self) {

@@ -285,10 +285,10 @@ def random_fuzz(rng, out):
 
 
 def custom_templates(rng, out):
-    """Requests rendered with the test templates in templates/ instead of Qwen3's."""
+    """Requests rendered with the test templates in templates/ instead of Qwen3's (`chatTemplate`)."""
     def add(template, messages, **extra):
         endpoint, body = chat(messages, **extra)
-        out.append((endpoint, body, template))
+        out.append((endpoint, body, {"chatTemplate": template}))
 
     for i in range(24):
         messages = []
@@ -327,6 +327,67 @@ def custom_templates(rng, out):
         add_generation_prompt=False, continue_final_message=True)
 
 
+def template_options(out):
+    """Requests to pods started with vLLM's template flags, as kvgate's `models[]` names them:
+    `defaultChatTemplateKwargs` (--default-chat-template-kwargs), `chatTemplateContentFormat`
+    (--chat-template-content-format) and `chatTemplate` (--chat-template)."""
+    def add(options, messages, **extra):
+        endpoint, body = chat(messages, **extra)
+        out.append((endpoint, body, options))
+
+    user = [{"role": "user", "content": "What is a KV cache?"}]
+    parts = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]},
+             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+    no_thinking = {"defaultChatTemplateKwargs": {"enable_thinking": False}}
+    add(no_thinking, user)
+    add(no_thinking, user, chat_template_kwargs={"enable_thinking": True})
+    add(no_thinking, user, chat_template_kwargs={"enable_thinking": None})
+    add(no_thinking, user, reasoning_effort="high")
+    add(no_thinking, user, add_generation_prompt=False)
+    custom = {"chatTemplate": "kwargs.jinja",
+              "defaultChatTemplateKwargs": {"greeting": "Grüß Gott", "style": {"tone": "dry", "n": 3, "x": [1.5, None]},
+                                            "add_generation_prompt": False, "enable_thinking": True}}
+    add(custom, user)
+    add(custom, user, chat_template_kwargs={"greeting": "Hola", "style": None})
+    add(custom, user, add_generation_prompt=False)
+    add(custom, user, reasoning_effort="none")
+    add({"chatTemplate": "kwargs.jinja"}, user, chat_template_kwargs={"greeting": "only the request's"})
+    for content_format in ("openai", "string", "auto"):
+        add({"chatTemplateContentFormat": content_format}, parts)
+        add({"chatTemplateContentFormat": content_format}, user)
+        add({"chatTemplate": "parts.jinja", "chatTemplateContentFormat": content_format}, parts)
+        add({"chatTemplate": "features.jinja", "chatTemplateContentFormat": content_format,
+             "defaultChatTemplateKwargs": {"enable_thinking": False}}, parts, tools=[TOOLS[0]])
+
+
+# Around a chunk end of the piece cache: every kind of character a cut can land next to.
+ADVERSARIAL = ("The quick brown fox's   den, \t\t  12345 apples;\r\nnaïve café e\u0301 日本語の文章 😀👍🏽 "
+               "ﬁne ＡＢＣ it'll     be (ok)...\n\n\n  --> x=3.14159; Привет мир  مرحبا \u00a0\u2028end.  ")
+CONTINUATIONS = ["X", " ", "   \n", "\r\n", "7", "\u0301", "語", "😀", "'s", "ll", "!", "\u00a0y"]
+
+
+def prefix_reuse(shared, out):
+    """A long user message, then messages that agree with it up to every character around a
+    chunk end of kvgate's piece cache (4096 bytes of the piece "user\\n" + content) and go on
+    differently: kvgate reuses the seen prefix's ids, transformers tokenizes from scratch."""
+    with open(Path(shared) / "data" / "traces" / "loogle_longdep_qa.jsonl", encoding="utf-8") as f:
+        doc = json.loads(f.readline())["input"]
+    chunk_end = 3 * 4096 - len("user\n".encode())
+    head = doc.encode()[:chunk_end - 40].decode(errors="ignore")
+    base = head + ADVERSARIAL + doc[len(head):len(head) + 12000]
+    out.append(chat([{"role": "user", "content": base}]))
+    for i in range(len(head), len(head) + len(ADVERSARIAL)):
+        continuation = CONTINUATIONS[i % len(CONTINUATIONS)]
+        out.append(chat([{"role": "user", "content": base[:i] + continuation + base[i:i + 3000]}]))
+        if len(base[i].encode()) > 1:
+            # The same lead bytes, another character: the shared prefix ends inside it.
+            out.append(chat([{"role": "user", "content": base[:i] + chr(ord(base[i]) ^ 1) + base[i + 1:i + 3000]}]))
+    questions = ["Who is the main subject?", "List the places named.", "Summarize the last section."]
+    for q in questions:
+        out.append(chat([{"role": "user", "content": base + "\n\nQuestion: " + q}]))
+
+
 def errors(out):
     user = [{"role": "user", "content": "x"}]
     out.append(chat([{"role": "user", "content": [{"type": "text", "text": "look"},
@@ -359,11 +420,13 @@ def main():
     random_fuzz(rng, requests)
     errors(requests)
     custom_templates(rng, requests)
+    template_options(requests)
+    prefix_reuse(args.shared, requests)
     corpus = []
-    for i, (endpoint, body, *template) in enumerate(requests):
+    for i, (endpoint, body, *options) in enumerate(requests):
         entry = {"id": i, "endpoint": endpoint, "body": body}
-        if template:
-            entry["template"] = template[0]
+        if options:
+            entry["options"] = options[0]
         corpus.append(entry)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(corpus, f, ensure_ascii=False)

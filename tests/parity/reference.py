@@ -196,7 +196,7 @@ def postprocess(conversation):
                 call["function"]["arguments"] = {}
 
 
-def chat_tokens(tok, body, template_source=None):
+def chat_tokens(tok, body, template_source=None, default_kwargs=None, content_format_flag="auto"):
     if not isinstance(body.get("model"), str):
         raise RequestRejected("model")
     messages = body.get("messages")
@@ -210,7 +210,7 @@ def chat_tokens(tok, body, template_source=None):
     if tools is not None:
         tools = [ChatCompletionToolsParam.model_validate(t).model_dump() for t in tools]
     template = template_source or tok.get_chat_template(None, tools=tools)
-    fmt = content_format(template)
+    fmt = content_format(template) if content_format_flag == "auto" else content_format_flag
     conversation = [parse_message(m, fmt) for m in messages]
     postprocess(conversation)
 
@@ -221,6 +221,8 @@ def chat_tokens(tok, body, template_source=None):
     if reasoning_effort is not None and "enable_thinking" not in user_kwargs:
         extra["enable_thinking"] = reasoning_effort != "none"
     kwargs = user_kwargs | {k: v for k, v in extra.items() if v not in (None, "auto")}
+    # vLLM: `default_chat_template_kwargs | request_chat_template_kwargs`.
+    kwargs = (default_kwargs or {}) | kwargs
     kwargs["return_dict"] = False
     if {"chat_template", "tokenize"} & kwargs.keys():
         raise RequestRejected("Found unexpected chat template kwargs from request")
@@ -268,12 +270,16 @@ def main():
         body = json.loads(json.dumps(request["body"]))
         try:
             if request["endpoint"] == "chat":
+                # The pod's flags: --chat-template, --default-chat-template-kwargs,
+                # --chat-template-content-format.
+                options = request.get("options", {})
                 template = None
-                if "template" in request:
-                    with open(os.path.join(os.path.dirname(__file__), "templates", request["template"]),
+                if "chatTemplate" in options:
+                    with open(os.path.join(os.path.dirname(__file__), "templates", options["chatTemplate"]),
                               encoding="utf-8") as f:
                         template = f.read()
-                text, ids = chat_tokens(tok, body, template)
+                text, ids = chat_tokens(tok, body, template, options.get("defaultChatTemplateKwargs"),
+                                        options.get("chatTemplateContentFormat", "auto"))
             else:
                 text, ids = completion_tokens(tok, body)
             results.append({"id": request["id"], "text": text, "tokens": list(ids)})

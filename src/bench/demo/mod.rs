@@ -745,6 +745,7 @@ async fn compare(
                 loss: 0.0,
             },
             replicas: 1,
+            relayed: false,
         };
         say(format!(
             "  [{}/{}] {name} (profile {profile})",
