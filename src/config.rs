@@ -480,7 +480,7 @@ pub enum ChatTemplateContentFormat {
     Openai,
 }
 
-fn default_token_cache_bytes() -> usize {
+pub(crate) fn default_token_cache_bytes() -> usize {
     crate::tokenize::DEFAULT_PIECE_CACHE_BYTES
 }
 

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{Config, LoraAdapterConfig, ModelConfig};
+use crate::config::{ChatTemplateContentFormat, Config, LoraAdapterConfig, ModelConfig};
 use crate::discovery::{DiscoveryConfig, KubeDiscoveryConfig};
 use crate::hash::HashAlgo;
 use crate::vllm::VllmRelease;
@@ -85,6 +85,13 @@ pub struct PolicyModelConfig {
     pub vllm_release: VllmRelease,
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
+    /// vLLM's template flags, as on a model of `models`.
+    #[serde(default)]
+    pub default_chat_template_kwargs: Option<crate::tokenize::JsonObject>,
+    #[serde(default)]
+    pub chat_template_content_format: ChatTemplateContentFormat,
+    #[serde(default = "crate::config::default_token_cache_bytes")]
+    pub token_cache_bytes: usize,
     #[serde(default)]
     pub pod_kv_blocks: Option<usize>,
     #[serde(default)]
@@ -182,6 +189,9 @@ impl TrafficPoliciesConfig {
             tokenizer,
             tokenizer_config,
             chat_template: model.chat_template.clone(),
+            default_chat_template_kwargs: model.default_chat_template_kwargs.clone(),
+            chat_template_content_format: model.chat_template_content_format,
+            token_cache_bytes: model.token_cache_bytes,
             block_size: policy.block_size,
             hash_algo: model.hash_algo,
             hash_seed: policy.hash_seed.clone(),
