@@ -12,6 +12,8 @@
 //! scatter. After routing, the chosen pod is credited with the request's blocks for
 //! `speculativeTtlMs`; the credit is the max of indexed and speculative prefixes, so
 //! once events confirm the blocks the index carries on and the speculation just ages out.
+//! The credit is recorded under the pod's cache epoch and counts only in that epoch, so a
+//! restart or a cleared cache drops it with everything else believed about the pod.
 //! The credit outlives the event lag on purpose: when KV memory is short, a prefix's
 //! tail is evicted between its requests, and following only the events would send the
 //! next request to whichever pod is least loaded, copying the prefix onto one pod after
@@ -43,11 +45,11 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 use crate::events::IndexTargets;
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId};
-use crate::pods::{EventTrust, Pod, PodId};
+use crate::pods::{CacheEpoch, EventTrust, Pod, PodId};
 
 pub const NAME: &str = "kv-cache";
 
@@ -107,7 +109,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let bad = |message: &str| Err(PluginError::params(NAME, message));
     if !(0.0..=1.0).contains(&p.cpu_discount) {
@@ -166,8 +168,9 @@ thread_local! {
 
 /// Blocks recently routed to a pod, not yet confirmed by its events.
 struct Speculative {
-    /// (scope, block key, pod) → when the credit ends.
-    expires: HashMap<(ScopeId, u64, PodId), Duration>,
+    /// (scope, block key, pod) → when the credit ends, and the pod's cache epoch it was
+    /// granted in.
+    expires: HashMap<(ScopeId, u64, PodId), (Duration, CacheEpoch)>,
     /// Insertion order, oldest first, for expiry and the size bound. An entry whose
     /// pair was refreshed since is stale: its deadline no longer matches `expires`.
     order: VecDeque<(Duration, ScopeId, u64, PodId)>,
@@ -175,16 +178,17 @@ struct Speculative {
 }
 
 impl Speculative {
-    fn record(&mut self, scope: ScopeId, keys: &[u64], pod: PodId, now: Duration, ttl: Duration) {
+    fn record(&mut self, scope: ScopeId, keys: &[u64], pod: &Pod, now: Duration, ttl: Duration) {
         while self.order.front().is_some_and(|e| e.0 <= now) {
             self.pop_oldest();
         }
         let until = now + ttl;
+        let epoch = pod.cache_epoch();
         // Last block first, so that block 0 is the newest entry: when the bound trims a
         // long request, it drops the tail of its prefix, never the head.
         for &key in keys.iter().rev() {
-            self.expires.insert((scope, key, pod), until);
-            self.order.push_back((until, scope, key, pod));
+            self.expires.insert((scope, key, pod.id), (until, epoch));
+            self.order.push_back((until, scope, key, pod.id));
         }
         while self.order.len() > self.capacity {
             self.pop_oldest();
@@ -193,23 +197,28 @@ impl Speculative {
 
     fn pop_oldest(&mut self) {
         if let Some((until, scope, key, pod)) = self.order.pop_front() {
-            if self.expires.get(&(scope, key, pod)) == Some(&until) {
+            if self
+                .expires
+                .get(&(scope, key, pod))
+                .is_some_and(|&(u, _)| u == until)
+            {
                 self.expires.remove(&(scope, key, pod));
             }
         }
     }
 
-    /// Leading blocks of `keys` speculatively held by `pod` at `now`.
-    fn prefix_len(&self, scope: ScopeId, keys: &[u64], pod: PodId, now: Duration) -> u32 {
+    /// Leading blocks of `keys` speculatively held by `pod` at `now`, in its current epoch.
+    fn prefix_len(&self, scope: ScopeId, keys: &[u64], pod: &Pod, now: Duration) -> u32 {
         if self.expires.is_empty() {
             return 0;
         }
+        let epoch = pod.cache_epoch();
         let held = keys
             .iter()
             .take_while(|&&key| {
                 self.expires
-                    .get(&(scope, key, pod))
-                    .is_some_and(|&until| until > now)
+                    .get(&(scope, key, pod.id))
+                    .is_some_and(|&(until, granted)| until > now && granted == epoch)
             })
             .count();
         u32::try_from(held).unwrap_or(u32::MAX)
@@ -264,15 +273,7 @@ impl KvCache {
     }
 }
 
-impl Plugin for KvCache {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for KvCache {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         let Ok(request_blocks) = u32::try_from(req.block_keys.len()) else {
             return;
@@ -297,12 +298,18 @@ impl Plugin for KvCache {
                 let held = self.targets.best_prefix(found, cand.pod.id);
                 let (indexed, any) = indexed_credit(held, request_blocks, self.cpu_discount);
                 let promised =
-                    speculative.prefix_len(req.scope, req.block_keys, cand.pod.id, req.now);
+                    speculative.prefix_len(req.scope, req.block_keys, &cand.pod, req.now);
                 cand.cached_blocks = cand.cached_blocks.max(any).max(promised);
                 let credit = indexed.max(self.speculative_discount * promised as f64);
                 *score = credit / request_blocks as f64 * self.affinity_factor(&cand.pod, &least);
             }
         });
+    }
+}
+
+impl Plugin for KvCache {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
     fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
@@ -312,7 +319,7 @@ impl Plugin for KvCache {
         self.speculative.write().record(
             req.scope,
             req.block_keys,
-            chosen.pod.id,
+            &chosen.pod,
             req.now,
             self.speculative_ttl,
         );
@@ -326,13 +333,13 @@ mod tests {
     use crate::plugins::testing::{candidates, context, params, request, scores};
     use crate::pods::ScrapedLoad;
 
-    fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(ctx: &PluginContext, yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), ctx).expect("valid params")
     }
 
     fn synced(cands: &[Candidate]) {
         for c in cands {
-            c.pod.set_trust(EventTrust::Synced);
+            c.pod.set_trust(c.pod.cache_epoch(), EventTrust::Synced);
         }
     }
 
@@ -345,9 +352,13 @@ mod tests {
         ctx.index.store(0, 0, Tier::Gpu, &blocks);
         ctx.index.store(1, 0, Tier::Gpu, &blocks[..2]);
         ctx.index.store(2, 0, Tier::Gpu, &blocks);
-        cands[2].pod.set_trust(EventTrust::Untrusted);
+        cands[2]
+            .pod
+            .set_trust(cands[2].pod.cache_epoch(), EventTrust::Untrusted);
         ctx.index.store(3, 0, Tier::Gpu, &blocks);
-        cands[3].pod.set_trust(EventTrust::Unknown);
+        cands[3]
+            .pod
+            .set_trust(cands[3].pod.cache_epoch(), EventTrust::Unknown);
 
         let kv = plugin(&ctx, None);
         let mut cands = cands;
@@ -432,6 +443,42 @@ mod tests {
     }
 
     #[test]
+    fn a_new_cache_epoch_voids_speculation_and_trust() {
+        let ctx = context();
+        let mut cands = candidates(2);
+        synced(&cands);
+        let kv = plugin(&ctx, None);
+        let blocks = [51, 52];
+        kv.routed(&request(&blocks), &cands[0]);
+        assert_eq!(
+            scores(kv.as_ref(), &request(&blocks), &mut cands),
+            vec![0.5, 0.0]
+        );
+
+        // The pod restarted: nothing routed to it before counts, and it is not
+        // trusted until ingestion vouches for the new epoch.
+        let epoch = cands[0].pod.process_replaced();
+        let mut fresh: Vec<Candidate> = cands
+            .iter()
+            .map(|c| Candidate::new(Arc::clone(&c.pod)))
+            .collect();
+        assert_eq!(cands[0].pod.trust(), EventTrust::Unknown);
+        cands[0].pod.set_trust(epoch, EventTrust::Synced);
+        assert_eq!(
+            scores(kv.as_ref(), &request(&blocks), &mut fresh),
+            vec![0.0, 0.0]
+        );
+        assert_eq!(fresh[0].cached_blocks, 0);
+
+        // Routed again in the new epoch: credited again.
+        kv.routed(&request(&blocks), &fresh[0]);
+        assert_eq!(
+            scores(kv.as_ref(), &request(&blocks), &mut fresh),
+            vec![0.5, 0.0]
+        );
+    }
+
+    #[test]
     fn a_data_parallel_pod_is_credited_with_its_best_rank() {
         let ctx = context();
         let mut cands = candidates(2);
@@ -475,7 +522,9 @@ mod tests {
         let kv = plugin(&ctx, None);
         let blocks = [1, 2];
         kv.routed(&request(&blocks), &cands[0]);
-        cands[0].pod.set_trust(EventTrust::Untrusted);
+        cands[0]
+            .pod
+            .set_trust(cands[0].pod.cache_epoch(), EventTrust::Untrusted);
         assert_eq!(
             scores(kv.as_ref(), &request(&blocks), &mut cands),
             vec![0.0]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 
 pub const NAME: &str = "least-request";
@@ -19,7 +19,7 @@ struct Params {}
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let Params {} = parse_params(NAME, params)?;
     Ok(Arc::new(LeastRequest))
 }
@@ -30,11 +30,9 @@ impl Plugin for LeastRequest {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for LeastRequest {
     fn score(
         &self,
         _req: &SchedulingRequest<'_>,

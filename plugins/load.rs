@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 use crate::pods::Pod;
 
@@ -57,7 +57,7 @@ const SIGNALS: usize = 4;
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let bad = |message: &str| Err(PluginError::params(NAME, message));
     let weights = [
@@ -109,11 +109,9 @@ impl Plugin for Load {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for Load {
     fn score(
         &self,
         _req: &SchedulingRequest<'_>,
@@ -147,7 +145,7 @@ mod tests {
     use crate::plugins::testing::{candidates, context, params, request, scores};
     use crate::pods::ScrapedLoad;
 
-    fn plugin(yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), &context()).expect("valid params")
     }
 

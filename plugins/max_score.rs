@@ -16,7 +16,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Picker, Plugin, PluginContext, PluginError, SchedulingRequest,
 };
 
 pub const NAME: &str = "max-score";
@@ -36,7 +36,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Picker>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     if !(p.epsilon.is_finite() && p.epsilon >= 0.0) {
         return Err(PluginError::params(NAME, "epsilon must be finite and ≥ 0"));
@@ -64,11 +64,9 @@ impl Plugin for MaxScore {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::PICKER
-    }
-
+impl Picker for MaxScore {
     fn pick(
         &self,
         req: &SchedulingRequest<'_>,

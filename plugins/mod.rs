@@ -1,6 +1,7 @@
-//! Routing policies. Every policy is a small module behind one trait, [`Plugin`],
-//! registered by name and placed in a profile as a filter, a weighted scorer or
-//! the picker (`conf/kvgate.yaml` → `profiles`).
+//! Routing policies. Every policy is a small module registered by name and placed
+//! in a profile (`conf/kvgate.yaml` → `profiles`) in the one role it implements:
+//! [`Filter`], [`Scorer`] (weighted) or [`Picker`]. All three extend [`Plugin`]:
+//! a name and the lifecycle hooks.
 //!
 //! A scheduling pass is: filters drop candidates → each scorer writes a score in
 //! [0, 1] per candidate → totals are the weighted sum → the picker ranks the
@@ -8,6 +9,25 @@
 //! request is sent, every plugin of the profile hears `routed`, and `completed`
 //! when the response ends, so policies that learn (approximate prefix memory,
 //! session affinity, prefill rate) see the outcome.
+//!
+//! # Adding a plugin
+//!
+//! 1. Write one module here, `plugins/<name>.rs`, with
+//!    * `pub const NAME: &str = "<yaml-name>";`
+//!    * a `Params` struct (`#[serde(deny_unknown_fields)]`, `Default`) read with
+//!      [`parse_params`], and validated in `build`;
+//!    * `pub fn build(params, ctx) -> Result<Arc<dyn Scorer>, PluginError>` (or
+//!      `dyn Filter` / `dyn Picker`);
+//!    * `impl Plugin` (its name; `routed` / `completed` only if it learns) and the
+//!      impl of its role trait;
+//!    * unit tests over the fixtures in `testing`.
+//! 2. Add `mod <name>;` and one line to `REGISTRY`:
+//!    `(<name>::NAME, Factory::Scorer(<name>::build))`. The variant must match what
+//!    `build` returns, so a plugin cannot be registered in a role it does not
+//!    implement; a profile that puts it in another role is a config error.
+//!
+//! A new kind of stage (its own trait beside `Filter`, `Scorer` and `Picker`) adds a
+//! variant to [`Role`] and to `Factory`, and a `build_<role>` function.
 
 use std::fmt;
 use std::sync::Arc;
@@ -91,74 +111,68 @@ pub struct RequestOutcome {
     pub success: bool,
 }
 
-/// The roles a plugin can take in a profile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Roles {
-    pub filter: bool,
-    pub scorer: bool,
-    pub picker: bool,
-}
-
-impl Roles {
-    pub const FILTER: Self = Self {
-        filter: true,
-        scorer: false,
-        picker: false,
-    };
-    pub const SCORER: Self = Self {
-        filter: false,
-        scorer: true,
-        picker: false,
-    };
-    pub const PICKER: Self = Self {
-        filter: false,
-        scorer: false,
-        picker: true,
-    };
-}
-
-/// A routing policy. Implement the methods of the roles it declares.
+/// What every plugin is, whatever its role: a name (in logs, scores and errors) and
+/// the lifecycle hooks through which policies that learn see what happened.
 pub trait Plugin: Send + Sync {
     fn name(&self) -> &'static str;
-    fn roles(&self) -> Roles;
-
-    /// Removes candidates this policy rules out. Filters must never remove the last
-    /// candidate when that would fail a request another pod could still serve
-    /// degraded (e.g. all pods overloaded): they keep the input then. Only a filter
-    /// that removes pods unable to serve at all (`healthy`) may leave none: the
-    /// request then fails fast (503).
-    fn filter(&self, _req: &SchedulingRequest<'_>, _candidates: &mut Vec<Candidate>) {}
-
-    /// Writes one score in [0, 1] per candidate into `scores` (same order, same length).
-    fn score(
-        &self,
-        _req: &SchedulingRequest<'_>,
-        _candidates: &mut [Candidate],
-        _scores: &mut [f64],
-    ) {
-    }
-
-    /// Orders candidate indices best first into `order`, given the weighted totals.
-    fn pick(
-        &self,
-        _req: &SchedulingRequest<'_>,
-        _candidates: &[Candidate],
-        _totals: &[f64],
-        _order: &mut Vec<usize>,
-    ) {
-    }
-
-    /// Whether `pick` moves the plugin's own state (a rotation, a random draw), so that
-    /// ranking a request without routing it is not free of consequences.
-    fn pick_moves_state(&self) -> bool {
-        false
-    }
 
     /// The request was sent to `pod`.
     fn routed(&self, _req: &SchedulingRequest<'_>, _pod: &Candidate) {}
 
     /// The request finished (or failed).
     fn completed(&self, _outcome: &RequestOutcome) {}
+}
+
+/// A filter: rules candidates out before scoring.
+pub trait Filter: Plugin {
+    /// Removes candidates this policy rules out. Filters must never remove the last
+    /// candidate when that would fail a request another pod could still serve
+    /// degraded (e.g. all pods overloaded): they keep the input then. Only a filter
+    /// that removes pods unable to serve at all (`healthy`, when its panic threshold
+    /// is 0) may leave none: the request then fails fast (503).
+    fn filter(&self, req: &SchedulingRequest<'_>, candidates: &mut Vec<Candidate>);
+}
+
+/// A scorer: rates every candidate; the profile weighs and sums the scores.
+pub trait Scorer: Plugin {
+    /// Writes one score in [0, 1] per candidate into `scores` (same order, same length).
+    fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]);
+}
+
+/// A picker: turns the weighted totals into a ranking.
+pub trait Picker: Plugin {
+    /// Orders candidate indices best first into `order`, given the weighted totals.
+    fn pick(
+        &self,
+        req: &SchedulingRequest<'_>,
+        candidates: &[Candidate],
+        totals: &[f64],
+        order: &mut Vec<usize>,
+    );
+
+    /// Whether `pick` moves the plugin's own state (a rotation, a random draw), so that
+    /// ranking a request without routing it is not free of consequences.
+    fn pick_moves_state(&self) -> bool {
+        false
+    }
+}
+
+/// The place a plugin takes in a profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Filter,
+    Scorer,
+    Picker,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Filter => "filter",
+            Self::Scorer => "scorer",
+            Self::Picker => "picker",
+        })
+    }
 }
 
 /// What plugin factories may use.
@@ -176,11 +190,11 @@ pub struct PluginContext {
 pub enum PluginError {
     #[error("unknown plugin {name:?} (registered: {known})")]
     Unknown { name: String, known: String },
-    #[error("plugin {name:?} cannot be used as a {role} (it is a {roles})")]
+    #[error("plugin {name:?} cannot be used as a {wanted} (it is a {actual})")]
     WrongRole {
         name: String,
-        role: &'static str,
-        roles: RolesDisplay,
+        wanted: Role,
+        actual: Role,
     },
     #[error("plugin {name:?}: bad params: {message}")]
     Params { name: String, message: String },
@@ -196,50 +210,45 @@ impl PluginError {
     }
 }
 
-#[derive(Debug)]
-pub struct RolesDisplay(pub Roles);
+/// A plugin's constructor: its params from YAML (absent: the defaults) → the plugin.
+type Build<P> = fn(Option<&yaml_serde::Value>, &PluginContext) -> Result<Arc<P>, PluginError>;
 
-impl fmt::Display for RolesDisplay {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if self.0.filter {
-            parts.push("filter");
+/// How a registered plugin is built; the variant is its role, so a factory returning
+/// the wrong kind of plugin does not compile.
+#[derive(Clone, Copy)]
+enum Factory {
+    Filter(Build<dyn Filter>),
+    Scorer(Build<dyn Scorer>),
+    Picker(Build<dyn Picker>),
+}
+
+impl Factory {
+    fn role(self) -> Role {
+        match self {
+            Self::Filter(_) => Role::Filter,
+            Self::Scorer(_) => Role::Scorer,
+            Self::Picker(_) => Role::Picker,
         }
-        if self.0.scorer {
-            parts.push("scorer");
-        }
-        if self.0.picker {
-            parts.push("picker");
-        }
-        f.write_str(&parts.join("/"))
     }
 }
 
-type Factory =
-    fn(Option<&yaml_serde::Value>, &PluginContext) -> Result<Arc<dyn Plugin>, PluginError>;
-
 /// Every registered plugin, by the name used in YAML.
 const REGISTRY: &[(&str, Factory)] = &[
-    (healthy::NAME, healthy::build),
-    (kv_cache::NAME, kv_cache::build),
-    (prefix::NAME, prefix::build),
-    (load::NAME, load::build),
-    (ttft::NAME, ttft::build),
-    (least_request::NAME, least_request::build),
-    (session::NAME, session::build),
-    (round_robin::NAME, round_robin::build),
-    (random::NAME, random::build),
-    (max_score::NAME, max_score::build),
+    (healthy::NAME, Factory::Filter(healthy::build)),
+    (kv_cache::NAME, Factory::Scorer(kv_cache::build)),
+    (prefix::NAME, Factory::Scorer(prefix::build)),
+    (load::NAME, Factory::Scorer(load::build)),
+    (ttft::NAME, Factory::Scorer(ttft::build)),
+    (least_request::NAME, Factory::Scorer(least_request::build)),
+    (session::NAME, Factory::Scorer(session::build)),
+    (round_robin::NAME, Factory::Picker(round_robin::build)),
+    (random::NAME, Factory::Picker(random::build)),
+    (max_score::NAME, Factory::Picker(max_score::build)),
 ];
 
-/// Builds a plugin by name with its params.
-pub fn build(
-    name: &str,
-    params: Option<&yaml_serde::Value>,
-    ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+fn factory(name: &str) -> Result<Factory, PluginError> {
     match REGISTRY.iter().find(|(n, _)| *n == name) {
-        Some((_, factory)) => factory(params, ctx),
+        Some((_, factory)) => Ok(*factory),
         None => Err(PluginError::Unknown {
             name: name.to_string(),
             known: REGISTRY
@@ -248,6 +257,50 @@ pub fn build(
                 .collect::<Vec<_>>()
                 .join(", "),
         }),
+    }
+}
+
+fn wrong_role(name: &str, wanted: Role, factory: Factory) -> PluginError {
+    PluginError::WrongRole {
+        name: name.to_string(),
+        wanted,
+        actual: factory.role(),
+    }
+}
+
+/// Builds the filter registered as `name` with its params.
+pub fn build_filter(
+    name: &str,
+    params: Option<&yaml_serde::Value>,
+    ctx: &PluginContext,
+) -> Result<Arc<dyn Filter>, PluginError> {
+    match factory(name)? {
+        Factory::Filter(build) => build(params, ctx),
+        other => Err(wrong_role(name, Role::Filter, other)),
+    }
+}
+
+/// Builds the scorer registered as `name` with its params.
+pub fn build_scorer(
+    name: &str,
+    params: Option<&yaml_serde::Value>,
+    ctx: &PluginContext,
+) -> Result<Arc<dyn Scorer>, PluginError> {
+    match factory(name)? {
+        Factory::Scorer(build) => build(params, ctx),
+        other => Err(wrong_role(name, Role::Scorer, other)),
+    }
+}
+
+/// Builds the picker registered as `name` with its params.
+pub fn build_picker(
+    name: &str,
+    params: Option<&yaml_serde::Value>,
+    ctx: &PluginContext,
+) -> Result<Arc<dyn Picker>, PluginError> {
+    match factory(name)? {
+        Factory::Picker(build) => build(params, ctx),
+        other => Err(wrong_role(name, Role::Picker, other)),
     }
 }
 
@@ -268,17 +321,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_registered_plugin_builds_with_defaults() {
+    fn every_registered_plugin_builds_with_defaults_in_its_role_only() {
         let ctx = testing::context();
-        for (name, _) in REGISTRY {
-            let plugin = build(name, None, &ctx).expect("defaults are valid");
-            assert_eq!(plugin.name(), *name);
-            let roles = plugin.roles();
-            assert!(roles.filter || roles.scorer || roles.picker);
+        for (name, factory) in REGISTRY {
+            let built = match factory {
+                Factory::Filter(build) => build(None, &ctx).map(|p| p.name()),
+                Factory::Scorer(build) => build(None, &ctx).map(|p| p.name()),
+                Factory::Picker(build) => build(None, &ctx).map(|p| p.name()),
+            };
+            assert_eq!(built.expect("defaults are valid"), *name);
+            let roles = [
+                build_filter(name, None, &ctx).is_ok(),
+                build_scorer(name, None, &ctx).is_ok(),
+                build_picker(name, None, &ctx).is_ok(),
+            ];
+            assert_eq!(roles.iter().filter(|&&ok| ok).count(), 1, "{name}");
         }
         assert!(matches!(
-            build("nope", None, &ctx),
+            build_scorer("nope", None, &ctx),
             Err(PluginError::Unknown { .. })
         ));
+    }
+
+    #[test]
+    fn a_plugin_in_the_wrong_role_names_both_roles() {
+        let ctx = testing::context();
+        let err = build_filter("load", None, &ctx)
+            .err()
+            .expect("load is no filter");
+        assert_eq!(
+            err.to_string(),
+            "plugin \"load\" cannot be used as a filter (it is a scorer)"
+        );
     }
 }

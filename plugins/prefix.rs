@@ -9,6 +9,10 @@
 //! Memory is bounded: each pod holds at most `capacityBlocks` keys, and the memory of
 //! a pod that has not been routed to for `forgetAfterMs` (a pod that went away, since
 //! the router only ever learns of pods through routing) is dropped.
+//!
+//! A pod's memory describes one process of it: it is recorded with the pod's process
+//! count and ignored once a new process serves the pod (its cache starts empty). Cache
+//! clears that only KV events reveal do not touch it: this baseline sees no events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +22,9 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
-use crate::pods::PodId;
+use crate::pods::{Pod, PodId};
 
 pub const NAME: &str = "prefix";
 
@@ -45,7 +49,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let capacity = p.capacity_blocks.unwrap_or(ctx.pod_kv_blocks);
     if capacity == 0 || capacity >= NIL as usize {
@@ -95,17 +99,25 @@ struct PodMemory {
     head: u32,
     tail: u32,
     last_routed: Duration,
+    /// The pod's process the memory describes ([`Pod::process`]).
+    process: u32,
 }
 
 impl PodMemory {
-    fn new() -> Self {
+    fn new(process: u32) -> Self {
         Self {
             slots: HashMap::new(),
             nodes: Vec::new(),
             head: NIL,
             tail: NIL,
             last_routed: Duration::ZERO,
+            process,
         }
+    }
+
+    /// Whether the memory describes `pod`'s current process.
+    fn describes(&self, pod: &Pod) -> bool {
+        self.process == pod.process()
     }
 
     fn contains(&self, key: &BlockKey) -> bool {
@@ -169,22 +181,18 @@ impl PodMemory {
     }
 }
 
-impl Plugin for Prefix {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for Prefix {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         if req.block_keys.is_empty() {
             return;
         }
         let state = self.state.read();
         for (cand, score) in candidates.iter_mut().zip(scores.iter_mut()) {
-            let Some(memory) = state.pods.get(&cand.pod.id) else {
+            let Some(memory) = state
+                .pods
+                .get(&cand.pod.id)
+                .filter(|memory| memory.describes(&cand.pod))
+            else {
                 continue;
             };
             let matched = req
@@ -198,6 +206,12 @@ impl Plugin for Prefix {
             *score = matched as f64 / req.block_keys.len() as f64;
         }
     }
+}
+
+impl Plugin for Prefix {
+    fn name(&self) -> &'static str {
+        NAME
+    }
 
     fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
         let mut state = self.state.write();
@@ -208,10 +222,14 @@ impl Plugin for Prefix {
                 .retain(|_, memory| memory.last_routed + forget_after > req.now);
             state.next_sweep = req.now + forget_after;
         }
+        let process = chosen.pod.process();
         let memory = state
             .pods
             .entry(chosen.pod.id)
-            .or_insert_with(PodMemory::new);
+            .or_insert_with(|| PodMemory::new(process));
+        if !memory.describes(&chosen.pod) {
+            *memory = PodMemory::new(process);
+        }
         memory.last_routed = req.now;
         // Only the head of a request longer than the LRU can ever match; record it last
         // block first so block 0 is the most recent and the prefix is evicted tail first,
@@ -228,7 +246,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{candidates, context, params, request, scores};
 
-    fn plugin(yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), &context()).expect("valid params")
     }
 
@@ -308,6 +326,33 @@ mod tests {
         prefix.routed(&later, &cands[1]);
         let mut fresh = candidates(2);
         assert_eq!(scores(prefix.as_ref(), &later, &mut fresh), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_new_process_starts_with_no_memory() {
+        let prefix = plugin(None);
+        let mut cands = candidates(2);
+        let blocks = [7, 8];
+        prefix.routed(&request(&blocks), &cands[0]);
+        // Events may clear the cache without this baseline hearing of it...
+        cands[0].pod.cache_cleared();
+        assert_eq!(
+            scores(prefix.as_ref(), &request(&blocks), &mut cands),
+            vec![1.0, 0.0]
+        );
+        // ...but a new process is a new pod as far as its cache goes.
+        cands[0].pod.process_replaced();
+        let mut fresh = candidates(2);
+        fresh[0] = Candidate::new(Arc::clone(&cands[0].pod));
+        assert_eq!(
+            scores(prefix.as_ref(), &request(&blocks), &mut fresh),
+            vec![0.0, 0.0]
+        );
+        prefix.routed(&request(&blocks[..1]), &fresh[0]);
+        assert_eq!(
+            scores(prefix.as_ref(), &request(&blocks), &mut fresh),
+            vec![0.5, 0.0]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Picker, Plugin, PluginContext, PluginError, SchedulingRequest,
 };
 
 pub const NAME: &str = "random";
@@ -24,7 +24,7 @@ struct Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Picker>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     Ok(Arc::new(Random {
         rng: Mutex::new(StdRng::seed_from_u64(p.seed)),
@@ -39,11 +39,9 @@ impl Plugin for Random {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::PICKER
-    }
-
+impl Picker for Random {
     fn pick_moves_state(&self) -> bool {
         true
     }

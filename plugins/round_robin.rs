@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Picker, Plugin, PluginContext, PluginError, SchedulingRequest,
 };
 
 pub const NAME: &str = "round-robin";
@@ -20,7 +20,7 @@ struct Params {}
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Picker>, PluginError> {
     let Params {} = parse_params(NAME, params)?;
     Ok(Arc::new(RoundRobin {
         next: AtomicUsize::new(0),
@@ -35,11 +35,9 @@ impl Plugin for RoundRobin {
     fn name(&self) -> &'static str {
         NAME
     }
+}
 
-    fn roles(&self) -> Roles {
-        Roles::PICKER
-    }
-
+impl Picker for RoundRobin {
     fn pick_moves_state(&self) -> bool {
         true
     }

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, Roles, SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, SchedulingRequest, Scorer,
 };
 use crate::pods::PodId;
 
@@ -40,7 +40,7 @@ impl Default for Params {
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     if p.ttl_ms == 0 || p.max_sessions == 0 {
         return Err(PluginError::params(
@@ -83,15 +83,7 @@ impl State {
     }
 }
 
-impl Plugin for Session {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for Session {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         let Some(session) = req.session else {
             return;
@@ -108,6 +100,12 @@ impl Plugin for Session {
                 *score = 1.0;
             }
         }
+    }
+}
+
+impl Plugin for Session {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
     fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
@@ -133,7 +131,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{candidates, context, params, request, scores};
 
-    fn plugin(yaml: &str) -> Arc<dyn Plugin> {
+    fn plugin(yaml: &str) -> Arc<dyn Scorer> {
         build(Some(&params(yaml)), &context()).unwrap()
     }
 

@@ -60,7 +60,7 @@ pub fn params(yaml: &str) -> yaml_serde::Value {
 
 /// Runs a scorer over `candidates` and returns its scores.
 pub fn scores(
-    plugin: &dyn super::Plugin,
+    plugin: &dyn super::Scorer,
     req: &SchedulingRequest<'_>,
     candidates: &mut [Candidate],
 ) -> Vec<f64> {

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{
-    parse_params, Candidate, Plugin, PluginContext, PluginError, RequestOutcome, Roles,
-    SchedulingRequest,
+    parse_params, Candidate, Plugin, PluginContext, PluginError, RequestOutcome, SchedulingRequest,
+    Scorer,
 };
 
 pub const NAME: &str = "ttft";
@@ -54,7 +54,7 @@ const SAMPLE_CLAMP: f64 = 4.0;
 pub fn build(
     params: Option<&yaml_serde::Value>,
     _ctx: &PluginContext,
-) -> Result<Arc<dyn Plugin>, PluginError> {
+) -> Result<Arc<dyn Scorer>, PluginError> {
     let p: Params = parse_params(NAME, params)?;
     let bad = |message: &str| Err(PluginError::params(NAME, message));
     if !(p.prior_tokens_per_second.is_finite() && p.prior_tokens_per_second > 0.0) {
@@ -81,15 +81,7 @@ pub struct Ttft {
     min_sample_tokens: f64,
 }
 
-impl Plugin for Ttft {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn roles(&self) -> Roles {
-        Roles::SCORER
-    }
-
+impl Scorer for Ttft {
     fn score(&self, req: &SchedulingRequest<'_>, candidates: &mut [Candidate], scores: &mut [f64]) {
         let mut fastest = f64::INFINITY;
         for (cand, estimate) in candidates.iter().zip(scores.iter_mut()) {
@@ -106,6 +98,12 @@ impl Plugin for Ttft {
                 fastest / *estimate
             };
         }
+    }
+}
+
+impl Plugin for Ttft {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
     fn completed(&self, outcome: &RequestOutcome) {
@@ -139,7 +137,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{candidates, context, params, request, scores, BLOCK_SIZE};
 
-    fn plugin(yaml: Option<&str>) -> Arc<dyn Plugin> {
+    fn plugin(yaml: Option<&str>) -> Arc<dyn Scorer> {
         build(yaml.map(params).as_ref(), &context()).expect("valid params")
     }
 

@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub admin: SocketAddr,
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// Request-body bytes held in memory across all connections; a body that would
+    /// exceed it is refused with 503 and `Retry-After`.
+    pub max_buffered_body_bytes: usize,
     /// Largest request header (request line and fields, as received) accepted (431 above it).
     pub max_header_bytes: usize,
     /// Most header fields a request may carry (431 above it).
@@ -71,6 +74,19 @@ pub struct ServerConfig {
     pub profile_header: String,
     /// Pingora worker threads.
     pub threads: usize,
+    /// TLS on the public listener; absent, it speaks plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The public listener's certificate chain and private key, PEM files (a mounted Secret's
+/// `tls.crt` and `tls.key`); read at start and again whenever either file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The server certificate first, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key of the first certificate.
+    pub key_file: PathBuf,
 }
 
 /// Pingora 0.9.1 reads a request header into a buffer it refuses to grow past this
@@ -119,6 +135,13 @@ impl ServerConfig {
         if self.body_timeout_ms == 0 {
             return invalid("server.bodyTimeoutMs must be ≥ 1".into());
         }
+        if self.max_buffered_body_bytes < self.max_body_bytes {
+            return invalid(format!(
+                "server.maxBufferedBodyBytes ({}) must be at least server.maxBodyBytes ({}): \
+                 a body of the largest accepted size could never be read",
+                self.max_buffered_body_bytes, self.max_body_bytes
+            ));
+        }
         Ok(())
     }
 }
@@ -129,6 +152,9 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:8080".parse().expect("literal address"),
             admin: "127.0.0.1:9090".parse().expect("literal address"),
             max_body_bytes: 32 << 20,
+            // Sixteen bodies of the largest size at once, or thousands of long chats;
+            // an eighth of the 4 GiB deploy/ gives a replica, next to its 1 GiB index.
+            max_buffered_body_bytes: 512 << 20,
             // An OpenAI SDK request carries a dozen fields in under 2 KiB; 64 KiB leaves room
             // for the long bearer tokens and tracing headers that gateways in front add, while
             // bounding what an idle connection can make kvgate buffer (Envoy ships 60 KiB).
@@ -158,6 +184,7 @@ impl Default for ServerConfig {
             scrape_interval_ms: 1_000,
             profile_header: "x-kvgate-profile".into(),
             threads: 2,
+            tls: None,
         }
     }
 }
@@ -438,6 +465,10 @@ impl Config {
             if let Some(p) = model.chat_template.as_mut() {
                 fix(p);
             }
+        }
+        if let Some(tls) = self.server.tls.as_mut() {
+            fix(&mut tls.cert_file);
+            fix(&mut tls.key_file);
         }
     }
 

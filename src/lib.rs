@@ -19,9 +19,21 @@ pub mod scheduler;
 pub mod scope;
 pub mod serve;
 pub mod sim;
+pub mod tls;
 pub mod tokenize;
 pub mod upgrade;
 pub mod vllm;
+
+/// The git commit kvgate was built from (`build.rs`: `KVGATE_GIT_COMMIT`, else `git rev-parse
+/// HEAD`, else "unknown").
+pub const COMMIT: &str = env!("KVGATE_COMMIT");
+/// What `kvgate --version` prints after the name.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KVGATE_COMMIT"),
+    ")"
+);
 
 #[path = "../plugins/mod.rs"]
 pub mod plugins;

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 
 /// kvgate: a KV-cache-aware load balancer for vLLM fleets.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = kvgate::VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

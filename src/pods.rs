@@ -1,10 +1,18 @@
 //! The live set of pods per model and the router's own view of each pod:
 //! load it has sent there, health, and whether its KV events can be trusted.
 //! Discovery feeds snapshots in; the scheduler reads `PodSet`s lock-free.
+//!
+//! Everything kvgate believes about a pod's cache (index entries, speculative credit,
+//! the approximate prefix memory, the learned prefill rate) describes one process of the
+//! pod and one generation of its cache. The pod's [`CacheEpoch`] names that generation:
+//! beliefs are recorded under the epoch they were formed in and ignored once it moved
+//! on, so whoever learns that the cache is gone (event ingestion on a restart, a clear
+//! or a loss; a refused connection, which means no process listens any more) drops all
+//! of them with one bump, without each holder having to be told.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +57,22 @@ impl EventTrust {
     }
 }
 
+/// A generation of a pod's cache as kvgate knows it: bumped whenever what kvgate believed
+/// about the cache must be dropped (a new process, the cache cleared, events lost). Beliefs
+/// carry the epoch they were formed in and count only while it is current.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CacheEpoch(u64);
+
+impl CacheEpoch {
+    /// The epoch after this one, when nothing else moved it meanwhile.
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+/// The trust word packs the epoch it was set in above the trust byte.
+const TRUST_BITS: u32 = 8;
+
 /// What vLLM's own `/metrics` said last (scraped in the background).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ScrapedLoad {
@@ -70,11 +94,18 @@ pub struct Pod {
     ejected_until_ms: AtomicU64,
     /// Result of the last active health check.
     health_ok: AtomicU8,
-    trust: AtomicU8,
+    /// Whether the pod's HTTP port accepted kvgate's last connection attempt.
+    listening: AtomicBool,
+    /// The current [`CacheEpoch`].
+    epoch: AtomicU64,
+    /// Processes seen to replace one another on this pod (restarts).
+    process: AtomicU32,
+    /// `epoch << TRUST_BITS | trust`: the trust holds only in the epoch it was set in.
+    trust: AtomicU64,
     scraped: ArcSwap<ScrapedLoad>,
     /// Requests this router began here minus those that ended, since the last scrape.
     in_flight_change_since_scrape: AtomicI32,
-    /// Learned prefill rate in tokens/s (f64 bits); 0 = not learned yet.
+    /// Prefill rate in tokens/s (f64 bits) learned from the current process; 0 = not learned yet.
     prefill_rate_bits: AtomicU64,
 }
 
@@ -88,7 +119,10 @@ impl Pod {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             health_ok: AtomicU8::new(1),
-            trust: AtomicU8::new(EventTrust::Unknown as u8),
+            listening: AtomicBool::new(true),
+            epoch: AtomicU64::new(0),
+            process: AtomicU32::new(0),
+            trust: AtomicU64::new(EventTrust::Unknown as u64),
             scraped: ArcSwap::from_pointee(ScrapedLoad::default()),
             in_flight_change_since_scrape: AtomicI32::new(0),
             prefill_rate_bits: AtomicU64::new(0),
@@ -122,12 +156,66 @@ impl Pod {
         }
     }
 
-    pub fn trust(&self) -> EventTrust {
-        EventTrust::from_u8(self.trust.load(Ordering::Relaxed))
+    /// The generation of the pod's cache that beliefs about it must have been formed in.
+    pub fn cache_epoch(&self) -> CacheEpoch {
+        CacheEpoch(self.epoch.load(Ordering::Acquire))
     }
 
-    pub fn set_trust(&self, trust: EventTrust) {
-        self.trust.store(trust as u8, Ordering::Relaxed);
+    /// How many times a new process was seen to take over the pod.
+    pub fn process(&self) -> u32 {
+        self.process.load(Ordering::Acquire)
+    }
+
+    /// kvgate's knowledge of the pod's cache is void from here (the cache was cleared, or
+    /// events describing it were lost): every belief formed before is dropped. Returns the
+    /// new epoch.
+    pub fn cache_cleared(&self) -> CacheEpoch {
+        CacheEpoch(self.epoch.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// A new process serves the pod: its cache starts empty and what was learned of the
+    /// old process (prefill rate, scraped load) no longer describes it. Returns the new epoch.
+    pub fn process_replaced(&self) -> CacheEpoch {
+        self.process.fetch_add(1, Ordering::AcqRel);
+        self.prefill_rate_bits.store(0, Ordering::Relaxed);
+        self.set_scraped(ScrapedLoad::default());
+        self.cache_cleared()
+    }
+
+    /// A connection to the pod's HTTP port was refused: no process listens there, so the
+    /// one that held its cache is gone (a vLLM engine does not outlive its API server).
+    /// The first refusal of an outage ends the process; returns whether this one did.
+    pub fn connection_refused(&self) -> bool {
+        let ended = self.listening.swap(false, Ordering::AcqRel);
+        if ended {
+            self.process_replaced();
+        }
+        ended
+    }
+
+    /// The pod's HTTP port accepted a connection.
+    pub fn connected(&self) {
+        if !self.listening.load(Ordering::Relaxed) {
+            self.listening.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the pod's KV events describe its cache in the current epoch.
+    pub fn trust(&self) -> EventTrust {
+        let word = self.trust.load(Ordering::Acquire);
+        if word >> TRUST_BITS == self.epoch.load(Ordering::Acquire) {
+            EventTrust::from_u8(word as u8)
+        } else {
+            EventTrust::Unknown
+        }
+    }
+
+    /// Sets the trust of the pod's events as of `epoch` (the epoch the setter's view of
+    /// the cache belongs to). It holds only while that epoch is current: a view of an
+    /// older cache never vouches for the current one.
+    pub fn set_trust(&self, epoch: CacheEpoch, trust: EventTrust) {
+        self.trust
+            .store((epoch.0 << TRUST_BITS) | trust as u64, Ordering::Release);
     }
 
     pub fn scraped(&self) -> ScrapedLoad {
@@ -155,8 +243,12 @@ impl Pod {
 
     /// Usable for new requests at `now_ms`: passes health checks and is not ejected.
     pub fn is_healthy(&self, now_ms: u64) -> bool {
-        self.health_ok.load(Ordering::Relaxed) == 1
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+        self.health_ok.load(Ordering::Relaxed) == 1 && !self.is_ejected(now_ms)
+    }
+
+    /// Passively ejected at `now_ms`: requests to it failed in a row.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
     pub fn set_health_check(&self, ok: bool) {
@@ -179,11 +271,14 @@ impl Pod {
         false
     }
 
+    /// The pod answered a request: it serves, whatever its last health check said (a
+    /// pod that recovers is admitted at once, not a health interval later).
     pub fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.health_ok.store(1, Ordering::Relaxed);
     }
 
-    /// Prefill throughput learned from observed TTFTs (tokens/s), if any.
+    /// Prefill throughput learned from observed TTFTs (tokens/s) of the current process, if any.
     pub fn prefill_rate(&self) -> Option<f64> {
         let rate = f64::from_bits(self.prefill_rate_bits.load(Ordering::Relaxed));
         (rate > 0.0).then_some(rate)
@@ -389,6 +484,65 @@ mod tests {
             replay: None,
             topic_host: http.to_string(),
         }
+    }
+
+    #[test]
+    fn a_new_epoch_voids_trust_and_a_new_process_what_was_learned_of_the_old() {
+        let pod = Pod::new(0, endpoint(1));
+        let epoch = pod.cache_epoch();
+        pod.set_trust(epoch, EventTrust::Synced);
+        pod.set_prefill_rate(9_000.0);
+        let scraped = ScrapedLoad {
+            running: 3.0,
+            ..ScrapedLoad::default()
+        };
+        pod.set_scraped(scraped);
+        assert_eq!(pod.trust(), EventTrust::Synced);
+
+        // A clear: trust must be vouched for again, in the new epoch only.
+        let cleared = pod.cache_cleared();
+        assert_eq!(cleared, epoch.next());
+        assert_eq!(pod.trust(), EventTrust::Unknown);
+        pod.set_trust(epoch, EventTrust::Synced);
+        assert_eq!(pod.trust(), EventTrust::Unknown, "a stale view vouched");
+        pod.set_trust(cleared, EventTrust::Synced);
+        assert_eq!(pod.trust(), EventTrust::Synced);
+        assert_eq!((pod.process(), pod.prefill_rate()), (0, Some(9_000.0)));
+        assert_eq!(pod.scraped(), scraped);
+
+        // Refusals: the first of an outage ends the process, the rest change nothing.
+        assert!(pod.connection_refused());
+        assert!(!pod.connection_refused());
+        assert_eq!(pod.process(), 1);
+        assert_eq!(pod.cache_epoch(), cleared.next());
+        assert_eq!(pod.trust(), EventTrust::Unknown);
+        assert_eq!(pod.prefill_rate(), None);
+        assert_eq!(pod.scraped(), ScrapedLoad::default());
+        pod.connected();
+        assert!(pod.connection_refused());
+        assert_eq!(pod.process(), 2);
+    }
+
+    #[test]
+    fn a_new_incarnation_or_a_relisted_pod_is_a_new_pod() {
+        let registry = PodRegistry::new(["a"]);
+        registry.apply_snapshot("a", &[endpoint(1)]);
+        let first = Arc::clone(&registry.pods("a").expect("a").pods[0]);
+        first.set_trust(first.cache_epoch(), EventTrust::Synced);
+
+        // The same address under another key (a Kubernetes pod with a new UID).
+        let mut restarted = endpoint(1);
+        restarted.key = "ns/vllm-0/uid-2".into();
+        let changes = registry.apply_snapshot("a", std::slice::from_ref(&restarted));
+        assert_eq!((changes.added.len(), changes.removed.len()), (1, 1));
+        let second = Arc::clone(&registry.pods("a").expect("a").pods[0]);
+        assert_ne!(second.id, first.id);
+        assert_eq!(second.trust(), EventTrust::Unknown);
+
+        // Removed, then listed again under the same key.
+        registry.apply_snapshot("a", &[]);
+        registry.apply_snapshot("a", &[restarted]);
+        assert_ne!(registry.pods("a").expect("a").pods[0].id, second.id);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! request or per new connection (the listener limits: a reload leaves connections
 //! already open on the timeouts they were accepted with), `events` replay and parity
 //! settings, and `logging.level`. What needs a new process (`kvgate serve -u`): the
-//! listen and admin addresses, worker threads, the event topology, the index budget
-//! and the log format.
+//! listen and admin addresses, worker threads, TLS on or off and its file paths (the
+//! files' contents reload on their own, see `tls`), the event topology, the index
+//! budget and the log format.
 //!
 //! File changes are watched on the config's directory, not the file: editors
 //! replace the file by renaming over it and Kubernetes swaps a symlinked
@@ -91,6 +92,8 @@ const RESTART_ONLY: &[(&str, SettingText)] = &[
     ("server.listen", |c| c.server.listen.to_string()),
     ("server.admin", |c| c.server.admin.to_string()),
     ("server.threads", |c| c.server.threads.to_string()),
+    // The certificate files themselves are reloaded when they change (`tls`).
+    ("server.tls", |c| format!("{:?}", c.server.tls)),
     ("events.mode", |c| format!("{:?}", c.events.mode)),
     ("events.bind", |c| c.events.bind.clone()),
     ("events.dataParallelSize", |c| {
@@ -251,11 +254,14 @@ struct Applied {
     pods_retired: usize,
 }
 
-/// Watches the config file's directory; events that may have changed the file wake
-/// `tx`: those naming the file, and Kubernetes' swaps of a mounted ConfigMap, whose
-/// atomic writer only renames `..`-prefixed entries (`..data` → `..2024_…`) beside it.
-/// Anything else in the directory (a log file written there) is ignored.
-fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+/// Watches a file's directory; events that may have changed the file wake `tx`: those
+/// naming the file, and Kubernetes' swaps of a mounted ConfigMap or Secret, whose atomic
+/// writer only renames `..`-prefixed entries (`..data` → `..2024_…`) beside it. Anything
+/// else in the directory (a log file written there) is ignored.
+pub(crate) fn watch_dir(
+    path: &Path,
+    tx: mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -379,6 +385,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let with_tls = Config::parse(
+            "server: {tls: {certFile: a.crt, keyFile: a.key}}\nevents: {mode: connect}\nmodels: []\n",
+        )
+        .expect("config parses");
+        assert!(matches!(
+            changed(&with_tls),
+            Some(ReloadError::NeedsRestart {
+                field: "server.tls",
+                ..
+            })
+        ));
         assert!(matches!(
             changed(&config("mode: bind")),
             Some(ReloadError::NeedsRestart {

@@ -7,16 +7,17 @@ use std::sync::Arc;
 
 use crate::config::ProfileConfig;
 use crate::plugins::{
-    self, Candidate, Plugin, PluginContext, PluginError, RequestOutcome, SchedulingRequest,
+    self, Candidate, Filter, Picker, PluginContext, PluginError, RequestOutcome, SchedulingRequest,
+    Scorer,
 };
 use crate::pods::PodSet;
 
 /// A built profile.
 pub struct Pipeline {
     name: String,
-    filters: Vec<Arc<dyn Plugin>>,
-    scorers: Vec<(Arc<dyn Plugin>, f64)>,
-    picker: Arc<dyn Plugin>,
+    filters: Vec<Arc<dyn Filter>>,
+    scorers: Vec<(Arc<dyn Scorer>, f64)>,
+    picker: Arc<dyn Picker>,
 }
 
 /// The outcome of one scheduling pass.
@@ -50,38 +51,28 @@ impl Decision {
     }
 }
 
-fn check_role(plugin: &Arc<dyn Plugin>, ok: bool, role: &'static str) -> Result<(), PluginError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(PluginError::WrongRole {
-            name: plugin.name().to_string(),
-            role,
-            roles: plugins::RolesDisplay(plugin.roles()),
-        })
-    }
-}
-
 impl Pipeline {
     pub fn build(
         name: &str,
         cfg: &ProfileConfig,
         ctx: &PluginContext,
     ) -> Result<Self, PluginError> {
-        let mut filters = Vec::new();
-        for f in &cfg.filters {
-            let plugin = plugins::build(&f.name, f.params.as_ref(), ctx)?;
-            check_role(&plugin, plugin.roles().filter, "filter")?;
-            filters.push(plugin);
-        }
-        let mut scorers = Vec::new();
-        for s in &cfg.scorers {
-            let plugin = plugins::build(&s.name, s.params.as_ref(), ctx)?;
-            check_role(&plugin, plugin.roles().scorer, "scorer")?;
-            scorers.push((plugin, s.weight));
-        }
-        let picker = plugins::build(&cfg.picker.name, cfg.picker.params.as_ref(), ctx)?;
-        check_role(&picker, picker.roles().picker, "picker")?;
+        let filters = cfg
+            .filters
+            .iter()
+            .map(|f| plugins::build_filter(&f.name, f.params.as_ref(), ctx))
+            .collect::<Result<_, _>>()?;
+        let scorers = cfg
+            .scorers
+            .iter()
+            .map(|s| {
+                Ok((
+                    plugins::build_scorer(&s.name, s.params.as_ref(), ctx)?,
+                    s.weight,
+                ))
+            })
+            .collect::<Result<_, PluginError>>()?;
+        let picker = plugins::build_picker(&cfg.picker.name, cfg.picker.params.as_ref(), ctx)?;
         Ok(Self {
             name: name.to_string(),
             filters,
@@ -140,23 +131,26 @@ impl Pipeline {
         }
     }
 
-    fn plugins(&self) -> impl Iterator<Item = &Arc<dyn Plugin>> {
-        self.filters
-            .iter()
-            .chain(self.scorers.iter().map(|(s, _)| s))
-            .chain(std::iter::once(&self.picker))
-    }
-
+    /// Every plugin of the profile hears that the request was sent to `chosen`.
     pub fn routed(&self, req: &SchedulingRequest<'_>, chosen: &Candidate) {
-        for plugin in self.plugins() {
-            plugin.routed(req, chosen);
+        for filter in &self.filters {
+            filter.routed(req, chosen);
         }
+        for (scorer, _) in &self.scorers {
+            scorer.routed(req, chosen);
+        }
+        self.picker.routed(req, chosen);
     }
 
+    /// Every plugin of the profile hears how the request ended.
     pub fn completed(&self, outcome: &RequestOutcome) {
-        for plugin in self.plugins() {
-            plugin.completed(outcome);
+        for filter in &self.filters {
+            filter.completed(outcome);
         }
+        for (scorer, _) in &self.scorers {
+            scorer.completed(outcome);
+        }
+        self.picker.completed(outcome);
     }
 }
 

@@ -2,10 +2,11 @@
 //! the background services into a Pingora server and runs it.
 //!
 //! Services and their start order (Pingora starts a service once its dependencies
-//! report ready): discovery, KV event ingestion (after discovery, so a handed-over
-//! index finds its pods), config reload, pod health and the admin listener start
-//! first; the ready gate waits for discovery, ingestion and reload, logs the
-//! startup summary and opens readiness; the proxy listens only after the gate.
+//! report ready): discovery, config reload and the admin listener start first; KV
+//! event ingestion (so a handed-over index finds its pods) and pod health (so every
+//! discovered pod is probed before kvgate is ready) after discovery; the ready gate
+//! waits for all of them, logs the startup summary and opens readiness; the proxy
+//! listens only after the gate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::proxy::{
     DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy, LimitedListener,
 };
 use crate::reload::Reloader;
+use crate::tls::{ListenerTls, TlsError};
 use crate::upgrade::{self, DrainExit, EventsRunner, HandoverReceiver, Signals, UpgradeError};
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +74,8 @@ pub enum ServeError {
     Events(#[from] EventServiceError),
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Loads the config, builds everything, and serves until the process is told to stop.
@@ -81,8 +85,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let summary = Summary::of(&config);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = crate::COMMIT,
         config = %args.config.display(),
         listen = %config.server.listen,
+        tls = config.server.tls.is_some(),
         admin = %config.server.admin,
         models = %summary.models,
         profiles = %summary.profiles,
@@ -93,6 +99,13 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let metrics = Arc::clone(metrics::global());
     let listen = config.server.listen;
     let admin = config.server.admin;
+    // Before anything starts: a certificate that does not load is a bad config.
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(ListenerTls::new)
+        .transpose()?;
     let gateway = Arc::new(Gateway::build(config.clone())?);
     let events = Arc::new(KvEventService::new(
         &config,
@@ -160,10 +173,11 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let events_handle = server.add_service(shared_service("kv events", &events));
     events_handle.add_dependency(&discovery_handle);
     let reload_handle = server.add_service(background_service("config reload", reloader));
-    server.add_service(background_service(
+    let health_handle = server.add_service(background_service(
         "pod health",
         HealthChecker::new(Arc::clone(&gateway)),
     ));
+    health_handle.add_dependency(&discovery_handle);
     server.add_service(AdminEndpoint {
         addr: admin,
         state: admin_state(&gateway, &discovery, &events, &gate, &metrics),
@@ -173,21 +187,31 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         DrainExit::new(Arc::clone(&gateway), Arc::clone(&handing_over)),
     ));
     let gate_handle = server.add_service(shared_service("ready gate", &gate));
-    gate_handle.add_dependencies([&discovery_handle, &events_handle, &reload_handle]);
+    gate_handle.add_dependencies([
+        &discovery_handle,
+        &events_handle,
+        &reload_handle,
+        &health_handle,
+    ]);
 
-    // Plain HTTP/1.1 (no TLS, no h2c): the listener limits follow one request at a time
-    // per connection.
-    let mut proxy = ListeningService::new(
-        "kvgate proxy".to_string(),
-        LimitedListener::new(
-            pingora::proxy::http_proxy(
-                &server.configuration,
-                KvGateProxy::new(Arc::clone(&gateway)),
-            ),
-            Arc::clone(&gateway),
-            Arc::clone(&metrics),
+    // HTTP/1.1 only (no h2, no h2c): the listener limits follow one request at a time per
+    // connection. With TLS the listener runs the handshake itself, inside those limits.
+    let mut listener = LimitedListener::new(
+        pingora::proxy::http_proxy(
+            &server.configuration,
+            KvGateProxy::new(Arc::clone(&gateway)),
         ),
+        Arc::clone(&gateway),
+        Arc::clone(&metrics),
     );
+    if let Some(tls) = tls {
+        server.add_service(background_service(
+            "TLS certificate reload",
+            tls.reloader(Arc::clone(&metrics)),
+        ));
+        listener = listener.with_tls(tls);
+    }
+    let mut proxy = ListeningService::new("kvgate proxy".to_string(), listener);
     proxy.add_tcp(&listen.to_string());
     let proxy = server.add_service(proxy);
     proxy.add_dependency(&gate_handle);

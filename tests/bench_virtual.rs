@@ -243,3 +243,60 @@ fn bad_options_are_refused_with_a_reason() {
         .to_string();
     assert!(err.contains("QPS"), "{err}");
 }
+
+#[test]
+fn the_cli_says_each_step_on_stderr() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args([
+            "bench",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/conf/kvgate.yaml"),
+        ])
+        .args([
+            "--workload",
+            "w1",
+            "--pods",
+            "2",
+            "--groups",
+            "4",
+            "--prefix-tokens",
+            "256",
+        ])
+        .args([
+            "--question-tokens",
+            "64",
+            "--output-tokens",
+            "8",
+            "--qps",
+            "2",
+        ])
+        .args(["--duration", "10", "--warmup", "0", "--policies", "precise"])
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run kvgate bench");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("kvgate bench: "))
+        .collect();
+    let expected = [
+        "loading ",
+        "model Qwen3-32B, 2 pods; building the workload",
+        "workload w1: ",
+        "simulating in virtual time",
+        "writing the report to ",
+    ];
+    assert_eq!(steps.len(), expected.len(), "{stderr}");
+    for (step, start) in steps.iter().zip(expected) {
+        assert!(
+            step.starts_with(start),
+            "{step:?} should start with {start:?}"
+        );
+    }
+    // The progress bar's last line comes between the simulation and the report.
+    assert!(stderr.contains("100.0%"), "{stderr}");
+    assert!(stderr.contains("wrote "), "{stderr}");
+}

@@ -486,3 +486,74 @@ fn kvgate_config_agrees_with_the_vllm_fleet() {
     assert_eq!(format!("{engine_mount}/{sub_path}"), model_dir);
     assert_eq!(tokenizer, format!("{mount_path}/tokenizer.json"));
 }
+
+/// A `KEY value` instruction of the Containerfile's `prebuilt` target (the one built here).
+fn containerfile_instruction(key: &str) -> String {
+    let text = std::fs::read_to_string(format!("{DEPLOY}/Containerfile")).expect("Containerfile");
+    text.lines()
+        .skip_while(|l| !l.starts_with("FROM scratch AS prebuilt"))
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in the prebuilt target"))
+        .to_string()
+}
+
+#[test]
+fn kvgate_runs_the_image_deploy_containerfile_builds() {
+    let docs = rendered();
+    let deployment = find(&docs, "Deployment", "kvgate");
+    let kvgate = container(deployment, "kvgate");
+    // kustomization.yaml's `images:` tags it with the version `kvgate --version` prints.
+    let image = kvgate["image"].as_str().expect("image");
+    assert_eq!(
+        image
+            .rsplit_once(':')
+            .map(|(name, tag)| (name.ends_with("/kvgate"), tag)),
+        Some((true, env!("CARGO_PKG_VERSION")))
+    );
+    // The image's entrypoint is kvgate itself, so the args name the subcommand.
+    assert_eq!(
+        containerfile_instruction("ENTRYPOINT"),
+        r#"["/usr/local/bin/kvgate"]"#
+    );
+    assert_eq!(kvgate["args"][0], "serve");
+    let user = containerfile_instruction("USER");
+    let pod = &deployment["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(
+        user,
+        format!("{}:{}", pod["runAsUser"], pod["runAsGroup"]),
+        "the Deployment runs as the image's user"
+    );
+}
+
+#[test]
+fn the_tls_secret_is_mounted_where_the_documented_server_tls_points() {
+    let docs = rendered();
+    let deployment = find(&docs, "Deployment", "kvgate");
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == "tls"))
+        .expect("tls volume");
+    assert_eq!(volume["secret"]["secretName"], "kvgate-tls");
+    // Plain HTTP (the default) must start without the Secret.
+    assert_eq!(volume["secret"]["optional"], true);
+    let mount = container(deployment, "kvgate")["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "tls"))
+        .expect("tls mount");
+    assert_eq!(mount["readOnly"], true);
+    let dir = mount["mountPath"].as_str().expect("mountPath");
+
+    // deploy/README.md's snippet, added under `server:` of the mounted config.
+    let readme = std::fs::read_to_string(format!("{DEPLOY}/README.md")).expect("README");
+    let snippet = readme
+        .lines()
+        .find(|l| l.trim_start().starts_with("tls: {certFile:"))
+        .expect("the server.tls line in deploy/README.md");
+    let text = mounted_config(&docs).replacen("server:\n", &format!("server:\n{snippet}\n"), 1);
+    let config = Config::parse(&text).expect("the config with TLS parses");
+    config.validate().expect("the config with TLS is valid");
+    let tls = config.server.tls.expect("server.tls");
+    // A `kubernetes.io/tls` Secret (`kubectl create secret tls`, cert-manager) holds these two keys.
+    assert_eq!(tls.cert_file, std::path::Path::new(dir).join("tls.crt"));
+    assert_eq!(tls.key_file, std::path::Path::new(dir).join("tls.key"));
+}

@@ -1,6 +1,8 @@
 //! `kvgate serve` end to end: real clients (curl, the openai SDK, raw sockets) against
 //! kvgate in a subprocess, in front of fake vLLM pods in Python processes.
 
+// Shared with the other end-to-end tests; each uses part of it.
+#[allow(dead_code)]
 mod upstream;
 
 use std::io::Read;
@@ -487,9 +489,17 @@ fn dead_pod_is_retried_on_the_next_then_ejected() {
 #[test]
 fn no_healthy_pod_gives_503() {
     let pod = FakePod::start();
+    // Without a panic threshold, failing every check leaves nothing to route to.
     let gateway = Kvgate::start(
         &GatewayConfig {
             health_check_interval_ms: 100,
+            profiles: Some(
+                "  default:
+    filters: [{name: healthy, params: {panicThresholdPercent: 0}}]
+    scorers: [{name: kv-cache}, {name: load}]
+"
+                .into(),
+            ),
             ..GatewayConfig::default()
         }
         .with_model("qwen", &[pod.addr()])

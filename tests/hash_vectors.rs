@@ -596,3 +596,75 @@ fn pickle_matches_cpython_beyond_the_vectors() {
         cases.len()
     );
 }
+
+/// The CBOR hash settings of the releases whose pre-image shapes differ: 64-bit int
+/// parents (0.10.1.1), 32-byte parents with the LoRA id (0.11.0), the LoRA name (0.20.0)
+/// and the tagged ("lora", name, path) key (0.33.0).
+fn cbor_settings(release: &str) -> HashSettings {
+    let algo = if release == "0.10.1.1" {
+        HashAlgo::Sha256Cbor64bit
+    } else {
+        HashAlgo::Sha256Cbor
+    };
+    HashSettings {
+        algo,
+        block_size: 16,
+        seed: Some("42".into()),
+        release: release.parse().expect("release"),
+    }
+}
+
+fn token() -> impl proptest::strategy::Strategy<Value = u32> {
+    use proptest::prelude::*;
+    // Every head width: in the head byte, 1, 2 and 4 bytes after it.
+    prop_oneof![0u32..24, 24u32..256, 256u32..65_536, 65_536u32..=u32::MAX]
+}
+
+/// LoRA int ids: small ones (one-byte heads, both signs) and any other.
+fn any_lora_id() -> impl proptest::strategy::Strategy<Value = i64> {
+    use proptest::prelude::*;
+    prop_oneof![any::<i64>(), -30i64..30]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Beyond the vectors: whatever the tokens, salt, LoRA key and parent, kvgate's CBOR
+    /// pre-image is what an independent encoder writes for the same value (ciborium, which
+    /// re-encodes each of the vectors' cbor2 pre-images byte for byte), and its token array
+    /// is the block's tokens.
+    #[test]
+    fn cbor_preimages_are_what_ciborium_writes(
+        release in proptest::sample::select(vec!["0.10.1.1", "0.11.0", "0.20.0", "0.33.0"]),
+        tokens in proptest::collection::vec(token(), 1..300),
+        salt in proptest::option::of("\\PC{0,40}"),
+        lora in proptest::option::of(("[a-z-]{0,30}", "\\PC{0,60}", any_lora_id())),
+        chained in proptest::bool::ANY,
+    ) {
+        let hasher = BlockHasher::new_for_inspection(&cbor_settings(release)).expect("hasher");
+        let extra = ExtraKeys {
+            lora: lora.map(|(name, path, int_id)| LoraKey { name, int_id, path }),
+            cache_salt: salt,
+        };
+        let parent = chained.then(|| {
+            let mut first = Vec::new();
+            hasher.hash_prompt(&[7; 16], &ExtraKeys::default(), &mut first);
+            first[0].digest
+        });
+        let mut ours = Vec::new();
+        hasher.preimage(parent, 0, &tokens, &extra, &mut ours);
+        let value: ciborium::Value = ciborium::from_reader(ours.as_slice()).expect("well-formed CBOR");
+        let mut theirs = Vec::new();
+        ciborium::into_writer(&value, &mut theirs).expect("encode");
+        proptest::prop_assert_eq!(hex::encode(&ours), hex::encode(&theirs));
+        let items = value.as_array().expect("a (parent, tokens, extra) array");
+        proptest::prop_assert_eq!(items.len(), 3);
+        let encoded: Vec<u32> = items[1]
+            .as_array()
+            .expect("token array")
+            .iter()
+            .map(|t| t.as_integer().and_then(|i| u32::try_from(i).ok()).expect("u32 token"))
+            .collect();
+        proptest::prop_assert_eq!(encoded, tokens);
+    }
+}

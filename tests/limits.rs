@@ -6,13 +6,15 @@
 #[allow(dead_code)]
 mod upstream;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use upstream::{connect, curl, parse_head, wait_for, write_request, GatewayConfig, Kvgate};
+use upstream::{
+    connect, curl_head, parse_head, wait_closed, wait_for, write_request, GatewayConfig, Kvgate,
+};
 
 /// kvgate answers `GET /v1/models` itself: no pod is needed to exercise the listener.
 fn gateway(config: GatewayConfig) -> Kvgate {
@@ -21,20 +23,13 @@ fn gateway(config: GatewayConfig) -> Kvgate {
 
 /// `curl -i` of `GET /v1/models` with extra headers: (status, response head, body).
 fn get_models(gateway: &Kvgate, headers: &[String]) -> (u16, String, Vec<u8>) {
-    let mut args = vec!["-i".to_string()];
+    let mut args = Vec::new();
     for h in headers {
         args.extend(["-H".to_string(), h.clone()]);
     }
     args.push(gateway.url("/v1/models"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = curl(&args);
-    let (status, head, body_at) =
-        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
-    (
-        status,
-        head.to_ascii_lowercase(),
-        out.stdout[body_at..].to_vec(),
-    )
+    curl_head(&args)
 }
 
 fn error_of(body: &[u8]) -> Value {
@@ -77,33 +72,6 @@ fn models_on(stream: &mut TcpStream) -> u16 {
     read_response(stream).0
 }
 
-/// Blocks until kvgate closes `stream` (end of file or reset) and returns when that was;
-/// any bytes kvgate sent first are returned too.
-fn wait_closed(stream: &mut TcpStream) -> (Instant, Vec<u8>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => return (Instant::now(), got),
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (Instant::now(), got),
-            Err(e) => panic!("kvgate did not close the connection: {e}"),
-        }
-    }
-}
-
-/// One sample of kvgate's `/metrics` (0 when the series does not exist yet).
-fn metric(gateway: &Kvgate, series: &str) -> f64 {
-    let out = curl(&[&format!("http://{}/metrics", gateway.admin_addr())]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn oversized_headers_and_too_many_fields_get_431_json() {
     let gateway = gateway(GatewayConfig {
@@ -143,9 +111,7 @@ fn oversized_headers_and_too_many_fields_get_431_json() {
     assert_eq!(status, 400);
 
     assert_eq!(
-        metric(
-            &gateway,
-            "kvgate_requests_total{model=\"unknown\",pod=\"none\",policy=\"unknown\",status=\"431\"}"
+        gateway.metric("kvgate_requests_total{model=\"unknown\",pod=\"none\",policy=\"unknown\",status=\"431\"}"
         ),
         2.0
     );
@@ -159,7 +125,7 @@ fn connections_beyond_the_limit_are_refused_until_one_closes() {
     });
     // The start-up readiness probe holds a slot until kvgate has seen it close.
     wait_for("no client connection open", Duration::from_secs(5), || {
-        (metric(&gateway, "kvgate_downstream_connections") == 0.0).then_some(())
+        (gateway.metric("kvgate_downstream_connections") == 0.0).then_some(())
     });
     let mut first = connect(gateway.port);
     let mut second = connect(gateway.port);
@@ -197,18 +163,22 @@ fn connections_beyond_the_limit_are_refused_until_one_closes() {
         }
         .with_model("qwen", &[]),
     );
+    // Applying a reload loads the model's tokenizer again: slow on a loaded debug build.
+    wait_for("the reload to be applied", Duration::from_secs(60), || {
+        (gateway.metric("kvgate_config_reloads_total{result=\"ok\"}") >= 1.0).then_some(())
+    });
     wait_for(
         "a third connection to be accepted after the reload",
         Duration::from_secs(10),
         || (get_models(&gateway, &[]).0 == 200).then_some(()),
     );
     drop(third);
-    assert!(metric(&gateway, "kvgate_downstream_connections_refused_total") >= 2.0);
+    assert!(gateway.metric("kvgate_downstream_connections_refused_total") >= 2.0);
     // Only `second` is left once kvgate has seen curl's connections close.
     wait_for(
         "the open connections gauge to settle",
         Duration::from_secs(5),
-        || (metric(&gateway, "kvgate_downstream_connections") == 1.0).then_some(()),
+        || (gateway.metric("kvgate_downstream_connections") == 1.0).then_some(()),
     );
 }
 
@@ -289,10 +259,9 @@ fn slow_and_idle_clients_are_cut_at_their_deadlines() {
     assert!(after < idle_timeout + slack, "{after:?}");
 
     let timeouts = |phase: &str| {
-        metric(
-            &gateway,
-            &format!("kvgate_downstream_timeouts_total{{phase=\"{phase}\"}}"),
-        )
+        gateway.metric(&format!(
+            "kvgate_downstream_timeouts_total{{phase=\"{phase}\"}}"
+        ))
     };
     assert_eq!(timeouts("header"), 3.0);
     assert_eq!(timeouts("idle"), 1.0);
@@ -302,7 +271,7 @@ fn slow_and_idle_clients_are_cut_at_their_deadlines() {
     wait_for(
         "every connection to be released",
         Duration::from_secs(5),
-        || (metric(&gateway, "kvgate_downstream_connections") == 0.0).then_some(()),
+        || (gateway.metric("kvgate_downstream_connections") == 0.0).then_some(()),
     );
 }
 
@@ -362,7 +331,7 @@ fn a_body_trickled_past_its_deadline_gets_408_and_a_close() {
     drop(slow);
     dripper.join().expect("dripper");
     assert_eq!(
-        metric(&gateway, "kvgate_downstream_timeouts_total{phase=\"body\"}"),
+        gateway.metric("kvgate_downstream_timeouts_total{phase=\"body\"}"),
         1.0
     );
 }

@@ -116,6 +116,8 @@ fn record_known_traffic(m: &Metrics) {
     m.config_reload(true);
     m.config_reload(false);
     m.config_reload(true);
+    m.tls_certificate_reload(true);
+    m.tls_handshake_failed();
 }
 
 fn pod_a_load() -> PodLoad {
@@ -424,8 +426,17 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         (format!("kvgate_pod_in_flight{{{a}}}"), 2.0),
         ("kvgate_config_reloads_total{result=\"ok\"}".into(), 2.0),
         ("kvgate_config_reloads_total{result=\"failed\"}".into(), 1.0),
+        ("kvgate_tls_certificate_reloads_total{result=\"ok\"}".into(), 1.0),
+        ("kvgate_downstream_tls_handshake_failures_total".into(), 1.0),
         ("kvgate_config_last_reload_successful".into(), 1.0),
-        (format!("kvgate_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0),
+        (
+            format!(
+                "kvgate_build_info{{version=\"{}\",commit=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                env!("KVGATE_COMMIT")
+            ),
+            1.0,
+        ),
     ];
     for (promql, expected) in &checks {
         prom.wait_for_value(promql, *expected).await;

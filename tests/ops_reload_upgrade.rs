@@ -18,6 +18,8 @@
 //! rate before. Printed: request rate, failures, p50/p99 latency at steady state and
 //! during each switch, hit rates.
 
+// Shared with the other tests that run `kvgate sim` pods, which use more of it.
+#[allow(dead_code)]
 #[path = "support/sim.rs"]
 mod sim;
 // Shared with the gateway tests, which use more of it.

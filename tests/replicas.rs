@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sim::{model_yaml, SimPods, BLOCK};
+use sim::{document, SimPods, BLOCK};
 use upstream::{free_port, http_request, wait_for};
 
 const PODS: usize = 4;
@@ -39,24 +39,10 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(dir: &Path, n: usize, pods: &str) -> Self {
+    fn start(dir: &Path, n: usize, sim: &SimPods) -> Self {
         let (listen, admin) = (free_port(), free_port());
         let config = dir.join(format!("kvgate-{n}.yaml"));
-        let yaml = format!(
-            "server:
-  listen: 127.0.0.1:{listen}
-  admin: 127.0.0.1:{admin}
-  healthCheckIntervalMs: 0
-  scrapeIntervalMs: 0
-  threads: 1
-events:
-  mode: connect
-  replay: true
-logging:
-  level: info
-  format: json
-"
-        ) + &model_yaml(MODEL, pods);
+        let yaml = sim.gateway_config(MODEL, listen, admin, 0);
         fs::write(&config, yaml).expect("write config");
         let log = dir.join(format!("kvgate-{n}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
@@ -114,51 +100,12 @@ impl Drop for Replica {
     }
 }
 
-/// A distinct document of about 1,500 tokens per conversation.
-fn document(n: usize) -> String {
-    (0..300)
-        .map(|w| {
-            format!(
-                "fact{n}x{w} is filed under drawer {}.",
-                (n * 31 + w * 7) % 97
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[test]
 fn a_second_turn_on_another_replica_finds_the_first_turns_pod() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim_config = dir.path().join("sim.yaml");
-    fs::write(&sim_config, model_yaml(MODEL, "[]")).expect("write sim config");
-    let sim = SimPods::start(
-        &sim_config,
-        PODS,
-        &[
-            "--events-bind-base-port",
-            "0",
-            "--replay-base-port",
-            "0",
-            "--time-scale",
-            "0.1",
-        ],
-    );
-    let pods = (0..PODS)
-        .map(|i| {
-            format!(
-                "{{http: \"{}\", events: \"{}\", replay: \"{}\", topicHost: \"{}\"}}",
-                sim.field(i, "http"),
-                sim.field(i, "pubEndpoint"),
-                sim.field(i, "replayEndpoint"),
-                sim.topic_host(i, MODEL),
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let pods = format!("[{pods}]");
+    let sim = SimPods::start_publishing(dir.path(), MODEL, PODS);
     let replicas: Vec<Replica> = (0..REPLICAS)
-        .map(|n| Replica::start(dir.path(), n, &pods))
+        .map(|n| Replica::start(dir.path(), n, &sim))
         .collect();
 
     let mut first_turns = Vec::new();

@@ -41,7 +41,7 @@ fn pods(n: u32, first_id: u32) -> PodSet {
         pods: (0..n)
             .map(|i| {
                 let pod = Arc::new(Pod::new(first_id + i, endpoint(i)));
-                pod.set_trust(EventTrust::Synced);
+                pod.set_trust(pod.cache_epoch(), EventTrust::Synced);
                 pod
             })
             .collect(),
@@ -213,8 +213,8 @@ fn untrusted_and_unknown_pods_get_no_cache_credit() {
     let prefix = blocks(300, 32);
     ctx.index.store(0, 0, Tier::Gpu, &prefix);
     ctx.index.store(1, 0, Tier::Gpu, &prefix);
-    set.pods[0].set_trust(EventTrust::Untrusted);
-    set.pods[1].set_trust(EventTrust::Unknown);
+    set.pods[0].set_trust(set.pods[0].cache_epoch(), EventTrust::Untrusted);
+    set.pods[1].set_trust(set.pods[1].cache_epoch(), EventTrust::Unknown);
     let precise = pipeline(PRECISE, &ctx);
     // The untrusted pod is the least loaded: it is still routed to, on load alone.
     let _l1 = set.pods[1].begin_request(0);
@@ -327,16 +327,27 @@ scorers:
 }
 
 #[test]
-fn no_healthy_pod_means_no_ranking() {
+fn no_healthy_pod_means_no_ranking_without_a_panic_threshold() {
     let ctx = context();
     let set = pods(2, 0);
-    let precise = pipeline(PRECISE, &ctx);
+    let strict = pipeline(
+        &PRECISE.replace(
+            "{name: healthy}",
+            "{name: healthy, params: {panicThresholdPercent: 0}}",
+        ),
+        &ctx,
+    );
     set.pods[0].set_health_check(false);
     set.pods[1].record_failure(1_000, 1, Duration::from_secs(5));
-    let decision = precise.schedule(&request("r", &[1, 2], 2_000), &set);
+    let decision = strict.schedule(&request("r", &[1, 2], 2_000), &set);
     assert!(decision.ranked.is_empty());
-    let decision = precise.schedule(&request("r", &[1, 2], 6_000), &set);
+    let decision = strict.schedule(&request("r", &[1, 2], 6_000), &set);
     assert_eq!(chosen_id(&decision), 1);
+    // At the default threshold, a fleet failing every check is still routed: to the pod
+    // whose requests did not fail.
+    let precise = pipeline(PRECISE, &ctx);
+    let decision = precise.schedule(&request("r", &[1, 2], 2_000), &set);
+    assert_eq!(chosen_id(&decision), 0);
 }
 
 #[test]

@@ -154,7 +154,7 @@ pub struct BenchArgs {
     /// Runs simulated in parallel (default: the machine's cores).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// No progress bar.
+    /// No progress on stderr (neither the step lines nor the progress bar).
     #[arg(long)]
     pub quiet: bool,
     /// Live mode: the running gateway's base URL (e.g. http://127.0.0.1:8080). Requests
@@ -422,18 +422,33 @@ pub fn evaluate(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if !(args.slo_ttft_p90.is_finite() && args.slo_ttft_p90 > 0.0) {
         return Err(BenchError::Usage("--slo-ttft-p90 must be > 0".into()));
     }
+    let steps = Steps::new(args.quiet);
+    steps.line(format_args!(
+        "loading {} (model, tokenizer, profiles)",
+        args.config.display()
+    ));
     let ctx = load_context(args)?;
     let policies = policies(args, &ctx)?;
-    let started = Instant::now();
+    steps.line(format_args!(
+        "model {}, {} pods; building the workload (rendering, tokenizing, hashing prompts)",
+        ctx.model.name, args.pods
+    ));
     let workload = build_workload(args, &ctx, args.live.is_some())?;
-    tracing::info!(
-        workload = %workload.name,
-        requests = workload.request_count(),
-        seconds = started.elapsed().as_secs_f64(),
-        "workload built"
-    );
+    steps.line(format_args!(
+        "workload {}: {} requests in {} segments; {} policies to run: {}",
+        workload.name,
+        workload.request_count(),
+        workload.segments.len(),
+        policies.len(),
+        policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     match &args.live {
         Some(gateway) => {
+            steps.line(format_args!("replaying through the gateway at {gateway}"));
             let setup = live_setup(args, &ctx, gateway)?;
             let profiles: Vec<&str> = ctx.config.profiles.keys().map(String::as_str).collect();
             for policy in &policies {
@@ -451,6 +466,7 @@ pub fn evaluate(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             ))
         }
         None => {
+            steps.line(format_args!("simulating in virtual time"));
             let segments = run_virtual(args, &ctx, &workload, &policies)?;
             Ok(report_of(
                 args, &ctx, &workload, &policies, segments, "virtual",
@@ -565,6 +581,7 @@ fn report_of(
 /// `kvgate bench`: evaluates, writes the report files and prints the markdown table.
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     let report = evaluate(args)?;
+    Steps::new(args.quiet).line(format_args!("writing the report to {}", args.out.display()));
     let written = report::write(&report, &args.out, &report.workload)?;
     println!("{}", written.markdown);
     for file in &written.files {
@@ -669,6 +686,24 @@ fn run_virtual(
         runs[segment].push(data);
     }
     Ok(runs)
+}
+
+/// One line on stderr per step of a long run, so a run that takes minutes says what it is
+/// doing before the progress bar starts.
+struct Steps {
+    quiet: bool,
+}
+
+impl Steps {
+    fn new(quiet: bool) -> Self {
+        Self { quiet }
+    }
+
+    fn line(&self, what: std::fmt::Arguments<'_>) {
+        if !self.quiet {
+            eprintln!("kvgate bench: {what}");
+        }
+    }
 }
 
 /// A one-line progress bar on stderr (a line every few seconds when it is not a terminal).

@@ -562,7 +562,7 @@ fn replica(setup: &SimSetup, policy: &PolicySpec, seed: u64) -> Result<Replica, 
                 sim_pod_endpoint(i),
             ));
             if policy.feed != IndexFeed::None {
-                pod.set_trust(EventTrust::Synced);
+                pod.set_trust(pod.cache_epoch(), EventTrust::Synced);
             }
             pod
         })

@@ -8,6 +8,14 @@
 //! publisher's [`SeqTracker`] decide, and apply what it says: stores and removes
 //! into the index under the pod's index target for that data-parallel rank,
 //! clears, and replay requests that the service carries out and feeds back.
+//!
+//! Every clear of a pod's entries moves the pod's [`CacheEpoch`] on, which voids
+//! whatever else kvgate believed about its cache (the kv-cache scorer's speculative
+//! credit, the trust ingestion set): a restart (sequence reset, or a replay that shows
+//! another process), an AllBlocksCleared, a loss that replay could not repair. The
+//! epoch may also move without ingestion: a refused connection tells the proxy or the
+//! health checker that the pod's process is gone. Ingestion then catches up: the pod's
+//! entries are dropped and each stream is expected to start over from a new process.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,7 +37,7 @@ use crate::events::tracker::{
 };
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, PodPrefix, PrefixMatch, ScopeId, Tier};
-use crate::pods::{EventTrust, Pod, PodId, PodRegistry};
+use crate::pods::{CacheEpoch, EventTrust, Pod, PodId, PodRegistry};
 use crate::scope::scope_id;
 
 /// Distinct topics remembered in bind mode; the cache is dropped beyond it, so
@@ -235,6 +243,8 @@ struct PodEntry {
     parity: ParityChecker,
     stats: Arc<PodEventStats>,
     trust: EventTrust,
+    /// The pod's cache epoch that the index entries and `trust` describe.
+    epoch: CacheEpoch,
     last_seen: Instant,
 }
 
@@ -436,6 +446,7 @@ impl Ingestor {
                 parity: ParityChecker::new(self.cfg.parity_sample),
                 stats: self.stats.pod(pod.id),
                 trust: EventTrust::Unknown,
+                epoch: pod.cache_epoch(),
                 last_seen: now,
             },
         };
@@ -500,8 +511,7 @@ impl Ingestor {
             }
         }
         self.targets.set(pod.id, &publisher_targets(&entry));
-        // Trust is pushed to the pod whenever it differs from what the entry last set.
-        entry.trust = pod.trust();
+        entry.epoch = pod.cache_epoch();
         refresh_trust(&mut entry);
         if let Some(other) = self.by_topic_host.insert(topic_key, pod.id) {
             if self.pods.get(&other).is_some_and(|e| e.pod.is_some()) {
@@ -589,6 +599,7 @@ impl Ingestor {
                 parity: ParityChecker::new(self.cfg.parity_sample),
                 stats: self.stats.pod(id),
                 trust: EventTrust::Unknown,
+                epoch: CacheEpoch::default(),
                 last_seen: now,
             },
         );
@@ -637,6 +648,7 @@ impl Ingestor {
             // A pod removed while its messages were queued.
             return;
         };
+        follow_epoch(index, entry);
         entry.last_seen = now;
         bump(&entry.stats.batches, 1);
         if decode_batch_into(payload, batch).is_err() {
@@ -670,6 +682,7 @@ impl Ingestor {
             actions,
             replays,
         );
+        follow_epoch(index, entry);
         refresh_trust(entry);
     }
 
@@ -686,6 +699,7 @@ impl Ingestor {
         let Some(entry) = pods.get_mut(&done.pod) else {
             return;
         };
+        follow_epoch(index, entry);
         let Some(at) = entry.publishers.iter().position(|p| p.rank == done.rank) else {
             return;
         };
@@ -717,11 +731,12 @@ impl Ingestor {
             ReplayVerdict::Restarted => {}
         }
         perform(index, done.pod, entry, at, None, scratch, actions, replays);
+        follow_epoch(index, entry);
         refresh_trust(entry);
     }
 
-    /// Periodic: gaps whose wait is over are given up; publishers never
-    /// discovered and long silent are forgotten.
+    /// Periodic: epochs moved by others are caught up with, gaps whose wait is
+    /// over are given up; publishers never discovered and long silent are forgotten.
     pub fn on_tick(&mut self, now: Instant) {
         let Self {
             pods,
@@ -737,6 +752,7 @@ impl Ingestor {
                 idle.push(id);
                 continue;
             }
+            follow_epoch(index, entry);
             for at in 0..entry.publishers.len() {
                 if entry.publishers[at].tracker.on_tick(now, actions) {
                     tracing::debug!(
@@ -749,6 +765,7 @@ impl Ingestor {
                     perform(index, id, entry, at, None, scratch, actions, replays);
                 }
             }
+            follow_epoch(index, entry);
             refresh_trust(entry);
         }
         for id in idle {
@@ -847,6 +864,7 @@ fn perform(
                     let publisher = &mut entry.publishers[at];
                     index.clear_pod(publisher.target);
                     publisher.tracker.mark_lost();
+                    advance_epoch(entry.pod.as_deref(), &mut entry.epoch, false);
                 }
             },
             Action::Clear(reason) => {
@@ -854,6 +872,10 @@ fn perform(
                 index.clear_pod(publisher.target);
                 match reason {
                     ClearReason::Restart => {
+                        // A new process may run corrected hash settings.
+                        entry.parity.reset();
+                        entry.stats.set_parity(entry.parity.verdict());
+                        advance_epoch(entry.pod.as_deref(), &mut entry.epoch, true);
                         bump(&entry.stats.restarts, 1);
                         tracing::info!(
                             pod = pod_id,
@@ -862,6 +884,7 @@ fn perform(
                         );
                     }
                     ClearReason::Lost => {
+                        advance_epoch(entry.pod.as_deref(), &mut entry.epoch, false);
                         bump(&entry.stats.unrecoverable, 1);
                         tracing::warn!(
                             pod = pod_id,
@@ -963,7 +986,7 @@ fn apply_batch(
                                 model = %model.name,
                                 mismatch = %description,
                                 "KV event hash parity FAILED: this pod's block hashes differ from kvgate's; \
-                                 routing it on load only until the config is fixed and reloaded"
+                                 routing it on load only until the config is fixed and reloaded, or the pod restarts"
                             );
                         } else {
                             tracing::warn!(pod = %entry.topic_host, model = %model.name, mismatch = %description, "KV event hash parity disagreement");
@@ -976,6 +999,7 @@ fn apply_batch(
                 removals.clear();
                 index.clear_pod(target);
                 publisher.tracker.mark_cleared();
+                advance_epoch(entry.pod.as_deref(), &mut entry.epoch, false);
                 bump(&stats.all_cleared, 1);
             }
         }
@@ -988,6 +1012,7 @@ fn apply_batch(
         bump(&stats.malformed, 1);
         index.clear_pod(target);
         publisher.tracker.mark_lost();
+        advance_epoch(entry.pod.as_deref(), &mut entry.epoch, false);
         tracing::warn!(
             pod = %entry.topic_host,
             skipped = batch.dropped.len(),
@@ -997,7 +1022,50 @@ fn apply_batch(
     }
 }
 
-/// Sets the pod's trust from its publishers and parity.
+/// Moves the pod's cache epoch on after entries of one of its publishers were cleared, so
+/// every other belief about its cache goes with them (`new_process`: a restart, which
+/// also voids what was learned of the old process). `seen` advances with it only when
+/// nothing else moved the epoch meanwhile; otherwise it stays behind for
+/// [`follow_epoch`] to catch up with.
+fn advance_epoch(pod: Option<&Pod>, seen: &mut CacheEpoch, new_process: bool) {
+    let Some(pod) = pod else {
+        return;
+    };
+    let next = if new_process {
+        pod.process_replaced()
+    } else {
+        pod.cache_cleared()
+    };
+    if next == seen.next() {
+        *seen = next;
+    }
+}
+
+/// Catches up with a cache epoch that moved without ingestion (a refused connection:
+/// the pod's process is gone): every publisher's entries are dropped and each stream
+/// is expected to start over from a new process, whose hash settings may differ.
+fn follow_epoch(index: &BlockIndex, entry: &mut PodEntry) {
+    let Some(current) = entry.pod.as_ref().map(|pod| pod.cache_epoch()) else {
+        return;
+    };
+    if current == entry.epoch {
+        return;
+    }
+    for publisher in &mut entry.publishers {
+        index.clear_pod(publisher.target);
+        publisher.tracker.forget();
+    }
+    entry.parity.reset();
+    entry.stats.set_parity(entry.parity.verdict());
+    bump(&entry.stats.restarts, 1);
+    entry.epoch = current;
+    tracing::info!(
+        pod = %entry.topic_host,
+        "the pod's process is gone: its KV index entries are cleared and its event streams start over"
+    );
+}
+
+/// Sets the pod's trust from its publishers and parity, for the epoch the entry describes.
 fn refresh_trust(entry: &mut PodEntry) {
     let trust = if entry.parity.untrusted() {
         EventTrust::Untrusted
@@ -1010,8 +1078,10 @@ fn refresh_trust(entry: &mut PodEntry) {
     if trust != entry.trust {
         tracing::info!(pod = %entry.topic_host, from = entry.trust.as_str(), to = trust.as_str(), "KV event trust changed");
         entry.trust = trust;
-        if let Some(pod) = &entry.pod {
-            pod.set_trust(trust);
+    }
+    if let Some(pod) = &entry.pod {
+        if pod.trust() != trust {
+            pod.set_trust(entry.epoch, trust);
         }
     }
 }
@@ -1316,6 +1386,29 @@ models:
         assert_eq!(new.cached_blocks("a", &[11, 12, 13, 14, 15]), 5);
         assert_eq!(new.trust("a"), EventTrust::Synced);
         assert!(new.ingestor.take_replays().next().is_none());
+    }
+
+    #[test]
+    fn a_pod_whose_process_is_gone_loses_its_entries_and_its_stream_starts_over() {
+        let config = Config::parse(CONFIG).expect("config");
+        let mut p = Process::new(&config, &[endpoint(8001, "a")]);
+        p.ingestor.sync_pods(Instant::now());
+        p.store("a", 0, &[11, 12]);
+        p.store("a", 1, &[13]);
+        assert_eq!(p.cached_blocks("a", &[11, 12, 13]), 3);
+        assert_eq!(p.trust("a"), EventTrust::Synced);
+
+        // The proxy or the health checker found the pod's port refusing connections.
+        let pod = p.registry.by_topic_host("m", "a").expect("pod listed");
+        assert!(pod.connection_refused());
+        assert_eq!(p.trust("a"), EventTrust::Unknown);
+        p.ingestor.on_tick(Instant::now());
+        assert_eq!(p.cached_blocks("a", &[11, 12, 13]), 0);
+
+        // The new process publishes from seq 0 again: its stream is applied as a new one.
+        p.store("a", 0, &[21]);
+        assert_eq!(p.cached_blocks("a", &[21]), 1);
+        assert_eq!(p.trust("a"), EventTrust::Synced);
     }
 
     #[test]

@@ -311,6 +311,19 @@ impl<T> SeqTracker<T> {
         self.cfg.replay = replay;
     }
 
+    /// The publisher's process is known to be gone (its pod stopped accepting
+    /// connections) and its entries were cleared: the next batch starts a new process's
+    /// stream, whatever its seq.
+    pub fn forget(&mut self) {
+        self.last = None;
+        self.state = SyncState::Unknown;
+        self.held.clear();
+        self.recovery = None;
+        self.run = 0;
+        self.last_live = None;
+        self.probed = false;
+    }
+
     /// The caller applied an AllBlocksCleared: from here the index is exact.
     pub fn mark_cleared(&mut self) {
         self.state = SyncState::Synced;
@@ -555,9 +568,13 @@ impl<T> SeqTracker<T> {
         let recovery = *recovery;
 
         if let Some(verify) = recovery.verify {
+            // The ROUTER sends every batch it keeps from the one asked for on, and a
+            // process keeps at least the last it published: a complete answer with
+            // nothing comes from a process that never got as far as the verified batch.
             let replaced = batches
                 .iter()
-                .any(|b| b.seq == verify.seq && !verify.same_batch(b.seq, b.ts));
+                .any(|b| b.seq == verify.seq && !verify.same_batch(b.seq, b.ts))
+                || (end == ReplayEnd::Complete && batches.is_empty());
             if replaced {
                 // The ROUTER belongs to a new process; everything held and
                 // replayed is from it, the applied entries are not.
@@ -925,6 +942,43 @@ mod tests {
         );
         assert_eq!(r.applied, [0, 1, 2, 3, 4, 5, 6, 7]);
         assert!(r.t.is_synced());
+    }
+
+    #[test]
+    fn a_probe_answered_by_a_process_that_never_got_that_far_is_a_restart() {
+        let mut r = Run::new(true);
+        for seq in 0..3 {
+            r.live(1, seq);
+        }
+        // The pod restarted while quiet: its new ROUTER has published nothing yet.
+        r.tick(Duration::from_millis(1_100));
+        assert_eq!(r.replays.last().map(|x| x.0), Some(2));
+        assert_eq!(
+            r.replay(2, &[], ReplayEnd::Complete),
+            ReplayVerdict::Restarted
+        );
+        assert_eq!(r.clears, [ClearReason::Restart]);
+        assert_eq!(r.t.state(), SyncState::Unknown);
+        assert_eq!(
+            r.replay(2, &[], ReplayEnd::Complete),
+            ReplayVerdict::Recovered
+        );
+        // Its first batch starts the new stream.
+        assert_eq!(r.live(2, 0), Verdict::Applied);
+        assert!(r.t.is_synced());
+        assert_eq!(r.applied, [0]);
+    }
+
+    #[test]
+    fn a_forgotten_stream_starts_over_with_the_next_process() {
+        let mut r = Run::new(false);
+        for seq in 0..3 {
+            r.live(1, seq);
+        }
+        r.t.forget();
+        assert_eq!(r.t.state(), SyncState::Unknown);
+        assert_eq!(r.live(2, 0), Verdict::Applied);
+        assert!(r.t.is_synced() && r.clears.is_empty());
     }
 
     #[test]

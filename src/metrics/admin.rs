@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use parking_lot::Mutex;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use prometheus::TEXT_FORMAT;
 
 use super::Metrics;

@@ -37,9 +37,13 @@
 //! | `kvgate_downstream_connections` | gauge | |
 //! | `kvgate_downstream_connections_refused_total` | counter | |
 //! | `kvgate_downstream_timeouts_total` | counter | phase |
+//! | `kvgate_downstream_tls_handshake_failures_total` | counter | |
+//! | `kvgate_tls_certificate_reloads_total` | counter | result |
+//! | `kvgate_request_body_buffered_bytes` | gauge | |
+//! | `kvgate_request_body_buffer_full_total` | counter | |
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
-//! | `kvgate_build_info` | gauge | version |
+//! | `kvgate_build_info` | gauge | version, commit |
 
 pub mod admin;
 
@@ -217,9 +221,14 @@ pub struct Metrics {
     pod_in_flight: IntGaugeVec,
     downstream_connections: IntGauge,
     connections_refused: IntCounter,
+    body_buffered: IntGauge,
+    body_buffer_full: IntCounter,
     header_timeouts: IntCounter,
     idle_timeouts: IntCounter,
     body_timeouts: IntCounter,
+    tls_handshake_failures: IntCounter,
+    tls_reloads_ok: IntCounter,
+    tls_reloads_failed: IntCounter,
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
@@ -412,6 +421,18 @@ impl Metrics {
             "kvgate_downstream_connections_refused_total",
             "Client connections refused with 503 because server.maxConnections were open.",
         )?;
+        let body_buffered = gauge(
+            &r,
+            "kvgate_request_body_buffered_bytes",
+            "Request-body bytes held in memory across all connections (bounded by \
+             server.maxBufferedBodyBytes).",
+        )?;
+        let body_buffer_full = counter(
+            &r,
+            "kvgate_request_body_buffer_full_total",
+            "Requests refused with 503 because their body would have exceeded \
+             server.maxBufferedBodyBytes.",
+        )?;
         let timeouts = counter_vec(
             &r,
             "kvgate_downstream_timeouts_total",
@@ -419,6 +440,19 @@ impl Metrics {
              complete within server.headerTimeoutMs), body (a request body not complete \
              within server.bodyTimeoutMs, answered 408) or idle (keep-alive expired).",
             &["phase"],
+        )?;
+        let tls_handshake_failures = counter(
+            &r,
+            "kvgate_downstream_tls_handshake_failures_total",
+            "Client connections closed because their TLS handshake failed (a stalled one \
+             counts as a header timeout).",
+        )?;
+        let tls_reloads = counter_vec(
+            &r,
+            "kvgate_tls_certificate_reloads_total",
+            "Reloads of the public listener's certificate and key after their files changed, \
+             by result (failed: the old pair stays in use).",
+            &["result"],
         )?;
         let reloads = counter_vec(
             &r,
@@ -434,19 +468,24 @@ impl Metrics {
         let build_info = int_gauge_vec(
             &r,
             "kvgate_build_info",
-            "Always 1; labelled with the running kvgate version.",
-            &["version"],
+            "Always 1; labelled with the running kvgate version and the git commit it was built from.",
+            &["version", "commit"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
             .set(1);
         Ok(Self {
             registry: r,
             downstream_connections,
             connections_refused,
+            body_buffered,
+            body_buffer_full,
             header_timeouts: timeouts.with_label_values(&["header"]),
             idle_timeouts: timeouts.with_label_values(&["idle"]),
             body_timeouts: timeouts.with_label_values(&["body"]),
+            tls_handshake_failures,
+            tls_reloads_ok: tls_reloads.with_label_values(&["ok"]),
+            tls_reloads_failed: tls_reloads.with_label_values(&["failed"]),
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
             requests,
@@ -762,11 +801,34 @@ impl Metrics {
         self.connections_refused.inc();
     }
 
+    /// Request-body bytes held right now, across all connections.
+    pub fn body_bytes_buffered(&self, bytes: usize) {
+        self.body_buffered
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A request was refused because its body would not fit the body budget.
+    pub fn body_buffer_full(&self) {
+        self.body_buffer_full.inc();
+    }
+
     pub fn connection_timed_out(&self, waiting_for: ClientWait) {
         match waiting_for {
             ClientWait::Header => self.header_timeouts.inc(),
             ClientWait::Idle => self.idle_timeouts.inc(),
             ClientWait::Body => self.body_timeouts.inc(),
+        }
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    pub fn tls_certificate_reload(&self, ok: bool) {
+        if ok {
+            self.tls_reloads_ok.inc();
+        } else {
+            self.tls_reloads_failed.inc();
         }
     }
 
@@ -1247,7 +1309,10 @@ mod tests {
         let v = value(
             &m,
             "kvgate_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))],
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::COMMIT),
+            ],
         );
         assert_eq!(v, Some(1.0));
     }
@@ -1468,7 +1533,7 @@ mod tests {
             waiting: 5.0,
             kv_usage: 0.25,
         });
-        a.set_trust(EventTrust::Synced);
+        a.set_trust(a.cache_epoch(), EventTrust::Synced);
         let _in_flight = a.begin_request(100);
         set.pods
             .iter()

@@ -21,6 +21,8 @@ pub struct ApiError {
     /// The request field at fault, when one is.
     pub param: Option<String>,
     pub message: String,
+    /// Seconds after which a retry may succeed (`Retry-After`), for refusals that pass.
+    pub retry_after_secs: Option<u32>,
 }
 
 impl ApiError {
@@ -31,6 +33,7 @@ impl ApiError {
             code,
             param: None,
             message,
+            retry_after_secs: None,
         }
     }
 
@@ -129,6 +132,10 @@ impl ApiError {
     }
 }
 
+/// Bodies are read in well under a second on any working link, so their share of the
+/// buffer turns over quickly.
+const BUFFER_FULL_RETRY_AFTER_SECS: u32 = 1;
+
 impl From<&BodyError> for ApiError {
     fn from(e: &BodyError) -> Self {
         match e {
@@ -145,6 +152,11 @@ impl From<&BodyError> for ApiError {
                 "request_timeout",
                 e.to_string(),
             ),
+            // Bodies being read or in flight free their share as their requests end.
+            BodyError::BufferFull { .. } => Self {
+                retry_after_secs: Some(BUFFER_FULL_RETRY_AFTER_SECS),
+                ..Self::new(503, "server_error", "body_buffer_full", e.to_string())
+            },
         }
     }
 }
@@ -158,6 +170,7 @@ impl From<tokenize::ApiError> for ApiError {
             code: e.code,
             param: e.param,
             message: e.message,
+            retry_after_secs: None,
         }
     }
 }
@@ -196,6 +209,14 @@ impl From<&ForwardError> for ApiError {
                 "upstream_timeout",
                 format!("The model server sent no response within {after:?}."),
             ),
+            ForwardError::NoResponse { .. } => Self::new(
+                502,
+                "server_error",
+                "upstream_no_response",
+                "The model server received the request and failed without answering. It was not \
+                 sent to another server, since this one may have processed it."
+                    .into(),
+            ),
             ForwardError::BadUpstreamResponse { .. } => Self::new(
                 502,
                 "server_error",
@@ -219,10 +240,13 @@ pub async fn respond(
     request_id: &str,
 ) -> pingora::Result<()> {
     let body = err.body();
-    let mut header = ResponseHeader::build(err.status, Some(4))?;
+    let mut header = ResponseHeader::build(err.status, Some(5))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     header.insert_header(super::REQUEST_ID_HEADER, request_id)?;
+    if let Some(secs) = err.retry_after_secs {
+        header.insert_header(http::header::RETRY_AFTER, secs)?;
+    }
     session
         .write_response_header(Box::new(header), false)
         .await?;

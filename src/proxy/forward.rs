@@ -2,10 +2,19 @@
 //!
 //! One exchange per attempt over Pingora's HTTP/1 connector (pooled connections):
 //! request header and the whole body, then the response header, then the body chunk
-//! by chunk, each written downstream as soon as it arrives. Failures before the first
-//! response byte move on to the next pod (the body is replayable `Bytes`); a client
-//! that goes away at any point closes the upstream connection, which is how vLLM
-//! learns to abort the request, and the load guard is released on every path.
+//! by chunk, each written downstream as soon as it arrives. A client that goes away at
+//! any point closes the upstream connection, which is how vLLM learns to abort the
+//! request, and the load guard is released on every path.
+//!
+//! A generation is never sent twice: a request moves on to the next pod (the body is
+//! replayable `Bytes`) only while no pod can have received it whole — the connection
+//! was refused or timed out, or writing the request failed before its last byte (an
+//! HTTP server does not act on a request whose body it has not read). A pooled
+//! connection that fails while the request is written was closed by the pod while
+//! idle: the request is written again to the same pod over a fresh connection. Once the
+//! whole request is out, any failure is answered with 502, never retried: the pod may
+//! be prefilling or generating it, and a prompt that crashed one pod must not crash the
+//! next.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +36,9 @@ use crate::pods::Pod;
 /// How long an idle upstream connection stays pooled. Below uvicorn's (and so vLLM's)
 /// default keep-alive of 5 s, so the pod never closes a connection we are about to reuse.
 const POOL_IDLE: Duration = Duration::from_secs(4);
-/// A pooled connection may have been closed by the pod since: the request is retried on
-/// the same pod this many times per request without counting as an attempt.
+/// A pooled connection may have been closed by the pod since: a request whose writing
+/// fails on one is written again to the same pod, this many times per request, without
+/// counting as an attempt.
 const STALE_RETRIES: u32 = 2;
 
 /// Response headers that describe one connection, not the message.
@@ -82,11 +92,18 @@ pub struct Exchange<'a> {
 pub enum ForwardError {
     #[error("no pod can take the request")]
     NoCandidates,
-    #[error("{attempts} attempt(s) failed; last, on {pod}: {last}")]
+    #[error(
+        "{attempts} attempt(s) failed before the request was delivered; last, on {pod}: {last}"
+    )]
     AllAttemptsFailed {
         attempts: u32,
         pod: SocketAddr,
         last: Box<pingora::Error>,
+    },
+    #[error("pod {pod} received the request and failed without a response: {source}")]
+    NoResponse {
+        pod: SocketAddr,
+        source: Box<pingora::Error>,
     },
     #[error("pod {pod} sent no response within {after:?}")]
     ResponseTimeout { pod: SocketAddr, after: Duration },
@@ -123,11 +140,13 @@ pub struct ForwardReport {
 
 /// Why one attempt did not get a response header.
 enum AttemptError {
-    /// Nothing of a response arrived: another pod may serve the request.
-    Retryable {
+    /// The pod cannot have received the whole request: another pod may serve it (or the
+    /// same pod over a fresh connection, when `stale` says a pooled one was closed).
+    NotDelivered {
         error: Box<pingora::Error>,
-        reused: bool,
+        stale: bool,
     },
+    /// The request was delivered, or the client left: the request ends here.
     Fatal(ForwardError),
 }
 
@@ -149,7 +168,8 @@ impl Forwarder {
     }
 
     /// Tries `targets` in order (at most `max_attempts` of them) and streams the first
-    /// response to `session`. `on_sent(i)` runs once the request is on its way to target `i`.
+    /// response to `session`. `on_sent(i)` runs once the whole request is written to
+    /// target `i`, which happens for one target at most.
     pub async fn forward(
         &self,
         session: &mut Session,
@@ -173,17 +193,17 @@ impl Forwarder {
             let peer = peer_for(pod.addr(), settings);
             let sent_at = Instant::now();
             let mut upstream = match self
-                .send(session, &peer, pod.addr(), exchange, settings, &mut || {
+                .send(session, &peer, pod, exchange, settings, &mut || {
                     on_sent(next)
                 })
                 .await
             {
                 Ok(upstream) => upstream,
-                Err(AttemptError::Retryable { error, reused }) => {
-                    if reused && stale_retries > 0 {
+                Err(AttemptError::NotDelivered { error, stale }) => {
+                    if stale && stale_retries > 0 {
                         stale_retries -= 1;
                         report.attempts -= 1;
-                        tracing::debug!(request_id = exchange.request_id, pod = %pod.addr(), error = %error, "pooled connection was stale; retrying the same pod");
+                        tracing::debug!(request_id = exchange.request_id, pod = %pod.addr(), error = %error, "pooled connection was closed by the pod; writing the request again over a fresh one");
                         continue;
                     }
                     let ejected = pod.record_failure(
@@ -191,18 +211,24 @@ impl Forwarder {
                         settings.eject_after_failures,
                         settings.eject_for,
                     );
-                    tracing::warn!(request_id = exchange.request_id, pod = %pod.addr(), error = %error, ejected, "pod failed before responding; trying the next one");
+                    tracing::warn!(request_id = exchange.request_id, pod = %pod.addr(), error = %error, ejected, "the request could not be delivered to the pod; trying the next one");
                     last_failure = Some((pod.addr(), error));
                     next += 1;
                     continue;
                 }
                 Err(AttemptError::Fatal(error)) => {
-                    if matches!(error, ForwardError::ResponseTimeout { .. }) {
-                        pod.record_failure(
+                    if matches!(
+                        error,
+                        ForwardError::ResponseTimeout { .. }
+                            | ForwardError::NoResponse { .. }
+                            | ForwardError::BadUpstreamResponse { .. }
+                    ) {
+                        let ejected = pod.record_failure(
                             now_ms(),
                             settings.eject_after_failures,
                             settings.eject_for,
                         );
+                        tracing::warn!(request_id = exchange.request_id, pod = %pod.addr(), %error, ejected, "the pod failed a request it received; not retried elsewhere");
                     }
                     report.error = Some(error);
                     return report;
@@ -256,34 +282,44 @@ impl Forwarder {
         &self,
         session: &mut Session,
         peer: &HttpPeer,
-        pod: SocketAddr,
+        pod: &Pod,
         exchange: &Exchange<'_>,
         settings: &ForwardSettings,
         on_sent: &mut (dyn FnMut() + Send),
     ) -> Result<HttpSession, AttemptError> {
-        let (mut upstream, reused) =
-            self.connector
-                .get_http_session(peer)
-                .await
-                .map_err(|error| AttemptError::Retryable {
+        let (mut upstream, reused) = match self.connector.get_http_session(peer).await {
+            Ok(connected) => connected,
+            Err(error) => {
+                if error.etype() == &ErrorType::ConnectRefused && pod.connection_refused() {
+                    tracing::warn!(pod = %pod.addr(), name = %pod.endpoint.name, "pod refused a connection: its process is gone, and what kvgate knew of its cache with it");
+                }
+                return Err(AttemptError::NotDelivered {
                     error,
-                    reused: false,
-                })?;
+                    stale: false,
+                });
+            }
+        };
+        pod.connected();
         upstream.read_timeout = Some(settings.response_timeout);
         upstream.write_timeout = Some(settings.response_timeout);
-        let retryable = |error| AttemptError::Retryable { error, reused };
+        // Writing failed before the request was whole: the pod cannot act on it.
+        let undelivered = |error| AttemptError::NotDelivered {
+            error,
+            stale: reused,
+        };
         upstream
             .write_request_header(Box::new(exchange.header.clone()))
             .await
-            .map_err(retryable)?;
+            .map_err(undelivered)?;
         if !exchange.body.is_empty() {
             upstream
                 .write_body(exchange.body)
                 .await
-                .map_err(retryable)?;
+                .map_err(undelivered)?;
         }
-        upstream.finish_body().await.map_err(retryable)?;
+        upstream.finish_body().await.map_err(undelivered)?;
         on_sent();
+        let pod = pod.addr();
         let header = async {
             loop {
                 upstream.read_response().await?;
@@ -309,7 +345,7 @@ impl Forwarder {
                 ErrorType::InvalidHTTPHeader | ErrorType::H1Error => {
                     AttemptError::Fatal(ForwardError::BadUpstreamResponse { pod, source: error })
                 }
-                _ => retryable(error),
+                _ => AttemptError::Fatal(ForwardError::NoResponse { pod, source: error }),
             }),
         }
     }

@@ -1,6 +1,13 @@
 //! Background checks of every pod: vLLM's `/health` (active health checking, which
 //! complements the passive ejection done on request failures) and `/metrics` (the
 //! pod's own view of its load, for load-aware scorers).
+//!
+//! Health fails safe: every discovered pod is probed before kvgate reports ready, a pod
+//! discovery adds is probed at once, and a pod failing its check is probed again every
+//! [`FAILING_RECHECK`] (or the interval, when shorter) so that it is admitted as soon as
+//! it recovers rather than a whole interval later. A refused connection on either check
+//! means no process listens on the pod any more: what kvgate believed about its cache
+//! is dropped ([`Pod::connection_refused`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +18,7 @@ use futures::future::join_all;
 use parking_lot::Mutex;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::services::ServiceReadyNotifier;
 use tokio::time::Instant;
 
 use super::gateway::Gateway;
@@ -20,14 +28,44 @@ use crate::pods::{Pod, PodId, ScrapedLoad};
 const MAX_PROBE_TIME: Duration = Duration::from_secs(5);
 /// How often the intervals are re-read while both checks are switched off.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// How often a pod failing its health check (or not checked yet) is probed again.
+const FAILING_RECHECK: Duration = Duration::from_millis(500);
 
 /// Runs the health checks and the metrics scrape on their configured intervals
 /// (`server.healthCheckIntervalMs`, `server.scrapeIntervalMs`; 0 switches one off).
 pub struct HealthChecker {
     gateway: Arc<Gateway>,
     client: reqwest::Client,
-    /// Last health result per pod, to log only changes.
+    /// Last health result per pod, to log only changes and to find failing pods.
     last: Mutex<HashMap<PodId, bool>>,
+}
+
+/// Whether `error` (or an error it wraps) is a refused TCP connection: nothing listens.
+fn is_connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Tells the pod what a check's connection showed: a refusal ends its process.
+fn observe_connection(pod: &Pod, error: Option<&reqwest::Error>) {
+    match error {
+        None => pod.connected(),
+        Some(error) if is_connection_refused(error) => {
+            if pod.connection_refused() {
+                tracing::warn!(pod = %pod.addr(), name = %pod.endpoint.name, "pod refused a connection: its process is gone, and what kvgate knew of its cache with it");
+            }
+        }
+        Some(_) => {}
+    }
 }
 
 impl HealthChecker {
@@ -49,14 +87,26 @@ impl HealthChecker {
             .collect()
     }
 
-    async fn check_health(&self, timeout: Duration) {
-        let pods = self.all_pods();
+    /// Pods whose last check failed or that were never checked.
+    fn failing_pods(&self) -> Vec<Arc<Pod>> {
+        let last = self.last.lock();
+        let mut pods = self.all_pods();
+        pods.retain(|pod| last.get(&pod.id) != Some(&true));
+        pods
+    }
+
+    async fn check_health(&self, pods: Vec<Arc<Pod>>, timeout: Duration) {
+        if pods.is_empty() {
+            return;
+        }
         let results = join_all(pods.iter().map(|pod| self.probe_health(pod, timeout))).await;
+        let present = self.all_pods();
         let mut last = self.last.lock();
-        last.retain(|id, _| pods.iter().any(|p| p.id == *id));
+        last.retain(|id, _| present.iter().any(|p| p.id == *id));
         for (pod, ok) in pods.iter().zip(results) {
             pod.set_health_check(ok);
-            if last.insert(pod.id, ok) != Some(ok) {
+            let before = last.insert(pod.id, ok);
+            if before != Some(ok) {
                 if ok {
                     tracing::info!(pod = %pod.addr(), name = %pod.endpoint.name, "pod is healthy");
                 } else {
@@ -68,7 +118,9 @@ impl HealthChecker {
 
     async fn probe_health(&self, pod: &Pod, timeout: Duration) -> bool {
         let url = format!("http://{}/health", pod.addr());
-        match self.client.get(&url).timeout(timeout).send().await {
+        let sent = self.client.get(&url).timeout(timeout).send().await;
+        observe_connection(pod, sent.as_ref().err());
+        match sent {
             Ok(response) => response.status().is_success(),
             Err(error) => {
                 tracing::debug!(pod = %pod.addr(), %error, "health check failed");
@@ -84,7 +136,9 @@ impl HealthChecker {
 
     async fn scrape_pod(&self, pod: &Pod, timeout: Duration) {
         let url = format!("http://{}/metrics", pod.addr());
-        let text = match self.client.get(&url).timeout(timeout).send().await {
+        let sent = self.client.get(&url).timeout(timeout).send().await;
+        observe_connection(pod, sent.as_ref().err());
+        let text = match sent {
             Ok(response) if response.status().is_success() => response.text().await,
             Ok(response) => {
                 tracing::debug!(pod = %pod.addr(), status = %response.status(), "metrics scrape refused");
@@ -102,20 +156,45 @@ impl HealthChecker {
     }
 }
 
+/// The health check period and the probe timeout that goes with it (0: off).
+fn health_every(gateway: &Gateway) -> Duration {
+    Duration::from_millis(gateway.state().config.server.health_check_interval_ms)
+}
+
 #[async_trait]
 impl BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut next_health = Instant::now();
+    /// Reports ready once every pod discovered so far has been probed (the service
+    /// starts after discovery), so kvgate never opens with health it has not checked.
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let every = health_every(&self.gateway);
+        if !every.is_zero() {
+            self.check_health(self.all_pods(), every.min(MAX_PROBE_TIME))
+                .await;
+        }
+        ready.notify_ready();
+        let mut pod_changes = self.gateway.pods.subscribe();
+        let mut next_health = Instant::now() + every;
+        let mut next_recheck = Instant::now() + every.min(FAILING_RECHECK);
         let mut next_scrape = Instant::now();
         loop {
             // Re-read each round so a config reload takes effect.
-            let server = &self.gateway.state().config.server;
-            let health_every = Duration::from_millis(server.health_check_interval_ms);
-            let scrape_every = Duration::from_millis(server.scrape_interval_ms);
+            let health_every = health_every(&self.gateway);
+            let scrape_every =
+                Duration::from_millis(self.gateway.state().config.server.scrape_interval_ms);
+            let recheck_every = health_every.min(FAILING_RECHECK);
+            let probe_time = health_every.min(MAX_PROBE_TIME);
             let now = Instant::now();
             if !health_every.is_zero() && now >= next_health {
-                self.check_health(health_every.min(MAX_PROBE_TIME)).await;
+                self.check_health(self.all_pods(), probe_time).await;
                 next_health = now + health_every;
+                next_recheck = now + recheck_every;
+            } else if !health_every.is_zero() && now >= next_recheck {
+                self.check_health(self.failing_pods(), probe_time).await;
+                next_recheck = now + recheck_every;
             }
             if !scrape_every.is_zero() && now >= next_scrape {
                 self.scrape(scrape_every.min(MAX_PROBE_TIME)).await;
@@ -123,7 +202,7 @@ impl BackgroundService for HealthChecker {
             }
             let mut wake = Instant::now() + IDLE_RECHECK;
             if !health_every.is_zero() {
-                wake = wake.min(next_health);
+                wake = wake.min(next_health).min(next_recheck);
             }
             if !scrape_every.is_zero() {
                 wake = wake.min(next_scrape);
@@ -131,6 +210,8 @@ impl BackgroundService for HealthChecker {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep_until(wake) => {}
+                // Discovery added pods: probe them now rather than at the next recheck.
+                Ok(()) = pod_changes.changed() => next_recheck = Instant::now(),
             }
         }
     }

@@ -18,8 +18,14 @@
 //!   and on the idle time between requests; it learns where a connection is in its
 //!   request cycle from the proxy ([`request_started`], [`request_finished`]).
 //!
-//! The public listener speaks HTTP/1.1 only (no TLS, no h2c): with HTTP/2 several requests
-//! would share one stream, and the request cycle below would not describe it.
+//! * With `server.tls`, [`LimitedListener`] runs the TLS handshake itself, once the
+//!   connection holds its slot and under its header deadline, so a client that never
+//!   finishes a handshake is cut like one that never finishes a header. The guarded stream
+//!   wraps the TLS stream, so everything below applies unchanged.
+//!
+//! The public listener speaks HTTP/1.1 only (ALPN offers nothing else, no h2c): with
+//! HTTP/2 several requests would share one stream, and the request cycle below would not
+//! describe it.
 
 use std::fmt;
 use std::future::Future;
@@ -47,6 +53,7 @@ use super::errors::ApiError;
 use super::gateway::Gateway;
 use crate::config::ServerConfig;
 use crate::metrics::{ClientWait, Metrics};
+use crate::tls::{HandshakeError, ListenerTls};
 
 /// A refused client gets the time to receive the 503 before the socket closes: closing
 /// with its request still unread would send a reset that can destroy the response.
@@ -61,6 +68,7 @@ pub struct LimitedListener<A> {
     app: Arc<A>,
     gateway: Arc<Gateway>,
     slots: Arc<Slots>,
+    tls: Option<ListenerTls>,
 }
 
 impl<A> LimitedListener<A> {
@@ -73,7 +81,14 @@ impl<A> LimitedListener<A> {
                 saturated: AtomicBool::new(false),
                 metrics,
             }),
+            tls: None,
         }
+    }
+
+    /// Serves TLS: every accepted connection is handshaken before Pingora reads it.
+    pub fn with_tls(mut self, tls: ListenerTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -88,6 +103,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for LimitedListener<A> {
         if stream.as_any().is::<GuardedStream>() {
             return self.app.process_new(stream, shutdown).await;
         }
+        let accepted = Instant::now();
         // Read per connection, so a reload applies to the connections accepted after it.
         let state = self.gateway.state();
         let server = &state.config.server;
@@ -101,6 +117,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for LimitedListener<A> {
                     "server.maxConnections are open: refusing new connections with 503"
                 );
             }
+            drop(state);
+            // A TLS client reads the 503 only after a handshake, bounded like the answer.
+            let stream = match &self.tls {
+                Some(tls) => tls.handshake(stream, REFUSAL_LINGER).await.ok()?,
+                None => stream,
+            };
             refuse(stream).await;
             return None;
         };
@@ -109,14 +131,41 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for LimitedListener<A> {
         {
             tracing::info!("accepting connections again");
         }
-        let guarded = GuardedStream::new(stream, slot, Deadlines::of(server));
+        let deadlines = Deadlines::of(server);
         // The connection may outlive this config by far; it keeps only what it copied.
         drop(state);
+        let stream = match &self.tls {
+            Some(tls) => self.secure(tls, stream, deadlines.header).await?,
+            None => stream,
+        };
+        let guarded = GuardedStream::new(stream, slot, deadlines, accepted);
         self.app.process_new(Box::new(guarded), shutdown).await
     }
 
     async fn cleanup(&self) {
         self.app.cleanup().await;
+    }
+}
+
+impl<A> LimitedListener<A> {
+    /// The handshake of a connection that holds a slot; it shares the header's deadline.
+    async fn secure(&self, tls: &ListenerTls, stream: Stream, within: Duration) -> Option<Stream> {
+        let client = peer(&stream);
+        match tls.handshake(stream, within).await {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                match error {
+                    HandshakeError::TimedOut => {
+                        self.slots.metrics.connection_timed_out(ClientWait::Header)
+                    }
+                    HandshakeError::Failed(_) | HandshakeError::NotTcp => {
+                        self.slots.metrics.tls_handshake_failed()
+                    }
+                }
+                tracing::debug!(%client, %error, "client connection closed before a request");
+                None
+            }
+        }
     }
 }
 
@@ -245,16 +294,16 @@ pub struct GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, slot: Slot, deadlines: Deadlines) -> Self {
-        let now = Instant::now();
+    /// `accepted`: when the connection was accepted, where its first header's clock starts.
+    fn new(inner: Stream, slot: Slot, deadlines: Deadlines, accepted: Instant) -> Self {
         Self {
             inner,
             slot,
             deadlines,
             phase: AtomicU8::new(Phase::Header as u8),
             seen: Phase::Header,
-            since: now,
-            timer: Box::pin(tokio::time::sleep_until(now)),
+            since: accepted,
+            timer: Box::pin(tokio::time::sleep_until(accepted)),
         }
     }
 

@@ -26,6 +26,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
+use body::BodyBudget;
 pub use discovery::DiscoveryFeed;
 pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
@@ -46,6 +47,8 @@ pub const SESSION_HEADER: &str = "x-session-id";
 pub struct KvGateProxy {
     gateway: Arc<Gateway>,
     forwarder: Forwarder,
+    /// Request bodies held across all connections (`server.maxBufferedBodyBytes`).
+    bodies: Arc<BodyBudget>,
 }
 
 impl KvGateProxy {
@@ -53,6 +56,7 @@ impl KvGateProxy {
         Self {
             gateway,
             forwarder: Forwarder::new(),
+            bodies: Arc::default(),
         }
     }
 

@@ -12,7 +12,7 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use serde::Deserialize;
 
-use super::body::{self, BodyError};
+use super::body::{self, BodyError, BodyHold};
 use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::gateway::{GatewayState, Route};
@@ -105,7 +105,7 @@ impl KvGateProxy {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let body = read_body(session, &state).await?;
+        let (body, _buffered) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
@@ -153,7 +153,7 @@ impl KvGateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let body = read_body(session, &state).await?;
+        let (body, _buffered) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let named = is_json(session.req_header())
             .then(|| model_field(&body))
@@ -317,17 +317,31 @@ impl KvGateProxy {
     }
 }
 
-async fn read_body(session: &mut Session, state: &GatewayState) -> Result<bytes::Bytes, ApiError> {
-    let server = &state.config.server;
-    let timeout = Duration::from_millis(server.body_timeout_ms);
-    body::read_body(session, server.max_body_bytes, timeout)
-        .await
-        .map_err(|e: BodyError| {
-            if let BodyError::TimedOut { .. } = e {
-                crate::metrics::global().connection_timed_out(ClientWait::Body);
-            }
-            ApiError::from(&e)
-        })
+impl KvGateProxy {
+    /// The request body, and its charge to the body budget, which the caller holds for
+    /// as long as the body lives (until the request ends).
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        state: &GatewayState,
+    ) -> Result<(bytes::Bytes, BodyHold), ApiError> {
+        let server = &state.config.server;
+        let timeout = Duration::from_millis(server.body_timeout_ms);
+        let mut hold = self.bodies.hold(server.max_buffered_body_bytes);
+        let body = body::read_body(session, server.max_body_bytes, timeout, &mut hold)
+            .await
+            .map_err(|e: BodyError| {
+                match &e {
+                    BodyError::TimedOut { .. } => {
+                        crate::metrics::global().connection_timed_out(ClientWait::Body)
+                    }
+                    BodyError::BufferFull { .. } => crate::metrics::global().body_buffer_full(),
+                    BodyError::TooLarge { .. } | BodyError::Read(_) => {}
+                }
+                ApiError::from(&e)
+            })?;
+        Ok((body, hold))
+    }
 }
 
 fn header_str<'a>(header: &'a RequestHeader, name: &str) -> Option<&'a str> {

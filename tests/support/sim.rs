@@ -29,6 +29,31 @@ pub fn model_yaml(name: &str, pods: &str) -> String {
     )
 }
 
+/// `kvgate sim` arguments for pods that bind their KV-event PUB and replay ROUTER on ports
+/// the OS picks (kvgate connects to them, as in Kubernetes), at a tenth of real time.
+const PUBLISHING: [&str; 6] = [
+    "--events-bind-base-port",
+    "0",
+    "--replay-base-port",
+    "0",
+    "--time-scale",
+    "0.1",
+];
+
+/// A distinct document of about 1,500 tokens (`n` picks which), for prompts with a long
+/// shared prefix.
+pub fn document(n: usize) -> String {
+    (0..300)
+        .map(|w| {
+            format!(
+                "fact{n}x{w} is filed under drawer {}.",
+                (n * 31 + w * 7) % 97
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A running `kvgate sim`; killed on drop.
 pub struct SimPods {
     child: Child,
@@ -60,11 +85,63 @@ impl SimPods {
         Self { child, pods }
     }
 
+    /// `pods` pods of `model` (config written into `dir`) that publish as [`PUBLISHING`]
+    /// says.
+    pub fn start_publishing(dir: &Path, model: &str, pods: usize) -> Self {
+        let config = dir.join("sim.yaml");
+        std::fs::write(&config, model_yaml(model, "[]")).expect("write sim config");
+        Self::start(&config, pods, &PUBLISHING)
+    }
+
     /// A string field of pod `i`'s status.
     pub fn field(&self, i: usize, name: &str) -> &str {
         self.pods[i][name]
             .as_str()
             .unwrap_or_else(|| panic!("pod {i} has no {name}"))
+    }
+
+    /// A `kvgate serve` config in front of these pods (started with [`PUBLISHING`]): KV
+    /// events in connect mode with replay, JSON logs, health checks every
+    /// `health_check_interval_ms` (0: off).
+    pub fn gateway_config(
+        &self,
+        model: &str,
+        listen: u16,
+        admin: u16,
+        health_check_interval_ms: u64,
+    ) -> String {
+        format!(
+            "server:
+  listen: 127.0.0.1:{listen}
+  admin: 127.0.0.1:{admin}
+  healthCheckIntervalMs: {health_check_interval_ms}
+  scrapeIntervalMs: 0
+  threads: 1
+events:
+  mode: connect
+  replay: true
+logging:
+  level: info
+  format: json
+"
+        ) + &model_yaml(model, &self.connect_pods(model))
+    }
+
+    /// The static `pods:` list of a kvgate config in connect mode.
+    fn connect_pods(&self, model: &str) -> String {
+        let pods = (0..self.pods.len())
+            .map(|i| {
+                format!(
+                    "{{http: \"{}\", events: \"{}\", replay: \"{}\", topicHost: \"{}\"}}",
+                    self.field(i, "http"),
+                    self.field(i, "pubEndpoint"),
+                    self.field(i, "replayEndpoint"),
+                    self.topic_host(i, model),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("[{pods}]")
     }
 
     /// The host part of pod `i`'s topic `kv@<host>@<model>`.

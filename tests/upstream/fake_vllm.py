@@ -8,6 +8,8 @@ received so a test can check it. Test control lives under /_test/:
   GET  /_test/requests   every request received: method, path, headers, body
                          length and sha256, and how it ended (completed,
                          client_closed)
+  GET  /_test/idle_closed  {"closed": N}: keep-alive connections this pod closed for
+                         sitting idle longer than --idle-timeout-ms
   POST /_test/health     {"ok": bool}: what /health answers from now on
   POST /_test/die        exits at once, as a crashed pod would
   POST /_test/publish    {"events": [...]}: publishes one KVEventBatch of these
@@ -20,6 +22,8 @@ Per-request behaviour is chosen by request headers (kvgate forwards them):
   x-fake-delay-ms: D      pause before each token when streaming (default 0)
   x-fake-cached-tokens: C usage.prompt_tokens_details.cached_tokens (default 0)
   x-fake-status: S        answer with this HTTP status and an OpenAI error body
+  x-fake-hangup: 1        read the whole request, then close the connection without
+                          answering, as a pod that crashes on a prompt does
 
 Prints "READY <port>" on stdout once listening.
 """
@@ -35,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RECORDS = []
 RECORDS_LOCK = threading.Lock()
-STATE = {"healthy": True, "running": 0}
+STATE = {"healthy": True, "running": 0, "idle_closed": 0}
 STATE_LOCK = threading.Lock()
 PUBLISHER = {}
 
@@ -57,6 +61,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         sys.stderr.write("fake_vllm %d: %s\n" % (self.server.server_port, fmt % args))
+
+    def log_error(self, fmt, *args):
+        # http.server reports a connection whose next request line did not come within
+        # `timeout` (the idle keep-alive limit) this way, then closes it.
+        if fmt.startswith("Request timed out"):
+            with STATE_LOCK:
+                STATE["idle_closed"] += 1
+        super().log_error(fmt, *args)
 
     # -- plumbing ---------------------------------------------------------------------
     def read_body(self):
@@ -118,6 +130,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+        elif self.path == "/_test/idle_closed":
+            with STATE_LOCK:
+                closed = STATE["idle_closed"]
+            self.send_json(200, {"closed": closed})
         elif self.path == "/_test/requests":
             with RECORDS_LOCK:
                 snapshot = list(RECORDS)
@@ -159,6 +175,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.send_json(400, {"error": {"message": "bad json", "type": "BadRequestError", "code": 400}})
             return update(index, completed=True)
+        if self.headers.get("x-fake-hangup"):
+            self.close_connection = True
+            return
         status = int(self.headers.get("x-fake-status") or 200)
         if status != 200:
             self.send_json(status, {"error": {"message": "fake failure", "type": "InternalServerError", "code": status}})
@@ -261,7 +280,10 @@ def main():
     parser.add_argument("--model", default="qwen")
     parser.add_argument("--zmq", help="ZeroMQ endpoint the PUB socket connects to (kvgate's SUB)")
     parser.add_argument("--topic-host", default="127.0.0.1", help="the <ip> of the topic kv@<ip>@<model>")
+    parser.add_argument("--idle-timeout-ms", type=int, help="close keep-alive connections idle this long (uvicorn: 5000)")
     args = parser.parse_args()
+    if args.idle_timeout_ms:
+        Handler.timeout = args.idle_timeout_ms / 1000.0
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.model = args.model

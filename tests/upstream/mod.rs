@@ -118,6 +118,11 @@ pub struct GatewayConfig {
     pub header_timeout_ms: Option<u64>,
     pub keep_alive_timeout_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
+    /// `server.tls`: (certificate file, key file); the listener then speaks HTTPS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub max_buffered_body_bytes: Option<usize>,
+    /// A `profiles:` section (its body, indented two spaces); kvgate's defaults when `None`.
+    pub profiles: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -136,6 +141,9 @@ impl Default for GatewayConfig {
             header_timeout_ms: None,
             keep_alive_timeout_ms: None,
             body_timeout_ms: None,
+            tls: None,
+            max_buffered_body_bytes: None,
+            profiles: None,
         }
     }
 }
@@ -160,9 +168,20 @@ impl GatewayConfig {
             ("headerTimeoutMs", self.header_timeout_ms),
             ("keepAliveTimeoutMs", self.keep_alive_timeout_ms),
             ("bodyTimeoutMs", self.body_timeout_ms),
+            (
+                "maxBufferedBodyBytes",
+                self.max_buffered_body_bytes.map(|v| v as u64),
+            ),
         ]
         .iter()
         .filter_map(|(key, value)| value.map(|v| format!("  {key}: {v}\n")))
+        .chain(self.tls.iter().map(|(cert, key)| {
+            format!(
+                "  tls: {{certFile: \"{}\", keyFile: \"{}\"}}\n",
+                cert.display(),
+                key.display()
+            )
+        }))
         .collect()
     }
 
@@ -221,6 +240,10 @@ models:
                 ));
             }
         }
+        if let Some(profiles) = &self.profiles {
+            out.push_str("profiles:\n");
+            out.push_str(profiles);
+        }
         out
     }
 }
@@ -231,15 +254,31 @@ pub struct Kvgate {
     pub port: u16,
     admin_port: u16,
     dir: tempfile::TempDir,
+    scheme: &'static str,
 }
 
 impl Kvgate {
     pub fn start(config: &GatewayConfig) -> Self {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Self::launch(scheme, |port, admin_port| config.render(port, admin_port))
+    }
+
+    /// Starts kvgate, listening on plain HTTP, with the config `render(listen port,
+    /// admin port)` returns.
+    pub fn start_yaml(render: impl FnOnce(u16, u16) -> String) -> Self {
+        Self::launch("http", render)
+    }
+
+    fn launch(scheme: &'static str, render: impl FnOnce(u16, u16) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
         let config_path = dir.path().join("kvgate.yaml");
-        fs::write(&config_path, config.render(port, admin_port)).expect("write config");
+        fs::write(&config_path, render(port, admin_port)).expect("write config");
         let log = fs::File::create(dir.path().join("kvgate.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .arg("serve")
@@ -254,6 +293,7 @@ impl Kvgate {
             port,
             admin_port,
             dir,
+            scheme,
         };
         wait_for("kvgate to listen", Duration::from_secs(60), || {
             if let Ok(Some(status)) = gateway.child.try_wait() {
@@ -268,6 +308,11 @@ impl Kvgate {
     pub fn reload(&self, config: &GatewayConfig) {
         let path = self.dir.path().join("kvgate.yaml");
         fs::write(path, config.render(self.port, self.admin_port)).expect("write config");
+        self.hang_up();
+    }
+
+    /// Sends SIGHUP.
+    pub fn hang_up(&self) {
         let status = Command::new("kill")
             .args(["-HUP", &self.child.id().to_string()])
             .status()
@@ -276,12 +321,26 @@ impl Kvgate {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
+    }
+
+    /// The process id, to read its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The admin listener (`/metrics`, `/readyz`, `/debug/pods`).
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    /// One sample of kvgate's `/metrics` (0 when the series does not exist yet).
+    pub fn metric(&self, series: &str) -> f64 {
+        let out = curl(&[&format!("http://{}/metrics", self.admin_addr())]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn log(&self) -> String {
@@ -331,6 +390,20 @@ pub fn curl(args: &[&str]) -> Output {
         .expect("run curl")
 }
 
+/// `curl -i ARGS`: (status, lower-cased response head, body).
+pub fn curl_head(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let mut all = vec!["-i"];
+    all.extend_from_slice(args);
+    let out = curl(&all);
+    let (status, head, body_at) =
+        parse_head(&out.stdout).unwrap_or_else(|| panic!("no response head: {out:?}"));
+    (
+        status,
+        head.to_ascii_lowercase(),
+        out.stdout[body_at..].to_vec(),
+    )
+}
+
 /// Runs the openai SDK driver (`openai_client.py`).
 pub fn openai_sdk(base_url: &str, model: &str, mode: &str) -> Value {
     let out = Command::new("timeout")
@@ -378,6 +451,26 @@ pub fn connect(port: u16) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("read timeout");
     stream
+}
+
+/// Blocks until kvgate closes `stream` (end of file or reset) and returns when that was;
+/// any bytes kvgate sent first are returned too.
+pub fn wait_closed(stream: &mut TcpStream) -> (Instant, Vec<u8>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (Instant::now(), got),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (Instant::now(), got)
+            }
+            Err(e) => panic!("kvgate did not close the connection: {e}"),
+        }
+    }
 }
 
 pub fn write_request(
