@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench event_decode`
 
+#[path = "support/smoke.rs"]
+mod smoke;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,10 @@ const REMOVES_PER_BATCH: usize = 64;
 /// Qwen3's vocabulary size: token ids spread over the 1-, 3- and 5-byte
 /// msgpack int forms as real prompts do.
 const VOCAB: u32 = 151_936;
-const RUN_FOR: Duration = Duration::from_millis(700);
+/// How long each rate is measured.
+fn run_for() -> Duration {
+    smoke::size(Duration::from_millis(700), Duration::from_millis(20))
+}
 
 struct Case {
     name: String,
@@ -93,14 +99,14 @@ fn removed_batch(release: VllmRelease, rng: &mut StdRng) -> Case {
     }
 }
 
-/// Runs `decode` over and over for `RUN_FOR`; returns batches per second.
+/// Runs `decode` over and over for `run_for()`; returns batches per second.
 fn batches_per_second(mut decode: impl FnMut()) -> f64 {
     for _ in 0..100 {
         decode();
     }
     let start = Instant::now();
     let mut batches = 0u64;
-    while start.elapsed() < RUN_FOR {
+    while start.elapsed() < run_for() {
         for _ in 0..64 {
             decode();
         }
@@ -138,6 +144,9 @@ fn main() {
             let mut bytes = black_box(case.payload.as_slice());
             black_box(rmpv::decode::read_value(&mut bytes).expect("decodes"));
         });
+        for (name, rate) in [("reused", into), ("fresh", fresh), ("rmpv", tree)] {
+            smoke::figure(name, rate);
+        }
         let per_s = |batches: f64| batches * case.block_events as f64 / 1e6;
         println!(
             "{} ({} bytes):\n  decode_batch_into (reused) {:7.2} M block events/s  {:8.0} batches/s  \

@@ -7,6 +7,9 @@
 //! `INDEX_BENCH_SECTIONS` picks sections (default `update,lookup,concurrent,memory`).
 //! Memory runs execute in child processes of this binary so each starts from a clean heap.
 
+#[path = "support/smoke.rs"]
+mod smoke;
+
 use kvgate::index::{BlockIndex, IndexConfig, PodId, PrefixMatch, ScopeId, Tier};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +18,11 @@ use std::time::{Duration, Instant};
 
 const PODS: u32 = 64;
 const BATCH: usize = 16;
+
+/// A size of the full run, or 1/256 of it (at least 16) in a smoke run.
+fn scaled(n: usize) -> usize {
+    smoke::size(n, (n / 256).max(16))
+}
 
 struct Rng(u64);
 
@@ -253,9 +261,9 @@ fn update_rate(blocks: usize, runs: usize) -> f64 {
 /// this machine, to read the figures above against.
 fn memory_latency() -> f64 {
     let mut rng = Rng(9);
-    let words: Vec<u32> = (0..1usize << 26).map(|_| rng.next() as u32).collect();
+    let words: Vec<u32> = (0..scaled(1 << 26)).map(|_| rng.next() as u32).collect();
     let mask = words.len() - 1;
-    let steps = 4_000_000;
+    let steps = scaled(4_000_000);
     let mut x = 0usize;
     let t = Instant::now();
     for i in 0..steps {
@@ -346,7 +354,7 @@ fn lookup_latency() {
     let mut rng = Rng(2);
     let idx = index(4 << 30);
     let naive = Naive::default();
-    background(&idx, &naive, 1 << 20, &mut rng);
+    background(&idx, &naive, scaled(1 << 20), &mut rng);
     let cases = [
         ("64-block prefix, random prefix per pod", 512, 64, false),
         ("64-block prefix, every pod holds all  ", 64, 64, true),
@@ -356,7 +364,7 @@ fn lookup_latency() {
     let mut p50_64 = 0.0;
     for (name, chains, len, all) in cases {
         let set = lookup_set(&idx, &naive, chains, len, all, &mut rng);
-        let n = if len > 100 { 20_000 } else { 200_000 };
+        let n = scaled(if len > 100 { 20_000 } else { 200_000 });
         time_lookups(&idx, &set, n / 10, &mut rng);
         let mut lat = time_lookups(&idx, &set, n, &mut rng);
         let mut base = time_naive(&naive, &set, n / 4, &mut rng);
@@ -370,6 +378,7 @@ fn lookup_latency() {
             base_p50 / p50
         );
     }
+    smoke::figure("lookup p50", p50_64);
     println!(
         "goal p50 ≤ 5 µs (64 blocks, 64 pods): {p50_64:.2} µs → {}",
         verdict(p50_64 <= 5.0)
@@ -382,11 +391,11 @@ fn lookup_under_ingestion() {
     let mut rng = Rng(3);
     let idx = Arc::new(index(4 << 30));
     let naive = Naive::default();
-    background(&idx, &naive, 1 << 20, &mut rng);
+    background(&idx, &naive, scaled(1 << 20), &mut rng);
     let set = lookup_set(&idx, &naive, 512, 64, false, &mut rng);
     drop(naive);
-    time_lookups(&idx, &set, 20_000, &mut rng);
-    let mut idle = time_lookups(&idx, &set, 200_000, &mut rng);
+    time_lookups(&idx, &set, scaled(20_000), &mut rng);
+    let mut idle = time_lookups(&idx, &set, scaled(200_000), &mut rng);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ingested = Arc::new(AtomicU64::new(0));
@@ -395,7 +404,7 @@ fn lookup_under_ingestion() {
         std::thread::spawn(move || {
             // A ring of 1 M resident blocks: each batch stores 16 new ones and removes 16 old.
             let mut rng = Rng(4);
-            let ring_batches = (1 << 20) / BATCH;
+            let ring_batches = scaled(1 << 20) / BATCH;
             let mut ring: Vec<[u64; BATCH]> = Vec::with_capacity(ring_batches);
             let mut i = 0usize;
             let mut calls = Latency::new();
@@ -423,14 +432,20 @@ fn lookup_under_ingestion() {
             calls
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // The writer's ring fills first: measure at its steady state.
+    std::thread::sleep(smoke::size(
+        Duration::from_millis(300),
+        Duration::from_millis(10),
+    ));
     let before = ingested.load(Ordering::Relaxed);
     let t = Instant::now();
-    let mut busy = time_lookups(&idx, &set, 400_000, &mut rng);
+    let mut busy = time_lookups(&idx, &set, scaled(400_000), &mut rng);
     let events = ingested.load(Ordering::Relaxed) - before;
     let elapsed = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut calls = writer.join().expect("writer thread panicked");
+    smoke::figure("idle lookup p50", idle.pct(0.5));
+    smoke::figure("busy lookup p50", busy.pct(0.5));
     println!("idle:            {}", idle.summary());
     println!("under ingestion: {}", busy.summary());
     println!(
@@ -522,7 +537,11 @@ fn memory(entries: usize) {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0)
         };
-        let (e, b) = (field("entries"), field("blocks"));
+        let (e, b) = (
+            smoke::figure("entries", field("entries")),
+            smoke::figure("blocks", field("blocks")),
+        );
+        smoke::figure("bytes", field("bytes"));
         println!("{what}:");
         println!(
             "  {e:.0} entries, {b:.0} blocks ({:.2} pods/block); built at {:.2} M entries/s",
@@ -564,7 +583,7 @@ fn main() {
     let entries = std::env::var("INDEX_BENCH_ENTRIES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000_000);
+        .unwrap_or(smoke::size(10_000_000, 40_000));
     let sections = std::env::var("INDEX_BENCH_SECTIONS")
         .unwrap_or_else(|_| "update,lookup,concurrent,memory".to_owned());
     let run = |name: &str| sections.split(',').any(|s| s.trim() == name);
@@ -573,15 +592,16 @@ fn main() {
             "machine: dependent random load (256 MiB) {:.0} ns",
             memory_latency()
         );
-        let small = update_rate(1 << 16, 9);
-        let large = update_rate(1 << 21, 3);
+        let runs = |full: usize| smoke::size(full, 1);
+        let small = smoke::figure("update rate", update_rate(scaled(1 << 16), runs(9)));
+        let large = smoke::figure("update rate", update_rate(scaled(1 << 21), runs(3)));
         println!(
             "goal ≥ 5 M block events/s/core, slowest kind: {small:.2} (cache-resident), \
              {large:.2} (2 M blocks) → {}",
             verdict(small >= 5.0 && large >= 5.0)
         );
     } else if run("update-small") {
-        update_rate(1 << 16, 30);
+        update_rate(scaled(1 << 16), smoke::size(30, 1));
     }
     if run("lookup") {
         lookup_latency();

@@ -12,6 +12,9 @@
 //!
 //! `cargo bench --bench ingest`
 
+#[path = "support/smoke.rs"]
+mod smoke;
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,13 +41,23 @@ const BLOCK_SIZE: usize = 64;
 const RUNS_PER_BATCH: usize = 8;
 const BLOCKS_PER_RUN: usize = 16;
 const STORED_PER_BATCH: usize = RUNS_PER_BATCH * BLOCKS_PER_RUN;
-/// Batches a block stays cached: the steady state holds this × 128 blocks per pod.
-const RESIDENCY: usize = 256;
-/// Distinct batches per pod; the stream cycles through them.
-const CYCLE: usize = 2 * RESIDENCY;
 const PODS: usize = 8;
 const VOCAB: u32 = 151_936;
-const RUN_FOR: Duration = Duration::from_millis(1_500);
+
+/// Batches a block stays cached: the steady state holds this × 128 blocks per pod.
+fn residency() -> usize {
+    smoke::size(256, 4)
+}
+
+/// Distinct batches per pod; the stream cycles through them.
+fn cycle() -> usize {
+    2 * residency()
+}
+
+/// How long each rate is measured.
+fn run_for() -> Duration {
+    smoke::size(Duration::from_millis(1_500), Duration::from_millis(20))
+}
 const LOOKUP_BLOCKS: usize = 32;
 
 fn config(parity_sample: f64) -> Config {
@@ -65,10 +78,10 @@ fn stream(hasher: &BlockHasher, rng: &mut StdRng) -> Stream {
     let encoder = EventEncoder::new(VllmRelease::new(0, 26, 0));
     let plain = ExtraKeys::Plain;
     // Per batch, per run: tokens and block keys.
-    let mut tokens: Vec<Vec<Vec<u32>>> = Vec::with_capacity(CYCLE);
-    let mut keys: Vec<Vec<Vec<u64>>> = Vec::with_capacity(CYCLE);
+    let mut tokens: Vec<Vec<Vec<u32>>> = Vec::with_capacity(cycle());
+    let mut keys: Vec<Vec<Vec<u64>>> = Vec::with_capacity(cycle());
     let mut chain: Vec<BlockHash> = Vec::new();
-    for _ in 0..CYCLE {
+    for _ in 0..cycle() {
         let mut batch_tokens = Vec::with_capacity(RUNS_PER_BATCH);
         let mut batch_keys = Vec::with_capacity(RUNS_PER_BATCH);
         for _ in 0..RUNS_PER_BATCH {
@@ -83,15 +96,15 @@ fn stream(hasher: &BlockHasher, rng: &mut StdRng) -> Stream {
         tokens.push(batch_tokens);
         keys.push(batch_keys);
     }
-    let mut payloads = Vec::with_capacity(CYCLE);
+    let mut payloads = Vec::with_capacity(cycle());
     let mut payload = Vec::new();
-    for batch in 0..CYCLE {
+    for batch in 0..cycle() {
         let stored: Vec<Vec<WireHash<'_>>> = keys[batch]
             .iter()
             .map(|run| run.iter().map(|&k| WireHash::Int(k)).collect())
             .collect();
-        // Evict what was stored RESIDENCY batches ago (in the previous lap for the first half).
-        let evicted: Vec<WireHash<'_>> = keys[(batch + CYCLE - RESIDENCY) % CYCLE]
+        // Evict what was stored residency() batches ago (in the previous lap for the first half).
+        let evicted: Vec<WireHash<'_>> = keys[(batch + cycle() - residency()) % cycle()]
             .iter()
             .flatten()
             .map(|&k| WireHash::Int(k))
@@ -181,7 +194,7 @@ impl Fleet {
         for pod in 0..PODS {
             let seq = self.seqs[pod];
             self.seqs[pod] += 1;
-            let payload = &self.streams[pod].payloads[seq as usize % CYCLE];
+            let payload = &self.streams[pod].payloads[seq as usize % cycle()];
             let mut message = ZmqMessage::from(self.topics[pod].clone());
             message.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
             message.push_back(payload.clone());
@@ -203,7 +216,7 @@ impl Minimal {
     fn round(&mut self) -> usize {
         let scope = scope_id(MODEL, None);
         for pod in 0..PODS {
-            let payload = &self.streams[pod].payloads[self.round % CYCLE];
+            let payload = &self.streams[pod].payloads[self.round % cycle()];
             decode_batch_into(black_box(payload), &mut self.batch).expect("decodes");
             for event in &self.batch.events {
                 match event {
@@ -227,7 +240,7 @@ impl Minimal {
 fn rate(mut work: impl FnMut() -> usize) -> f64 {
     let start = Instant::now();
     let mut events = 0usize;
-    while start.elapsed() < RUN_FOR {
+    while start.elapsed() < run_for() {
         events += work();
     }
     events as f64 / start.elapsed().as_secs_f64()
@@ -263,7 +276,7 @@ fn lookup_latencies(index: &BlockIndex, prompts: &[Vec<u64>]) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(1 << 20);
     let mut i = 0usize;
     let start = Instant::now();
-    while start.elapsed() < RUN_FOR {
+    while start.elapsed() < run_for() {
         let prompt = &prompts[i % prompts.len()];
         i += 1;
         let t = Instant::now();
@@ -280,18 +293,18 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(0x6b76_6761_7465);
     let streams: Arc<Vec<Stream>> =
         Arc::new((0..PODS).map(|_| stream(&hasher, &mut rng)).collect());
-    let payload_bytes: usize = streams[0].payloads.iter().map(Bytes::len).sum::<usize>() / CYCLE;
+    let payload_bytes: usize = streams[0].payloads.iter().map(Bytes::len).sum::<usize>() / cycle();
     println!(
         "ingest path, one core: {PODS} pods, batches of {STORED_PER_BATCH} stored ({RUNS_PER_BATCH} runs × \
          {BLOCKS_PER_RUN} blocks × {BLOCK_SIZE} tokens) + {STORED_PER_BATCH} removed block events, \
          {payload_bytes} bytes/batch; steady state {} blocks per pod",
-        RESIDENCY * STORED_PER_BATCH
+        residency() * STORED_PER_BATCH
     );
 
     let mut batch = EventBatch::default();
     let mut n = 0usize;
     let decode = rate(|| {
-        let payload = &streams[n % PODS].payloads[(n / PODS) % CYCLE];
+        let payload = &streams[n % PODS].payloads[(n / PODS) % cycle()];
         n += 1;
         decode_batch_into(black_box(payload), &mut batch).expect("decodes");
         black_box(&batch);
@@ -305,24 +318,32 @@ fn main() {
         round: 0,
     };
     // Every measurement starts at the steady state: one full cycle, unmeasured.
-    for _ in 0..CYCLE {
+    for _ in 0..cycle() {
         minimal.round();
     }
     let floor = rate(|| minimal.round());
     drop(minimal);
 
     let mut no_parity = fleet(0.0, Arc::clone(&streams));
-    for _ in 0..CYCLE {
+    for _ in 0..cycle() {
         no_parity.round();
     }
     let ingest_no_parity = rate(|| no_parity.round());
     drop(no_parity);
     let mut ingesting = fleet(0.05, Arc::clone(&streams));
-    for _ in 0..CYCLE {
+    for _ in 0..cycle() {
         ingesting.round();
     }
     let ingest = rate(|| ingesting.round());
 
+    for (name, value) in [
+        ("decode", decode),
+        ("floor", floor),
+        ("ingest, parity off", ingest_no_parity),
+        ("ingest, parity 5%", ingest),
+    ] {
+        smoke::figure(name, value);
+    }
     let m = |r: f64| r / 1e6;
     println!(
         "  decode only                          {:6.2} M block events/s",
@@ -361,6 +382,7 @@ fn main() {
     let busy = lookup_latencies(&index, &prompts);
     stop.store(true, Ordering::Relaxed);
     let concurrent_rate = writer.join().expect("ingest thread");
+    smoke::figure("ingest during lookups", concurrent_rate);
     let lookups = busy.len();
     let (b50, b99, b999) = percentiles(busy);
     println!("lookup of a {LOOKUP_BLOCKS}-block prompt, 16 blocks held by one pod:");

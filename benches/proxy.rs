@@ -1,14 +1,18 @@
 //! The gateway's speed: latency kvgate adds over calling the pod directly (4k- and 100k-token chat
 //! requests), tiny-request throughput through kvgate vs through nginx proxying the same pod, and
 //! kvgate's CPU-seconds per request. One simulated pod (`kvgate sim`, sped up) is the upstream.
-//! The long prompts go to a second kvgate pinned to one core (`taskset -c 0`) as well, so a cold
-//! 100k-token chat is reported on one core and on every core.
 //!
-//! Needs a release build of the binary: `cargo build --release && cargo bench --bench proxy`.
+//! `cargo bench --bench proxy` (Cargo builds the `kvgate` binary it runs, in the same
+//! profile). Every process but nginx binds port 0 and reports the port it got; nginx
+//! cannot, so it gets a port that was free a moment ago and is restarted on another if it
+//! loses that port to someone else.
+
+#[path = "support/smoke.rs"]
+mod smoke;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,9 +21,7 @@ use std::time::{Duration, Instant};
 const MODEL: &str = "Qwen3-32B";
 const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-const LATENCY_ROUNDS: usize = 50;
 const THROUGHPUT_CONCURRENCY: usize = 32;
-const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
 /// Linux's USER_HZ, the unit of utime/stime in /proc/<pid>/stat.
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
@@ -36,30 +38,64 @@ impl Drop for Children {
     }
 }
 
-fn free_port() -> u16 {
+/// Sequential requests per latency figure.
+fn latency_rounds() -> usize {
+    smoke::size(50, 3)
+}
+
+/// How long each throughput figure is measured.
+fn throughput_window() -> Duration {
+    smoke::size(Duration::from_secs(5), Duration::from_millis(300))
+}
+
+/// A port that was free a moment ago, for nginx, which cannot report one it picked.
+fn probed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
 }
 
-fn kvgate_binary() -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{REPO}/target"));
-    let bin = Path::new(&target).join("release/kvgate");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo build --release`",
-        bin.display()
-    );
-    bin
+/// The first line of `child`'s stdout that parses as JSON with `key`, within 60 s.
+fn json_line(child: &mut Child, key: &str) -> serde_json::Value {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {key:?} line within 60 s"));
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+            if value.get(key).is_some() {
+                return value[key].clone();
+            }
+        }
+    }
 }
 
-fn gateway_config(listen: u16, admin: u16, pod: u16) -> String {
+/// The port of an `ip:port` address in a JSON line.
+fn port_of(address: &serde_json::Value) -> u16 {
+    address
+        .as_str()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("not an address: {address}"))
+}
+
+fn gateway_config(pod: u16) -> String {
     let tok = format!("{REPO}/.tokenizers/qwen3");
     format!(
         "server:
-  listen: 127.0.0.1:{listen}
-  admin: 127.0.0.1:{admin}
+  listen: 127.0.0.1:0
+  admin: 127.0.0.1:0
   maxBodyBytes: 67108864
   threads: 1
 events:
@@ -219,10 +255,10 @@ async fn added_latency(
         timed_post(client, direct, chat_body(text)).await;
         timed_post(client, gateway, chat_body(text)).await;
     }
-    let mut added = Vec::with_capacity(LATENCY_ROUNDS);
-    let mut directs = Vec::with_capacity(LATENCY_ROUNDS);
+    let mut added = Vec::with_capacity(latency_rounds());
+    let mut directs = Vec::with_capacity(latency_rounds());
     let mut gateway_cpu = 0.0;
-    for round in 0..LATENCY_ROUNDS {
+    for round in 0..latency_rounds() {
         // A distinct prompt per round and per path: the pod tokenizes (and caches) what it is
         // sent, so a prompt it saw on the other path would make the second request of a round
         // cheaper at the pod. Alternating the order cancels any remaining warm-up effect.
@@ -249,7 +285,7 @@ async fn added_latency(
         added_p50_ms: percentile(&added, 0.5),
         added_p99_ms: percentile(&added, 0.99),
         direct_p50_ms: percentile(&directs, 0.5),
-        cpu_per_request: gateway_cpu / LATENCY_ROUNDS as f64,
+        cpu_per_request: gateway_cpu / latency_rounds() as f64,
     }
 }
 
@@ -262,7 +298,7 @@ async fn throughput(client: &reqwest::Client, url: &str) -> (f64, u64) {
     .into();
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let deadline = start + THROUGHPUT_WINDOW;
+    let deadline = start + throughput_window();
     let workers: Vec<_> = (0..THROUGHPUT_CONCURRENCY)
         .map(|_| {
             let (client, url, body, done) =
@@ -287,83 +323,95 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// nginx proxying `pod`, on a probed port; started again on another if the port was
+/// taken in between (nginx then exits at once).
+async fn start_nginx(
+    client: &reqwest::Client,
+    dir: &Path,
+    pod: u16,
+    children: &mut Children,
+) -> u16 {
+    let conf = dir.join("nginx.conf");
+    for _ in 0..5 {
+        let port = probed_port();
+        std::fs::write(&conf, nginx_config(dir, port, pod)).expect("write nginx config");
+        let mut nginx = Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("nginx-error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let url = format!("http://127.0.0.1:{port}/health");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = nginx.try_wait() {
+                break;
+            }
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                children.0.push(nginx);
+                return port;
+            }
+            assert!(Instant::now() < deadline, "nginx not ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!(
+        "nginx did not start: see {}",
+        dir.join("nginx-error.log").display()
+    );
+}
+
 async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (pod, listen, admin, nginx_port) = (free_port(), free_port(), free_port(), free_port());
-    let (pinned_listen, pinned_admin) = (free_port(), free_port());
+    let bin = env!("CARGO_BIN_EXE_kvgate");
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("create log file");
+    // The sim reads only the model from the config; the gateway's pod list follows.
     let config = dir.path().join("kvgate.yaml");
-    std::fs::write(&config, gateway_config(listen, admin, pod)).expect("write kvgate config");
-    let pinned_config = dir.path().join("kvgate-pinned.yaml");
-    std::fs::write(
-        &pinned_config,
-        gateway_config(pinned_listen, pinned_admin, pod),
-    )
-    .expect("write kvgate config");
+    std::fs::write(&config, gateway_config(0)).expect("write kvgate config");
     // The 100k-token request needs a longer context than the simulated pod's default.
     let pod_params = dir.path().join("pod.yaml");
     std::fs::write(&pod_params, "maxModelLen: 131072\nkvBlocks: 8192\n").expect("write pod params");
-    let nginx_conf = dir.path().join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(dir.path(), nginx_port, pod))
-        .expect("write nginx config");
-    let bin = kvgate_binary();
-    let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("create log file");
 
     let mut children = Children::default();
-    children.0.push(
-        Command::new(&bin)
-            .args(["sim", "--config"])
-            .arg(&config)
-            .args([
-                "--pods",
-                "1",
-                "--base-port",
-                &pod.to_string(),
-                "--time-scale",
-                "0.001",
-            ])
-            .arg("--pod-params")
-            .arg(&pod_params)
-            .stdout(log("sim.log"))
-            .stderr(log("sim.err"))
-            .spawn()
-            .expect("start kvgate sim"),
-    );
-    // `kvgate serve` named `name`, started by `launcher` (the binary itself, or taskset).
-    let serve = |name: &str, config: &Path, mut launcher: Command| {
-        launcher
-            .arg(&bin)
-            .args(["serve", "--config"])
-            .arg(config)
-            .arg("--upgrade-sock")
-            .arg(dir.path().join(format!("{name}.sock")))
-            .arg("--pid-file")
-            .arg(dir.path().join(format!("{name}.pid")))
-            .stdout(log(&format!("{name}.log")))
-            .stderr(log(&format!("{name}.err")))
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"))
-    };
-    let gateway = serve("kvgate", &config, Command::new("env"));
+    let mut sim = Command::new(bin)
+        .args(["sim", "--config"])
+        .arg(&config)
+        .args(["--pods", "1", "--base-port", "0", "--time-scale", "0.001"])
+        .arg("--pod-params")
+        .arg(&pod_params)
+        .stdout(Stdio::piped())
+        .stderr(log("sim.err"))
+        .spawn()
+        .expect("start kvgate sim");
+    let ready = json_line(&mut sim, "ready");
+    children.0.push(sim);
+    let pod = port_of(&ready["pods"][0]["http"]);
+    std::fs::write(&config, gateway_config(pod)).expect("write kvgate config");
+    let mut gateway = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--upgrade-sock"])
+        .arg(dir.path().join("upgrade.sock"))
+        .args(["--pid-file"])
+        .arg(dir.path().join("kvgate.pid"))
+        .stdout(Stdio::piped())
+        .stderr(log("kvgate.err"))
+        .spawn()
+        .expect("start kvgate serve");
+    let listening = json_line(&mut gateway, "listening");
     let gateway_pid = gateway.id();
     children.0.push(gateway);
-    let mut one_core = Command::new("taskset");
-    one_core.args(["-c", "0"]);
-    let pinned = serve("kvgate-pinned", &pinned_config, one_core);
-    let pinned_pid = pinned.id();
-    children.0.push(pinned);
-    children.0.push(
-        Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(&nginx_conf)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("nginx-error.log"))
-            .stdout(Stdio::null())
-            .stderr(log("nginx.err"))
-            .spawn()
-            .expect("start nginx"),
-    );
+    let (listen, admin) = (port_of(&listening["proxy"]), port_of(&listening["admin"]));
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(THROUGHPUT_CONCURRENCY * 2)
@@ -381,39 +429,28 @@ async fn run() {
         &mut children,
     )
     .await;
-    wait_ok(
-        &client,
-        &format!("http://127.0.0.1:{pinned_admin}/readyz"),
-        &mut children,
-    )
-    .await;
-    wait_ok(
-        &client,
-        &format!("http://127.0.0.1:{nginx_port}/health"),
-        &mut children,
-    )
-    .await;
+    let nginx_port = start_nginx(&client, dir.path(), pod, &mut children).await;
 
     let direct_chat = format!("http://127.0.0.1:{pod}/v1/chat/completions");
     let gateway_chat = format!("http://127.0.0.1:{listen}/v1/chat/completions");
-    let pinned_chat = format!("http://127.0.0.1:{pinned_listen}/v1/chat/completions");
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!("kvgate proxy bench: 1 sim pod (time-scale 0.001), kvgate threads=1, nginx worker_processes=1");
-    for (label, chars) in [("4k-token", 16_000), ("100k-token", 400_000)] {
+    let rounds = latency_rounds();
+    let sizes: &[(&str, usize)] = if smoke::smoke() {
+        &[("4k-token", 16_000)]
+    } else {
+        &[("4k-token", 16_000), ("100k-token", 400_000)]
+    };
+    for &(label, chars) in sizes {
         let text = loogle_text(chars);
-        for (gateway, pid, cpus) in [
-            (&pinned_chat, pinned_pid, 1),
-            (&gateway_chat, gateway_pid, cores),
-        ] {
-            let r = added_latency(&client, &direct_chat, gateway, &text, pid).await;
-            println!(
-                "{label:>10} chat ({LATENCY_ROUNDS} seq, kvgate on {cpus} core(s)): added latency p50 {:.2} ms, p99 {:.2} ms (direct p50 {:.2} ms); kvgate CPU {:.2} ms/request",
-                r.added_p50_ms,
-                r.added_p99_ms,
-                r.direct_p50_ms,
-                r.cpu_per_request * 1e3
-            );
-        }
+        let r = added_latency(&client, &direct_chat, &gateway_chat, &text, gateway_pid).await;
+        smoke::figure("direct latency", r.direct_p50_ms);
+        println!(
+            "{label:>10} chat ({rounds} seq): added latency p50 {:.2} ms, p99 {:.2} ms (direct p50 {:.2} ms); kvgate CPU {:.2} ms/request",
+            r.added_p50_ms,
+            r.added_p99_ms,
+            r.direct_p50_ms,
+            r.cpu_per_request * 1e3
+        );
     }
 
     let completions = |port: u16| format!("http://127.0.0.1:{port}/v1/completions");
@@ -423,9 +460,16 @@ async fn run() {
     let kvgate_cpu = cpu_seconds(gateway_pid) - cpu_before;
     let (nginx_rps, _) = throughput(&client, &completions(nginx_port)).await;
     let (direct_rps, _) = throughput(&client, &completions(pod)).await;
+    for (name, rps) in [
+        ("kvgate", kvgate_rps),
+        ("nginx", nginx_rps),
+        ("direct", direct_rps),
+    ] {
+        smoke::figure(name, rps);
+    }
     println!(
         "tiny completions, concurrency {THROUGHPUT_CONCURRENCY}, {:?} each: kvgate {kvgate_rps:.0} req/s, nginx {nginx_rps:.0} req/s, ratio kvgate/nginx {:.2} (pod direct {direct_rps:.0} req/s)",
-        THROUGHPUT_WINDOW,
+        throughput_window(),
         kvgate_rps / nginx_rps
     );
     println!(

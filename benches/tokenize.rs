@@ -17,6 +17,9 @@
 //!
 //! Run: `cargo bench --bench tokenize [-- --shared PATH --tokenizer-dir PATH]`.
 
+#[path = "support/smoke.rs"]
+mod smoke;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -463,15 +466,32 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join(".tokenizers/qwen3"));
     let source = loogle_text(&shared);
-    let scenarios = [
-        scenario("chat-4k", &source, 4_000, 41),
-        scenario("chat-100k", &source, 100_000, 7),
-    ];
+    // A smoke run tokenizes the 4k conversation a few times.
+    let scenarios = if smoke::smoke() {
+        vec![scenario("chat-4k", &source, 4_000, 3)]
+    } else {
+        vec![
+            scenario("chat-4k", &source, 4_000, 41),
+            scenario("chat-100k", &source, 100_000, 7),
+        ]
+    };
     let measured: Vec<Measured> = scenarios
         .iter()
-        .map(|s| measure(&tokenizer_dir, s, 5))
+        .map(|s| measure(&tokenizer_dir, s, smoke::size(5, 1)))
         .collect();
     let python = python_baseline(&tokenizer_dir, &scenarios);
+    for (m, py) in measured.iter().zip(&python) {
+        for sample in [&m.first, &m.cold, &m.warm] {
+            smoke::figure("kvgate time", sample.wall.as_secs_f64());
+        }
+        // A measurement without Python reports n/a for it; the smoke run insists on it.
+        if smoke::smoke() {
+            let py = py
+                .as_ref()
+                .expect("the Python transformers baseline did not run");
+            smoke::figure("python time", py.median.wall.as_secs_f64());
+        }
+    }
 
     println!("tokenize bench: one thread, parse + render + tokenize of a Qwen3 chat request");
     let clocks: [(&str, Clock); 2] = [

@@ -604,7 +604,8 @@ impl Config {
         if self.server.max_attempts == 0 {
             return invalid("server.maxAttempts must be ≥ 1".into());
         }
-        if self.server.listen == self.server.admin {
+        // Port 0 (the OS picks) gives each its own port.
+        if self.server.listen == self.server.admin && self.server.listen.port() != 0 {
             return invalid(format!(
                 "server.listen and server.admin are both {}: the admin port must be separate",
                 self.server.listen

@@ -6,19 +6,22 @@
 //! event ingestion (so a handed-over index finds its pods) and pod health (so every
 //! discovered pod is probed before kvgate is ready) after discovery; the ready gate
 //! waits for all of them, logs the startup summary and opens readiness; the proxy
-//! listens only after the gate.
+//! listens only after the gate, and then reports where the process listens, the OS's
+//! picks for any port 0 included: `{"listening": {"proxy", "admin", "events"}}` on
+//! stdout.
 
 use std::net::SocketAddr;
+use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
+use pingora::server::{ListenFds, RunArgs, RuntimeOpts, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service as ListeningService;
-use pingora::services::{Service, ServiceReadyNotifier};
+use pingora::services::{Service, ServiceReadyNotifier, ServiceWithDependents};
 use serde_json::json;
 
 use crate::cluster::{self, PolicyWatcher, StartupError};
@@ -193,8 +196,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         HealthChecker::new(Arc::clone(&gateway)),
     ));
     health_handle.add_dependency(&discovery_handle);
-    server.add_service(AdminEndpoint {
+    let admin_bound = Arc::new(OnceLock::new());
+    let admin_handle = server.add_service(AdminEndpoint {
         addr: admin,
+        bound: Arc::clone(&admin_bound),
         state: admin_state(&gateway, &discovery, &events, &gate, &metrics),
     });
     server.add_service(background_service(
@@ -206,6 +211,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         &discovery_handle,
         &events_handle,
         &reload_handle,
+        &admin_handle,
         &health_handle,
     ]);
 
@@ -236,7 +242,12 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     }
     let mut proxy = ListeningService::new("kvgate proxy".to_string(), listener);
     proxy.add_tcp(&listen.to_string());
-    let proxy = server.add_service(proxy);
+    let proxy = server.add_service(ProxyEndpoint {
+        inner: proxy,
+        addr: listen,
+        admin: admin_bound,
+        events: Arc::clone(&events),
+    });
     proxy.add_dependency(&gate_handle);
 
     server.run(RunArgs {
@@ -379,24 +390,95 @@ impl BackgroundService for ReadyGate {
     }
 }
 
+/// The proxy service, its socket opened here before Pingora's listener takes it from
+/// the table: the address it listens on (the OS's pick when the configured port is 0)
+/// is then known, and reported with the admin and event addresses as one JSON line on
+/// stdout, `{"listening": {"proxy": .., "admin": .., "events": ..}}`, once all three
+/// accept connections.
+struct ProxyEndpoint<S> {
+    inner: S,
+    addr: SocketAddr,
+    admin: Arc<OnceLock<SocketAddr>>,
+    events: Arc<EventsRunner>,
+}
+
+#[async_trait]
+impl<S: Service> Service for ProxyEndpoint<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        if let Some(fds) = &fds {
+            // The key Pingora's listener looks the socket up by: its address as configured.
+            let key = self.addr.to_string();
+            let claimed = upgrade::inherit_or_bind(fds, &key, self.addr).and_then(|listener| {
+                let local = listener.local_addr()?;
+                // Tokio accepts on it, as on a socket Pingora binds itself.
+                listener.set_nonblocking(true)?;
+                // The table keeps the descriptor; Pingora's listener owns it from here on.
+                let _ = listener.into_raw_fd();
+                Ok(local)
+            });
+            match claimed {
+                Ok(proxy) => {
+                    let admin = self.admin.get().map(ToString::to_string);
+                    let events = self.events.service().ready().await;
+                    tracing::info!(%proxy, ?admin, ?events, "kvgate listening");
+                    println!(
+                        "{}",
+                        json!({"listening": {"proxy": proxy, "admin": admin, "events": events}})
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(%error, addr = %self.addr, "cannot open the proxy listener; exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn runtime_opts_override(&self, global: &RuntimeOpts) -> Option<RuntimeOpts> {
+        self.inner.runtime_opts_override(global)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}
+
 /// The admin listener as a Pingora service of its own (not a background service), so
 /// that its socket is in Pingora's table and moves to the new process in an upgrade
-/// like the proxy's.
+/// like the proxy's. Ready once it listens; its address goes to `bound`.
 struct AdminEndpoint {
     addr: SocketAddr,
+    bound: Arc<OnceLock<SocketAddr>>,
     state: AdminState,
 }
 
 #[async_trait]
-impl Service for AdminEndpoint {
+impl ServiceWithDependents for AdminEndpoint {
     async fn start_service(
         &mut self,
         fds: Option<ListenFds>,
         mut shutdown: ShutdownWatch,
         _listeners_per_fd: usize,
+        ready: ServiceReadyNotifier,
     ) {
         let bound = match fds {
-            Some(fds) => upgrade::inherit_or_bind(&fds, self.addr),
+            Some(fds) => upgrade::inherit_or_bind(&fds, &admin_socket_key(self.addr), self.addr),
             None => std::net::TcpListener::bind(self.addr),
         };
         let listener = match bound.map_err(|source| metrics::AdminError::Bind {
@@ -414,6 +496,8 @@ impl Service for AdminEndpoint {
                 std::process::exit(1);
             }
         };
+        let _ = self.bound.set(listener.local_addr());
+        ready.notify_ready();
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
@@ -431,7 +515,18 @@ impl Service for AdminEndpoint {
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(vec![self.addr.to_string()])
+        Some(vec![admin_socket_key(self.addr)])
+    }
+}
+
+/// The admin socket's key in Pingora's table of listening sockets: its address, like
+/// the proxy's, except with port 0, where both would read `127.0.0.1:0`. No whitespace:
+/// Pingora hands the keys over to the next process joined by spaces.
+fn admin_socket_key(addr: SocketAddr) -> String {
+    if addr.port() == 0 {
+        format!("admin/{addr}")
+    } else {
+        addr.to_string()
     }
 }
 

@@ -475,23 +475,23 @@ impl BackgroundService for DrainExit {
     }
 }
 
-/// A TCP listener on `addr`: the one a previous process handed over when there is
-/// one (graceful upgrade), else a new one, entered in Pingora's table so that it is
-/// handed to the next process in turn.
+/// A TCP listener on `addr`: the one a previous process handed over under `key` when
+/// there is one (graceful upgrade), else a new one, entered in Pingora's table under
+/// `key` so that it is handed to the next process in turn.
 pub fn inherit_or_bind(
     fds: &ListenFds,
+    key: &str,
     addr: SocketAddr,
 ) -> std::io::Result<std::net::TcpListener> {
-    let key = addr.to_string();
     let mut table = fds.lock();
-    if let Some(&fd) = table.get(&key) {
+    if let Some(&fd) = table.get(key) {
         tracing::info!(%addr, "listening socket taken over from the previous process");
         // SAFETY: the descriptor came over the upgrade socket as a listening TCP socket
         // bound to `addr`, and nothing else in this process uses it.
         return Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) });
     }
     let listener = std::net::TcpListener::bind(addr)?;
-    table.add(key, listener.as_raw_fd());
+    table.add(key.to_string(), listener.as_raw_fd());
     Ok(listener)
 }
 

@@ -6,6 +6,7 @@
 
 use clap::Parser;
 use kvgate::bench::{self, BenchArgs};
+use kvgate::config::Config;
 
 #[derive(Parser)]
 struct Cli {
@@ -299,4 +300,93 @@ fn the_cli_says_each_step_on_stderr() {
     // The progress bar's last line comes between the simulation and the report.
     assert!(stderr.contains("100.0%"), "{stderr}");
     assert!(stderr.contains("wrote "), "{stderr}");
+}
+
+/// The configs README's benchmark figures name (`--config conf/bench/...`): every one it
+/// names is there and every one there is named; each keeps conf/kvgate.yaml's model and
+/// changes its default (precise) profile; a small run goes through with each.
+#[test]
+fn the_benchmark_configs_readme_names_exist_and_run() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let named: std::collections::BTreeSet<String> = readme
+        .match_indices("conf/bench/")
+        .filter_map(|(at, _)| {
+            readme[at..]
+                .split(|c: char| c.is_whitespace() || "`),;".contains(c))
+                .next()
+                .filter(|name| name.ends_with(".yaml"))
+                .map(str::to_string)
+        })
+        .collect();
+    let present: std::collections::BTreeSet<String> = std::fs::read_dir(root.join("conf/bench"))
+        .expect("conf/bench")
+        .map(|entry| {
+            let name = entry.expect("entry").file_name();
+            format!("conf/bench/{}", name.to_string_lossy())
+        })
+        .collect();
+    assert_eq!(
+        named, present,
+        "README's --config files and conf/bench/ differ"
+    );
+
+    let shipped = Config::load(&root.join("conf/kvgate.yaml")).expect("conf/kvgate.yaml");
+    for path in &present {
+        let config = Config::load(&root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let (model, base) = (&config.models[0], &shipped.models[0]);
+        assert_eq!(model.name, base.name, "{path}");
+        assert_eq!(
+            format!("{:?}", model.hash_settings()),
+            format!("{:?}", base.hash_settings()),
+            "{path}"
+        );
+        assert_eq!(model.pod_kv_blocks, base.pod_kv_blocks, "{path}");
+        assert_eq!(model.profile, base.profile, "{path}");
+        for profile in ["approximate", "round-robin"] {
+            assert_eq!(
+                format!("{:?}", config.profiles.get(profile)),
+                format!("{:?}", shipped.profiles.get(profile)),
+                "{path}: {profile}"
+            );
+        }
+        assert_ne!(
+            format!("{:?}", config.profiles.get("default")),
+            format!("{:?}", shipped.profiles.get("default")),
+            "{path} leaves the precise profile as it is"
+        );
+
+        let out = tempfile::tempdir().expect("temp dir");
+        let config_path = root.join(path);
+        let argv = [
+            "kvgate-bench",
+            "--config",
+            config_path.to_str().expect("path"),
+            "--quiet",
+            "--workload",
+            "w1",
+            "--pods",
+            "2",
+            "--groups",
+            "6",
+            "--prefix-tokens",
+            "512",
+            "--question-tokens",
+            "64",
+            "--output-tokens",
+            "8",
+            "--qps",
+            "2",
+            "--duration",
+            "10",
+            "--warmup",
+            "0",
+            "--policies",
+            "precise,precise-x2",
+        ];
+        let mut args = Cli::try_parse_from(argv).expect("valid options").bench;
+        args.out = out.path().to_path_buf();
+        let report = bench::evaluate(&args).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(!report.segments.is_empty(), "{path}");
+    }
 }

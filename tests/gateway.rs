@@ -5,14 +5,14 @@
 #[allow(dead_code)]
 mod upstream;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use upstream::{
-    chat_body, connect, curl, free_port, http_request, openai_sdk, parse_head, wait_for,
-    write_file, write_request, FakePod, GatewayConfig, Kvgate,
+    chat_body, connect, curl, http_request, openai_sdk, parse_head, wait_for, write_file,
+    write_request, ClosedPort, FakePod, GatewayConfig, Kvgate,
 };
 
 fn one_pod_gateway() -> (FakePod, Kvgate) {
@@ -116,63 +116,78 @@ fn chunked_upload_reaches_the_pod_whole_with_content_length() {
 }
 
 #[test]
-fn expect_100_continue_is_answered_without_a_stall() {
+fn expect_100_continue_is_answered_before_the_body_and_before_the_pod_is_involved() {
     let (pod, gateway) = one_pod_gateway();
-    let dir = tempfile::tempdir().expect("tempdir");
     let body = padded_chat_body(2 << 20);
-    let file = write_file(dir.path(), "body.json", &body);
-    let data = format!("@{}", file.display());
-    let url = gateway.url("/v1/chat/completions");
-    // `expect:` with no value stops curl from sending one: that is the baseline.
-    let post = |expect: &str| {
-        let out = curl(&[
-            "-v",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{time_total}",
-            "-H",
-            "content-type: application/json",
-            "-H",
-            expect,
-            "--expect100-timeout",
-            "5",
-            "--data-binary",
-            &data,
-            &url,
-        ]);
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let (code, seconds) = stdout.split_once(' ').expect("curl -w output");
-        assert_eq!(code, "200", "{out:?}");
-        let continued = String::from_utf8_lossy(&out.stderr).contains("HTTP/1.1 100 Continue");
-        (
-            seconds.trim().parse::<f64>().expect("time_total"),
-            continued,
-        )
-    };
-    let (baseline, _) = post("expect:");
-    let (with_expect, continued) = post("expect: 100-continue");
-    // With --expect100-timeout 5, a missing 100 would stall curl five seconds.
-    assert!(continued, "kvgate sent no 100 Continue");
-    println!(
-        "2 MiB POST: with Expect: 100-continue {:.1} ms, without {:.1} ms (ratio {:.2})",
-        with_expect * 1e3,
-        baseline * 1e3,
-        with_expect / baseline
+    let mut stream = connect(gateway.port);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nx-request-id: continue-1\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
+    // Nothing of the body is sent until the interim response arrives: kvgate must answer
+    // it by itself, without the body and before any pod has seen the request (a gateway
+    // that waited for the upstream, or for the body, would leave this read hanging).
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while parse_head(&received).is_none() {
+        let n = stream.read(&mut buf).expect("read the interim response");
+        assert!(
+            n > 0,
+            "kvgate closed the connection instead of answering 100"
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
+    let (status, interim, after) = parse_head(&received).expect("interim head");
+    assert_eq!(status, 100, "{interim}");
+    assert!(
+        pod.requests().is_empty(),
+        "the pod saw the request before the client sent its body"
+    );
+    stream.write_all(&body).expect("write body");
+    let mut response = received[after..].to_vec();
+    stream
+        .read_to_end(&mut response)
+        .expect("read the response");
+    let (status, head, _) = parse_head(&response).expect("final head");
+    assert_eq!(status, 200, "{head}");
+    let received = pod.requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["body_len"], body.len());
+    assert_eq!(
+        received[0]["body_sha256"],
+        hex::encode(Sha256::digest(&body))
     );
     assert!(
-        with_expect < 5.0,
-        "curl stalled waiting for 100 Continue: {with_expect} s"
+        received[0]["headers"].get("expect").is_none(),
+        "Expect is not forwarded"
     );
-    let received = pod.requests();
-    assert_eq!(received.len(), 2);
-    for request in received {
-        assert_eq!(request["body_len"], body.len());
-        assert!(
-            request["headers"].get("expect").is_none(),
-            "Expect is not forwarded"
-        );
-    }
+
+    // curl waits for the 100 too (its --expect100-timeout is the only bound it has).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write_file(dir.path(), "body.json", &body);
+    let out = curl(&[
+        "-v",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "expect: 100-continue",
+        "--expect100-timeout",
+        "30",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &gateway.url("/v1/chat/completions"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP/1.1 100 Continue"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -262,6 +277,26 @@ fn client_errors_are_openai_shaped() {
     let (status, body) = http_request(gateway.port, "GET", "/nothing-here", &[], b"");
     assert_eq!(status, 404);
     assert_eq!(error_of(&body)["code"], "unknown_url");
+
+    // A profile the config does not define: refused, naming the ones it does.
+    let (status, body) = http_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-kvgate-profile", "no-such-profile"),
+        ],
+        chat_body("qwen", "hi", false).as_bytes(),
+    );
+    assert_eq!(status, 400);
+    let error = error_of(&body);
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(error["code"], "unknown_profile");
+    let message = error["message"].as_str().expect("message");
+    for part in ["no-such-profile", "x-kvgate-profile", "default"] {
+        assert!(message.contains(part), "{message}");
+    }
 
     let sdk = openai_sdk(&gateway.url("/v1"), "nope", "unknown-model");
     assert_eq!(sdk["error"], "not_found");
@@ -430,7 +465,8 @@ fn client_disconnect_mid_stream_cancels_upstream_and_frees_load() {
 #[test]
 fn dead_pod_is_retried_on_the_next_then_ejected() {
     let alive = FakePod::start();
-    let dead = format!("127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let dead = closed.addr.to_string();
     let gateway = Kvgate::start(
         &GatewayConfig {
             eject_after_failures: 2,

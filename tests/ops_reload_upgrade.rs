@@ -27,8 +27,6 @@ mod sim;
 mod upstream;
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -37,7 +35,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sim::{model_yaml, SimPods};
-use upstream::{free_port, http_request, wait_for, FakePod};
+use upstream::{
+    debug_pods, http_request, metric, scores, totals_weighted_by, wait_for, FakePod, Serve,
+};
 
 /// Target request rate of the load (the goal is at least 100/s).
 const RATE: f64 = 125.0;
@@ -84,17 +84,16 @@ struct Sim {
 }
 
 impl Sim {
-    fn start(dir: &std::path::Path, events: u16) -> Self {
+    fn start(dir: &std::path::Path, events: &str) -> Self {
         let config = dir.join("sim.yaml");
         fs::write(&config, model_yaml("qwen", "[]")).expect("write sim config");
-        let events = format!("tcp://127.0.0.1:{events}");
         let buffer = REPLAY_BUFFER.to_string();
         let sim = SimPods::start(
             &config,
             PODS,
             &[
                 "--events-connect",
-                &events,
+                events,
                 "--replay-base-port",
                 "0",
                 "--time-scale",
@@ -118,65 +117,97 @@ impl Sim {
     }
 }
 
+/// Every port is the OS's pick: the first process binds port 0 and reports what it got;
+/// each upgraded process inherits the listening sockets (its config still says port 0,
+/// the key they are handed over under) and binds the event SUB on the port the first
+/// one got, where the pods keep connecting.
 struct Fleet {
     dir: tempfile::TempDir,
     listen: u16,
     admin: u16,
-    events: u16,
+    events: String,
     sim: Sim,
     lite: FakePod,
 }
 
 impl Fleet {
-    fn start() -> Self {
+    /// Starts the first gateway (no pods yet: they need its event port), then the pods,
+    /// then names them in a reload.
+    fn start(variant: &Variant) -> (Self, Gateway) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let events = free_port();
-        let sim = Sim::start(dir.path(), events);
         let lite = FakePod::start_with(&["--model", "qwen-lite"]);
-        Self {
+        let first = dir.path().join(config_name(0));
+        fs::write(&first, render(variant, "tcp://127.0.0.1:0", &[], &lite)).expect("config");
+        let mut gateway = Gateway::start(dir.path(), 0, false);
+        let listening = gateway.serve.listening(STEP_LIMIT);
+        let events = listening.events.expect("a bound event SUB");
+        let sim = Sim::start(dir.path(), &events);
+        let fleet = Self {
             dir,
-            listen: free_port(),
-            admin: free_port(),
+            listen: listening.proxy,
+            admin: listening.admin,
             events,
             sim,
             lite,
-        }
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("kvgate.yaml")
-    }
-
-    fn upgrade_sock(&self) -> PathBuf {
-        self.dir.path().join("upgrade.sock")
-    }
-
-    /// Writes the config atomically (rename), as editors and ConfigMaps do.
-    fn write_config(&self, v: &Variant) {
-        let tmp = self.dir.path().join("kvgate.yaml.tmp");
-        fs::write(&tmp, self.render(v)).expect("write config");
-        fs::rename(&tmp, self.config_path()).expect("rename config");
-    }
-
-    fn render(&self, v: &Variant) -> String {
-        let pods = self
-            .sim
-            .pods
-            .iter()
-            .map(|(http, topic, replay)| {
-                format!("{{http: \"{http}\", topicHost: \"{topic}\", replay: \"{replay}\"}}")
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let scorer = if v.broken {
-            "no-such-scorer"
-        } else {
-            "kv-cache"
         };
-        let mut out = format!(
-            "server:
-  listen: 127.0.0.1:{listen}
-  admin: 127.0.0.1:{admin}
+        reload_and_wait(&fleet, &gateway, variant, true, true);
+        (fleet, gateway)
+    }
+
+    /// Writes `gateway`'s config atomically (rename), as editors and ConfigMaps do.
+    fn write_config(&self, gateway: &Gateway, v: &Variant) {
+        let events = if gateway.generation == 0 {
+            "tcp://127.0.0.1:0"
+        } else {
+            &self.events
+        };
+        let text = render(v, events, &self.sim.pods, &self.lite);
+        let tmp = self.dir.path().join("kvgate.yaml.tmp");
+        fs::write(&tmp, text).expect("write config");
+        fs::rename(&tmp, self.dir.path().join(config_name(gateway.generation)))
+            .expect("rename config");
+    }
+
+    /// The config of a new generation, before it starts.
+    fn write_next(&self, generation: usize, v: &Variant) {
+        let text = render(v, &self.events, &self.sim.pods, &self.lite);
+        fs::write(self.dir.path().join(config_name(generation)), text).expect("config");
+    }
+
+    fn reloads(&self) -> (f64, f64) {
+        (
+            metric(self.admin, "kvgate_config_reloads_total{result=\"ok\"}"),
+            metric(self.admin, "kvgate_config_reloads_total{result=\"failed\"}"),
+        )
+    }
+
+    /// The `qwen` pods as `/debug/pods` shows them.
+    fn debug_pods(&self) -> Vec<Value> {
+        debug_pods(self.admin, "qwen")
+    }
+}
+
+fn config_name(generation: usize) -> String {
+    format!("kvgate-{generation}.yaml")
+}
+
+fn render(v: &Variant, events: &str, pods: &[(String, String, String)], lite: &FakePod) -> String {
+    let pods = pods
+        .iter()
+        .map(|(http, topic, replay)| {
+            format!("{{http: \"{http}\", topicHost: \"{topic}\", replay: \"{replay}\"}}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let scorer = if v.broken {
+        "no-such-scorer"
+    } else {
+        "kv-cache"
+    };
+    let mut out = format!(
+        "server:
+  listen: 127.0.0.1:0
+  admin: 127.0.0.1:0
   maxAttempts: {attempts}
   connectTimeoutMs: 1000
   responseTimeoutMs: 30000
@@ -185,7 +216,7 @@ impl Fleet {
   threads: 2
 events:
   mode: bind
-  bind: tcp://127.0.0.1:{events}
+  bind: {events}
   replay: true
 logging:
   level: \"{level}\"
@@ -196,127 +227,49 @@ profiles:
     scorers: [{{name: {scorer}, weight: {kv}}}, {{name: load, weight: 1}}]
     picker: {{name: max-score}}
 ",
-            listen = self.listen,
-            admin = self.admin,
-            attempts = v.max_attempts,
-            events = self.events,
-            level = v.level,
-            kv = v.kv_weight,
+        attempts = v.max_attempts,
+        level = v.level,
+        kv = v.kv_weight,
+    );
+    out.push_str(&model_yaml("qwen", &format!("[{pods}]")));
+    if v.lite_model {
+        let lite = model_yaml(
+            "qwen-lite",
+            &format!("[{{http: \"{}\", topicHost: lite}}]", lite.addr()),
         );
-        out.push_str(&model_yaml("qwen", &format!("[{pods}]")));
-        if v.lite_model {
-            let lite = model_yaml(
-                "qwen-lite",
-                &format!("[{{http: \"{}\", topicHost: lite}}]", self.lite.addr()),
-            );
-            out.push_str(lite.trim_start_matches("models:\n"));
-        }
-        out
+        out.push_str(lite.trim_start_matches("models:\n"));
     }
-
-    fn admin_get(&self, path: &str) -> (u16, String) {
-        let (status, body) = http_request(self.admin, "GET", path, &[], b"");
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
-
-    fn metric(&self, series: &str) -> f64 {
-        let (_, text) = self.admin_get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    fn reloads(&self) -> (f64, f64) {
-        (
-            self.metric("kvgate_config_reloads_total{result=\"ok\"}"),
-            self.metric("kvgate_config_reloads_total{result=\"failed\"}"),
-        )
-    }
-
-    /// The `qwen` pods as `/debug/pods` shows them.
-    fn debug_pods(&self) -> Vec<Value> {
-        let (_, body) = self.admin_get("/debug/pods");
-        let v: Value = serde_json::from_str(&body).expect("debug pods JSON");
-        v["models"]["qwen"].as_array().cloned().unwrap_or_default()
-    }
+    out
 }
 
-/// One `kvgate serve` process; its JSON log goes to a file.
+/// One `kvgate serve` process of a generation; its JSON log goes to a file.
 struct Gateway {
-    child: Child,
-    log: PathBuf,
+    serve: Serve,
+    generation: usize,
 }
 
 impl Gateway {
-    fn start(fleet: &Fleet, generation: usize, upgrade: bool) -> Self {
-        let log = fleet.dir.path().join(format!("kvgate-{generation}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kvgate"));
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(fleet.config_path())
-            .arg("--upgrade-sock")
-            .arg(fleet.upgrade_sock())
-            .args(["--grace-period-secs", "30"]);
+    fn start(dir: &std::path::Path, generation: usize, upgrade: bool) -> Self {
+        let sock = dir.join("upgrade.sock");
+        let mut extra = vec![
+            "--upgrade-sock",
+            sock.to_str().expect("path"),
+            "--grace-period-secs",
+            "30",
+        ];
         if upgrade {
-            command.arg("--upgrade");
+            extra.push("--upgrade");
         }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start kvgate");
-        Self { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn lines(&self) -> Vec<Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect()
-    }
-
-    fn find(&self, message: &str) -> Option<Value> {
-        self.lines()
-            .into_iter()
-            .find(|l| l["fields"]["message"] == message)
+        let serve = Serve::spawn(
+            &dir.join(config_name(generation)),
+            &dir.join(format!("kvgate-{generation}.log")),
+            &extra,
+        );
+        Self { serve, generation }
     }
 
     fn wait_log(&mut self, message: &str) -> Value {
-        wait_for(&format!("log line {message:?}"), STEP_LIMIT, || {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("kvgate exited ({status}):\n{}", self.log_text());
-            }
-            self.find(message)
-        })
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name}");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) {
-        wait_for("the old kvgate to drain and exit", limit, || {
-            self.child.try_wait().ok().flatten()
-        });
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
-        }
+        self.serve.wait_log(message, STEP_LIMIT)
     }
 }
 
@@ -437,16 +390,17 @@ struct HitRate {
     requests: usize,
 }
 
-/// `Request handled` figures of one request: prompt, predicted and reported cached tokens.
-type Handled = std::collections::HashMap<String, (u64, u64, u64)>;
+/// The `Request handled` line (its fields) of each request, by request id.
+type Handled = std::collections::HashMap<String, Value>;
 
 fn hit_rate(outcomes: &[Outcome], handled: &Handled, from: Duration, to: Duration) -> HitRate {
     let (mut prompt, mut predicted, mut actual, mut requests) = (0, 0, 0, 0);
+    let count = |line: &Value, field: &str| line[field].as_u64().unwrap_or(0);
     for o in outcomes.iter().filter(|o| o.start >= from && o.start < to) {
-        if let Some((p, pc, ac)) = handled.get(&o.id) {
-            prompt += p;
-            predicted += pc;
-            actual += ac;
+        if let Some(line) = handled.get(&o.id) {
+            prompt += count(line, "prompt_tokens");
+            predicted += count(line, "predicted_cached_tokens");
+            actual += count(line, "actual_cached_tokens");
             requests += 1;
         }
     }
@@ -468,9 +422,9 @@ fn reload_and_wait(
     expect_ok: bool,
 ) {
     let (ok, failed) = fleet.reloads();
-    fleet.write_config(variant);
+    fleet.write_config(gateway, variant);
     if by_signal {
-        gateway.signal("HUP");
+        gateway.serve.signal("HUP");
     }
     wait_for("the reload's outcome in the metrics", STEP_LIMIT, || {
         let (now_ok, now_failed) = fleet.reloads();
@@ -504,23 +458,35 @@ fn reload_and_wait(
 
 /// Upgrades `old` to a new process; returns it, once the old one has exited, with the
 /// time it became ready to take traffic.
-fn upgrade(fleet: &Fleet, old: &mut Gateway, generation: usize) -> (Gateway, Instant) {
-    let mut new = Gateway::start(fleet, generation, true);
+fn upgrade(
+    fleet: &Fleet,
+    old: &mut Gateway,
+    generation: usize,
+    variant: &Variant,
+) -> (Gateway, Instant) {
+    fleet.write_next(generation, variant);
+    let mut new = Gateway::start(fleet.dir.path(), generation, true);
     new.wait_log("waiting for the running kvgate to hand over its state");
-    old.signal("QUIT");
+    old.serve.signal("QUIT");
     new.wait_log("kvgate ready");
     let ready = Instant::now();
+    let listening = new.serve.listening(STEP_LIMIT);
+    assert_eq!(
+        (listening.proxy, listening.admin),
+        (fleet.listen, fleet.admin),
+        "the listening sockets were handed over"
+    );
     let sent = old.wait_log("state handed over to the new process");
     let taken =
         new.wait_log("block index and KV event streams taken over from the previous process");
-    assert!(sent["fields"]["entries"].as_u64() > Some(0), "{sent}");
+    assert!(sent["entries"].as_u64() > Some(0), "{sent}");
     assert_eq!(
-        taken["fields"]["entries"], sent["fields"]["entries"],
+        taken["entries"], sent["entries"],
         "every index entry was handed over: {sent} {taken}"
     );
-    assert_eq!(taken["fields"]["skipped"], 0, "{taken}");
-    assert_eq!(taken["fields"]["publishers"], json!(PODS), "{taken}");
-    old.wait_exit(Duration::from_secs(60));
+    assert_eq!(taken["skipped"], 0, "{taken}");
+    assert_eq!(taken["publishers"], json!(PODS), "{taken}");
+    old.serve.wait_exit(Duration::from_secs(60));
     (new, ready)
 }
 
@@ -549,11 +515,8 @@ fn streams_resumed(fleet: &Fleet) -> u64 {
 
 #[test]
 fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
-    let fleet = Fleet::start();
     let mut variant = Variant::default();
-    fleet.write_config(&variant);
-    let mut gateway = Gateway::start(&fleet, 0, false);
-    gateway.wait_log("kvgate ready");
+    let (fleet, mut gateway) = Fleet::start(&variant);
 
     // Each pod has served a share of the documents: it caches their blocks and says so.
     for doc in 0..DOCS {
@@ -614,19 +577,17 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
         reload_and_wait(&fleet, &gateway, &broken, true, false);
         let refused = gateway.wait_log("config reload refused; the running config stays in effect");
         assert!(
-            refused["fields"]["error"]
+            refused["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("no-such-scorer")),
             "{refused}"
         );
-        // The file is put right again without a reload: the running config serves on.
-        fleet.write_config(&variant);
     });
     let mut generation = 1;
     let mut took_over = Vec::new();
     step("upgrade 1", &mut || {
         let ready;
-        (gateway, ready) = upgrade(&fleet, &mut gateway, generation);
+        (gateway, ready) = upgrade(&fleet, &mut gateway, generation, &variant);
         took_over.push(ready - epoch);
         generation += 1;
     });
@@ -654,7 +615,7 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
     });
     step("upgrade 2", &mut || {
         let ready;
-        (gateway, ready) = upgrade(&fleet, &mut gateway, generation);
+        (gateway, ready) = upgrade(&fleet, &mut gateway, generation, &variant);
         took_over.push(ready - epoch);
         generation += 1;
     });
@@ -681,12 +642,9 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         {
             let f = &line["fields"];
-            if f["message"] == "Request handled" {
-                if let (Some(id), Some(p)) = (f["request_id"].as_str(), f["prompt_tokens"].as_u64())
-                {
-                    let predicted = f["predicted_cached_tokens"].as_u64().unwrap_or(0);
-                    let actual = f["actual_cached_tokens"].as_u64().unwrap_or(0);
-                    handled.insert(id.to_string(), (p, predicted, actual));
+            if f["message"] == "Request handled" && f["prompt_tokens"].is_u64() {
+                if let Some(id) = f["request_id"].as_str() {
+                    handled.insert(id.to_string(), f.clone());
                 }
             }
         }
@@ -756,6 +714,33 @@ fn reloads_and_upgrades_under_load_lose_no_request_and_keep_the_index() {
     for f in failed.iter().take(10) {
         println!("failed {} at {:?}: {:?}", f.id, f.start, f.error);
     }
+
+    // Reload 1 took effect on the requests after it: every pod's total is 2 × kv-cache +
+    // load before it, 3 × kv-cache + load after it (through the upgrades, to the end).
+    let weighted = |from: Duration, to: Duration, kv: f64| {
+        let lines: Vec<&Value> = outcomes
+            .iter()
+            .filter(|o| o.start >= from && o.start < to)
+            .filter_map(|o| handled.get(&o.id))
+            .collect();
+        assert!(!lines.is_empty(), "no request between {from:?} and {to:?}");
+        for line in &lines {
+            assert!(
+                totals_weighted_by(line, &[("kv-cache", kv), ("load", 1.0)]),
+                "kv-cache weight {kv} expected: {line}"
+            );
+        }
+        // Lines where the weight shows (a pod with cached blocks) tell 2 from 3.
+        assert!(
+            lines.iter().any(|line| scores(line).iter().any(|pod| pod
+                .parts
+                .iter()
+                .any(|(name, score)| name == "kv-cache" && *score > 0.05))),
+            "no cache score to weigh between {from:?} and {to:?}"
+        );
+    };
+    weighted(Duration::ZERO, switches[0].from, 2.0);
+    weighted(switches[0].to, elapsed, 3.0);
 
     assert!(failed.is_empty(), "{} requests failed", failed.len());
     assert!(

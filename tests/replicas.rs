@@ -8,6 +8,8 @@
 //! still send the second to the pod holding its prefix: it learns where the prefix is
 //! from the pod's events alone. Checked from the pods' own answers (cached tokens).
 
+// Shared by the tests that start `kvgate sim` pods, each using part of it.
+#[allow(dead_code)]
 #[path = "support/sim.rs"]
 mod sim;
 // Shared with the gateway tests, which use more of it.
@@ -15,14 +17,12 @@ mod sim;
 mod upstream;
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sim::{document, SimPods, BLOCK};
-use upstream::{free_port, http_request, wait_for};
+use upstream::{http_request, metric, wait_for, Serve};
 
 const PODS: usize = 4;
 const REPLICAS: usize = 3;
@@ -32,35 +32,24 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// One `kvgate serve` replica with its own ports and config file.
 struct Replica {
-    child: Child,
+    _serve: Serve,
     listen: u16,
     admin: u16,
-    log: std::path::PathBuf,
 }
 
 impl Replica {
     fn start(dir: &Path, n: usize, sim: &SimPods) -> Self {
-        let (listen, admin) = (free_port(), free_port());
         let config = dir.join(format!("kvgate-{n}.yaml"));
-        let yaml = sim.gateway_config(MODEL, listen, admin, 0);
+        // Port 0 for both listeners: the replica reports what the OS picked.
+        let yaml = sim.gateway_config(MODEL, 0, 0, 0);
         fs::write(&config, yaml).expect("write config");
-        let log = dir.join(format!("kvgate-{n}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start kvgate");
+        let (serve, listening) = Serve::start(&config, &dir.join(format!("kvgate-{n}.log")), &[]);
         let replica = Self {
-            child,
-            listen,
-            admin,
-            log,
+            _serve: serve,
+            listen: listening.proxy,
+            admin: listening.admin,
         };
         wait_for("replica ready", LIMIT, || {
-            TcpStream::connect(("127.0.0.1", replica.admin)).ok()?;
             (http_request(replica.admin, "GET", "/readyz", &[], b"").0 == 200).then_some(())
         });
         replica
@@ -82,21 +71,7 @@ impl Replica {
 
     /// Index entries (block, pod) this replica holds.
     fn index_entries(&self) -> f64 {
-        let (_, text) = http_request(self.admin, "GET", "/metrics", &[], b"");
-        String::from_utf8_lossy(&text)
-            .lines()
-            .find_map(|l| l.strip_prefix("kvgate_index_entries ")?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", fs::read_to_string(&self.log).unwrap_or_default());
-        }
+        metric(self.admin, "kvgate_index_entries")
     }
 }
 

@@ -2,14 +2,15 @@
 //! it) scraping kvgate's admin listener, queried through its HTTP API.
 //!
 //! `Prometheus::start` writes a config with a 1 s scrape of the given targets
-//! (job `kvgate`), checks it with `promtool check config`, starts the server on a
-//! free loopback port with its TSDB in a temp dir, and waits until it is ready.
+//! (job `kvgate`), checks it with `promtool check config`, starts the server on
+//! loopback port 0 with its TSDB in a temp dir, reads the port it got from its log
+//! ("Listening on"), and waits until it is ready.
 //! The process is killed when the value drops. Every wait is bounded; a timeout
 //! panics with the last answer and the tail of Prometheus's log.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,9 +47,15 @@ fn binary(env: &str, name: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| name.to_string())
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe socket");
-    listener.local_addr().expect("probe address").port()
+/// The address of Prometheus's `msg="Listening on" address=...` log line.
+fn listening_address(log: &Path) -> Option<String> {
+    std::fs::read_to_string(log).ok()?.lines().find_map(|line| {
+        line.contains("msg=\"Listening on\"")
+            .then(|| line.split("address=").nth(1))
+            .flatten()
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+    })
 }
 
 fn tail(path: &Path) -> String {
@@ -90,49 +97,47 @@ impl Prometheus {
             .build()
             .expect("http client");
         let log = dir.path().join("prometheus.log");
-        // The probe port is released before Prometheus binds it; another process may
-        // take it in between, so a start that dies is retried on a new port.
-        for _ in 0..3 {
-            let port = free_port();
-            let mut child = Command::new(binary("PROMETHEUS", "prometheus"))
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--log.level=warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("log file"))
-                .spawn()
-                .expect("start prometheus (apt-get install prometheus, or set $PROMETHEUS)");
-            let base = format!("http://127.0.0.1:{port}");
-            let deadline = Instant::now() + WAIT;
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("prometheus exited ({status}):\n{}", tail(&log));
-                    break;
-                }
+        let mut child = Command::new(binary("PROMETHEUS", "prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg("--log.level=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start prometheus (apt-get install prometheus, or set $PROMETHEUS)");
+        let deadline = Instant::now() + WAIT;
+        let mut base = None;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", tail(&log));
+            }
+            if base.is_none() {
+                base = listening_address(&log).map(|addr| format!("http://{addr}"));
+            }
+            if let Some(base) = &base {
                 let ready = http.get(format!("{base}/-/ready")).send().await;
                 if ready.is_ok_and(|r| r.status().is_success()) {
                     return Self {
                         child,
-                        base,
+                        base: base.clone(),
                         log,
                         http,
                         _dir: dir,
                     };
                 }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("prometheus not ready after {WAIT:?}:\n{}", tail(&log));
-                }
-                tokio::time::sleep(POLL).await;
             }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("prometheus not ready after {WAIT:?}:\n{}", tail(&log));
+            }
+            tokio::time::sleep(POLL).await;
         }
-        panic!("prometheus did not start");
     }
 
     pub fn url(&self) -> &str {

@@ -15,6 +15,29 @@ const TOKENIZER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.tokenizers/qw
 /// One `models:` entry with the given static pods, read by the sim pods and by the
 /// gateways in front of them alike (same tokenizer, block size and hash settings).
 pub fn model_yaml(name: &str, pods: &str) -> String {
+    model_yaml_with(name, pods, &ModelSettings::default())
+}
+
+/// What a test may change of [`model_yaml`]'s model.
+pub struct ModelSettings<'a> {
+    pub release: &'a str,
+    /// The pods' PYTHONHASHSEED.
+    pub seed: &'a str,
+    /// More fields of the entry, each line indented by four spaces.
+    pub extra: &'a str,
+}
+
+impl Default for ModelSettings<'_> {
+    fn default() -> Self {
+        Self {
+            release: "0.11.0",
+            seed: "0",
+            extra: "",
+        }
+    }
+}
+
+pub fn model_yaml_with(name: &str, pods: &str, settings: &ModelSettings<'_>) -> String {
     format!(
         "models:
   - name: {name}
@@ -22,10 +45,13 @@ pub fn model_yaml(name: &str, pods: &str) -> String {
     tokenizerConfig: {TOKENIZER_DIR}/tokenizer_config.json
     blockSize: {BLOCK}
     hashAlgo: sha256_cbor
-    hashSeed: \"0\"
-    vllmRelease: \"0.11.0\"
+    hashSeed: \"{seed}\"
+    vllmRelease: \"{release}\"
     discovery: {{static: {{pods: {pods}}}}}
-"
+{extra}",
+        seed = settings.seed,
+        release = settings.release,
+        extra = settings.extra,
     )
 }
 
@@ -110,6 +136,7 @@ impl SimPods {
         admin: u16,
         health_check_interval_ms: u64,
     ) -> String {
+        let pods = format!("[{}]", self.connect_entries(model).join(", "));
         format!(
             "server:
   listen: 127.0.0.1:{listen}
@@ -124,12 +151,13 @@ logging:
   level: info
   format: json
 "
-        ) + &model_yaml(model, &self.connect_pods(model))
+        ) + &model_yaml(model, &pods)
     }
 
-    /// The static `pods:` list of a kvgate config in connect mode.
-    fn connect_pods(&self, model: &str) -> String {
-        let pods = (0..self.pods.len())
+    /// Every pod as a static pod entry whose events kvgate follows in connect mode
+    /// (the pods bind their PUB and replay sockets).
+    pub fn connect_entries(&self, model: &str) -> Vec<String> {
+        (0..self.pods.len())
             .map(|i| {
                 format!(
                     "{{http: \"{}\", events: \"{}\", replay: \"{}\", topicHost: \"{}\"}}",
@@ -139,9 +167,7 @@ logging:
                     self.topic_host(i, model),
                 )
             })
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("[{pods}]")
+            .collect()
     }
 
     /// The host part of pod `i`'s topic `kv@<host>@<model>`.

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -15,12 +15,111 @@ use serde_json::Value;
 pub const HERE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/upstream");
 pub const TOKENIZER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.tokenizers/qwen3");
 
-/// A port that was free a moment ago (and refuses connections until someone binds it).
+/// A port free a moment ago. Racy (another process may take it before the child binds
+/// it): only for a pod that must start after kvgate at an address its config names;
+/// everything else binds port 0 and reports the port it got.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
+}
+
+/// An address that refuses connections, as a crashed pod's does: a socket bound to it
+/// that never listens, so that no other process can take the port while the test runs.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind a port");
+        let addr = socket.local_addr().expect("bound address");
+        Self {
+            _socket: socket,
+            addr,
+        }
+    }
+}
+
+/// Where a `kvgate serve` listens: the `{"listening": ...}` line it prints on stdout
+/// once its proxy, admin and KV-event sockets are open. Test configs ask for port 0
+/// throughout, so no port is chosen by the test and released for kvgate to take.
+pub struct Listening {
+    pub proxy: u16,
+    pub admin: u16,
+    /// The bound KV-event SUB (`events.mode: bind`).
+    pub events: Option<String>,
+}
+
+impl Listening {
+    /// Waits up to `limit` for the line among `lines` (see [`stdout_lines`]); panics with
+    /// `log()` if `child` exits first.
+    pub fn wait(
+        lines: &mpsc::Receiver<String>,
+        child: &mut Child,
+        limit: Duration,
+        log: impl Fn() -> String,
+    ) -> Self {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("kvgate exited ({status}) before listening:\n{}", log());
+            }
+            let line = match lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "kvgate did not listen within {limit:?}:\n{}",
+                        log()
+                    );
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("kvgate closed its stdout before listening:\n{}", log())
+                }
+            };
+            let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let listening = &value["listening"];
+            let port = |name: &str| {
+                listening[name]
+                    .as_str()
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .map(|a| a.port())
+                    .unwrap_or_else(|| panic!("no {name} address in {line}"))
+            };
+            if listening.is_object() {
+                return Self {
+                    proxy: port("proxy"),
+                    admin: port("admin"),
+                    events: listening["events"].as_str().map(str::to_string),
+                };
+            }
+        }
+    }
+}
+
+/// `child`'s stdout (piped), line by line, read on a thread of its own so that the
+/// child never blocks on a full pipe.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
@@ -42,6 +141,8 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 pub struct FakePod {
     child: Child,
     pub port: u16,
+    /// Rank 0's bound PUB (`--zmq-bind-ranks`).
+    pub events: Option<String>,
 }
 
 impl FakePod {
@@ -67,12 +168,21 @@ impl FakePod {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("fake pod did not start within 20 s");
-        let port = line
+        let mut banner = line
             .trim()
             .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"))
+            .split_whitespace();
+        let port = banner
+            .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"));
-        Self { child, port }
+        let events = banner.next().map(str::to_string);
+        Self {
+            child,
+            port,
+            events,
+        }
     }
 
     pub fn addr(&self) -> String {
@@ -84,6 +194,14 @@ impl FakePod {
         let (status, body) = http_request(self.port, "GET", "/_test/requests", &[], b"");
         assert_eq!(status, 200);
         serde_json::from_slice(&body).expect("requests JSON")
+    }
+
+    /// Publishes one KV-event batch of `events` on data-parallel rank `rank`.
+    pub fn publish(&self, rank: u32, events: Value) {
+        let body = serde_json::json!({"events": events, "rank": rank}).to_string();
+        let (status, answer) =
+            http_request(self.port, "POST", "/_test/publish", &[], body.as_bytes());
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     }
 
     pub fn set_healthy(&self, ok: bool) {
@@ -185,11 +303,11 @@ impl GatewayConfig {
         .collect()
     }
 
-    fn render(&self, listen: u16, admin: u16) -> String {
+    fn render(&self) -> String {
         let mut out = format!(
             "server:
-  listen: 127.0.0.1:{listen}
-  admin: 127.0.0.1:{admin}
+  listen: 127.0.0.1:0
+  admin: 127.0.0.1:0
   maxBodyBytes: {}
   maxAttempts: {}
   connectTimeoutMs: 1000
@@ -248,9 +366,155 @@ models:
     }
 }
 
-/// kvgate in a subprocess, its log captured to a file.
-pub struct Kvgate {
+/// One `kvgate serve` process on a config file, its log (stderr) in a file; killed on
+/// drop, its log printed if the test is failing.
+pub struct Serve {
     child: Child,
+    stdout: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// Starts `kvgate serve --config <config> <extra>` and returns at once.
+    pub fn spawn(config: &Path, log: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("start kvgate serve");
+        let stdout = stdout_lines(&mut child);
+        Self {
+            child,
+            stdout,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Starts it and waits until it listens.
+    pub fn start(config: &Path, log: &Path, extra: &[&str]) -> (Self, Listening) {
+        let mut serve = Self::spawn(config, log, extra);
+        let listening = serve.listening(Duration::from_secs(60));
+        (serve, listening)
+    }
+
+    /// Waits for its `listening` line.
+    pub fn listening(&mut self, limit: Duration) -> Listening {
+        let log = self.log.clone();
+        Listening::wait(&self.stdout, &mut self.child, limit, || {
+            fs::read_to_string(&log).unwrap_or_default()
+        })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `fields` of every line of its JSON log.
+    pub fn log_fields(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v.get("fields").cloned())
+            .collect()
+    }
+
+    /// The `fields` of every `Request handled` line so far.
+    pub fn handled(&self) -> Vec<Value> {
+        self.log_fields()
+            .into_iter()
+            .filter(|f| f["message"] == "Request handled")
+            .collect()
+    }
+
+    /// Waits for the `Request handled` line of `request_id`.
+    pub fn wait_handled(&self, request_id: &str) -> Value {
+        wait_for(
+            &format!("the log line of request {request_id}"),
+            Duration::from_secs(30),
+            || {
+                self.handled()
+                    .into_iter()
+                    .find(|f| f["request_id"] == request_id)
+            },
+        )
+    }
+
+    /// Waits for a log line with this message; panics if the process exits first.
+    pub fn wait_log(&mut self, message: &str, limit: Duration) -> Value {
+        wait_for(&format!("log line {message:?}"), limit, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("kvgate exited ({status}):\n{}", self.log());
+            }
+            self.log_fields()
+                .into_iter()
+                .find(|f| f["message"] == message)
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`HUP`, `QUIT`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) {
+        wait_for("kvgate to exit", limit, || {
+            self.child.try_wait().ok().flatten()
+        });
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+/// A sample of an admin listener's `/metrics` (0 when the series does not exist yet).
+pub fn metric(admin: u16, series: &str) -> f64 {
+    let (_, text) = http_request(admin, "GET", "/metrics", &[], b"");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A model's pods as an admin listener's `/debug/pods` shows them.
+pub fn debug_pods(admin: u16, model: &str) -> Vec<Value> {
+    let (_, body) = http_request(admin, "GET", "/debug/pods", &[], b"");
+    let pods: Value = serde_json::from_slice(&body).expect("debug pods JSON");
+    pods["models"][model]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// kvgate in a subprocess on a [`GatewayConfig`].
+pub struct Kvgate {
+    serve: Serve,
     pub port: u16,
     admin_port: u16,
     dir: tempfile::TempDir,
@@ -264,60 +528,41 @@ impl Kvgate {
         } else {
             "http"
         };
-        Self::launch(scheme, |port, admin_port| config.render(port, admin_port))
+        Self::launch(scheme, |_, _| config.render())
     }
 
     /// Starts kvgate, listening on plain HTTP, with the config `render(listen port,
-    /// admin port)` returns.
+    /// admin port)` returns, called with port 0 for both.
     pub fn start_yaml(render: impl FnOnce(u16, u16) -> String) -> Self {
         Self::launch("http", render)
     }
 
     fn launch(scheme: &'static str, render: impl FnOnce(u16, u16) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let admin_port = free_port();
         let config_path = dir.path().join("kvgate.yaml");
-        fs::write(&config_path, render(port, admin_port)).expect("write config");
-        let log = fs::File::create(dir.path().join("kvgate.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start kvgate");
-        let mut gateway = Self {
-            child,
-            port,
-            admin_port,
+        // Port 0 for both listeners: kvgate binds what the OS picks and reports it.
+        fs::write(&config_path, render(0, 0)).expect("write config");
+        let (serve, listening) = Serve::start(&config_path, &dir.path().join("kvgate.log"), &[]);
+        Self {
+            serve,
+            port: listening.proxy,
+            admin_port: listening.admin,
             dir,
             scheme,
-        };
-        wait_for("kvgate to listen", Duration::from_secs(60), || {
-            if let Ok(Some(status)) = gateway.child.try_wait() {
-                panic!("kvgate exited early ({status}): {}", gateway.log());
-            }
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        gateway
+        }
     }
 
-    /// Rewrites the config file (same ports) and sends SIGHUP.
+    /// Rewrites the config file (ports stay: the listeners are not reloaded) and sends
+    /// SIGHUP.
     pub fn reload(&self, config: &GatewayConfig) {
         let path = self.dir.path().join("kvgate.yaml");
-        fs::write(path, config.render(self.port, self.admin_port)).expect("write config");
+        fs::write(path, config.render()).expect("write config");
         self.hang_up();
     }
 
     /// Sends SIGHUP.
     pub fn hang_up(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        self.serve.signal("HUP");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -326,7 +571,7 @@ impl Kvgate {
 
     /// The process id, to read its memory from `/proc`.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.serve.pid()
     }
 
     /// The admin listener (`/metrics`, `/readyz`, `/debug/pods`).
@@ -344,40 +589,17 @@ impl Kvgate {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("kvgate.log")).unwrap_or_default()
+        self.serve.log()
     }
 
     /// The `fields` of every `Request handled` line so far.
     pub fn handled(&self) -> Vec<Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| v.get("fields").cloned())
-            .filter(|f| f["message"] == "Request handled")
-            .collect()
+        self.serve.handled()
     }
 
     /// Waits for the `Request handled` line of `request_id`.
     pub fn wait_handled(&self, request_id: &str) -> Value {
-        wait_for(
-            &format!("the log line of request {request_id}"),
-            Duration::from_secs(10),
-            || {
-                self.handled()
-                    .into_iter()
-                    .find(|f| f["request_id"] == request_id)
-            },
-        )
-    }
-}
-
-impl Drop for Kvgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("--- kvgate log ---\n{}", self.log());
-        }
+        self.serve.wait_handled(request_id)
     }
 }
 
@@ -540,4 +762,56 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, data).expect("write file");
     path
+}
+
+/// One pod's part of a `Request handled` line's `scores`: `addr=total(scorer:score,...)`.
+pub struct PodScores {
+    pub pod: String,
+    pub total: f64,
+    pub parts: Vec<(String, f64)>,
+}
+
+/// The `scores` of a `Request handled` line's fields, best pod first.
+pub fn scores(line: &Value) -> Vec<PodScores> {
+    let text = line["scores"].as_str().unwrap_or_default();
+    text.split_whitespace()
+        .map(|entry| {
+            let parse = |v: &str| v.parse::<f64>().unwrap_or_else(|_| panic!("{text}"));
+            let (pod, rest) = entry.split_once('=').unwrap_or_else(|| panic!("{text}"));
+            let (total, parts) = rest.split_once('(').unwrap_or_else(|| panic!("{text}"));
+            let parts = parts
+                .trim_end_matches(')')
+                .split(',')
+                .map(|p| {
+                    let (name, score) = p.split_once(':').unwrap_or_else(|| panic!("{text}"));
+                    (name.to_string(), parse(score))
+                })
+                .collect();
+            PodScores {
+                pod: pod.to_string(),
+                total: parse(total),
+                parts,
+            }
+        })
+        .collect()
+}
+
+/// Whether every pod's total on `line` is its scorers' scores times `weights`, up to
+/// the rounding of the printed figures (three decimals each).
+pub fn totals_weighted_by(line: &Value, weights: &[(&str, f64)]) -> bool {
+    scores(line).iter().all(|pod| {
+        let weighted: f64 = pod
+            .parts
+            .iter()
+            .map(|(name, score)| {
+                let weight = weights
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or_else(|| panic!("no weight given for {name}"), |(_, w)| *w);
+                weight * score
+            })
+            .sum();
+        let rounding = 5e-4 * (1.0 + weights.iter().map(|(_, w)| w).sum::<f64>());
+        (pod.total - weighted).abs() <= rounding + 1e-9
+    })
 }
