@@ -141,8 +141,6 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 pub struct FakePod {
     child: Child,
     pub port: u16,
-    /// Rank 0's bound PUB (`--zmq-bind-ranks`).
-    pub events: Option<String>,
 }
 
 impl FakePod {
@@ -168,21 +166,12 @@ impl FakePod {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("fake pod did not start within 20 s");
-        let mut banner = line
+        let port = line
             .trim()
             .strip_prefix("READY ")
-            .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"))
-            .split_whitespace();
-        let port = banner
-            .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"));
-        let events = banner.next().map(str::to_string);
-        Self {
-            child,
-            port,
-            events,
-        }
+        Self { child, port }
     }
 
     pub fn addr(&self) -> String {
@@ -194,14 +183,6 @@ impl FakePod {
         let (status, body) = http_request(self.port, "GET", "/_test/requests", &[], b"");
         assert_eq!(status, 200);
         serde_json::from_slice(&body).expect("requests JSON")
-    }
-
-    /// Publishes one KV-event batch of `events` on data-parallel rank `rank`.
-    pub fn publish(&self, rank: u32, events: Value) {
-        let body = serde_json::json!({"events": events, "rank": rank}).to_string();
-        let (status, answer) =
-            http_request(self.port, "POST", "/_test/publish", &[], body.as_bytes());
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     }
 
     pub fn set_healthy(&self, ok: bool) {
