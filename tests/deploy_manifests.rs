@@ -4,9 +4,10 @@
 //! selectors that match, probes on the admin port, least-privilege RBAC, a kvgate config that
 //! kvgate itself accepts, and one that agrees with the vLLM fleet it fronts.
 
-use std::io::Write;
+#[path = "support/manifests.rs"]
+mod manifests;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use kvgate::config::{Config, EventsMode, LogFormat};
@@ -14,45 +15,15 @@ use kvgate::discovery::{DiscoveryConfig, PortRef};
 use kvgate::index::{BlockIndex, IndexConfig};
 use kvgate::plugins::PluginContext;
 use kvgate::scheduler::ModelScheduler;
-use serde::Deserialize;
+use manifests::{documents, find, kustomize, run_checker};
 use serde_json::Value;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
-const VALIDATOR: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/k8s/validate_manifests.py"
-);
 /// Matches k8s-openapi's `v1_33` feature in Cargo.toml.
 const KUBERNETES_VERSION: &str = "1.33.0";
 
-fn kustomize(dir: &str) -> String {
-    let out = Command::new("kubectl")
-        .args(["kustomize", dir])
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 manifests")
-}
-
-fn documents(yaml: &str) -> Vec<Value> {
-    yaml_serde::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("YAML document"))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind}/{name} in the rendered manifests"))
-}
-
 fn rendered() -> Vec<Value> {
-    documents(&kustomize(DEPLOY))
+    documents(&kustomize("deploy"))
 }
 
 fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
@@ -98,33 +69,13 @@ fn selector_matches(selector: &Value, labels: &Value) -> bool {
 
 #[test]
 fn every_manifest_is_valid_against_the_kubernetes_schemas() {
-    for dir in [
-        DEPLOY.to_string(),
-        format!("{DEPLOY}/kvgate"),
-        format!("{DEPLOY}/vllm-example"),
-    ] {
-        let manifests = kustomize(&dir);
-        let mut validator = Command::new("python3")
-            .args([VALIDATOR, KUBERNETES_VERSION])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run the validator (python3 with kubernetes-validate)");
-        validator
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(manifests.as_bytes())
-            .expect("feed manifests");
-        let out = validator.wait_with_output().expect("validator output");
-        let report = String::from_utf8_lossy(&out.stdout);
-        println!("{dir}:\n{report}");
-        assert!(
-            out.status.success(),
-            "{dir} has invalid manifests:\n{report}{}",
-            String::from_utf8_lossy(&out.stderr)
+    for dir in ["deploy", "deploy/kvgate", "deploy/vllm-example"] {
+        let report = run_checker(
+            "validate_manifests.py",
+            &[KUBERNETES_VERSION],
+            &kustomize(dir),
         );
+        println!("{dir}:\n{report}");
     }
 }
 

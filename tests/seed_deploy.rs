@@ -4,61 +4,15 @@
 //! on the name the guide's pods connect to, its config completed from the guide's policy agrees
 //! with the pods' vLLM arguments, and only the needed ports are open.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+#[path = "support/manifests.rs"]
+mod manifests;
 
 use kvgate::cluster::{compose, PolicyObjects};
 use kvgate::config::{Config, EventsMode};
-use serde::Deserialize;
+use manifests::{documents, find, kustomize, run_checker};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn kustomize(dir: &str) -> String {
-    let out = Command::new("kubectl")
-        .args(["kustomize", &format!("{ROOT}/{dir}")])
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
-}
-
-fn documents(yaml: &str) -> Vec<Value> {
-    yaml_serde::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("YAML document"))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind}/{name}"))
-}
-
-fn run(script: &str, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new("python3")
-        .arg(format!("{ROOT}/tests/k8s/{script}"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write manifests");
-    let out = child.wait_with_output().expect("validator");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{script}:\n{text}");
-    text
-}
 
 #[test]
 fn seed_overlay_and_crds_are_valid_against_their_schemas() {
@@ -69,7 +23,7 @@ fn seed_overlay_and_crds_are_valid_against_their_schemas() {
             "{ROOT}/deploy/crds/inferencetrafficpolicies.inferenceextension.alibabacloud.com.yaml"
         ),
     ];
-    let custom = run("validate_custom_resources.py", &[&crds[0], &crds[1]], &seed);
+    let custom = run_checker("validate_custom_resources.py", &[&crds[0], &crds[1]], &seed);
     assert!(custom.contains("2/2 custom resources valid"), "{custom}");
     let builtin: Vec<String> = documents(&seed)
         .into_iter()
@@ -82,12 +36,12 @@ fn seed_overlay_and_crds_are_valid_against_their_schemas() {
         .map(|d| serde_json::to_string(&d).expect("JSON"))
         .collect();
     // JSON documents are YAML documents.
-    run(
+    run_checker(
         "validate_manifests.py",
         &["1.33.0"],
         &builtin.join("\n---\n"),
     );
-    run(
+    run_checker(
         "validate_manifests.py",
         &["1.33.0"],
         &kustomize("deploy/crds"),
