@@ -189,15 +189,15 @@ impl Gateway {
     }
 }
 
-/// A chat over a document of about 700 tokens, asking `question`.
-fn document_chat(question: &str, max_tokens: u32) -> Value {
+/// A chat over contract `contract`, a document of about 700 tokens, asking `question`.
+fn document_chat(contract: usize, question: &str, max_tokens: u32) -> Value {
     let document: Vec<String> = (0..140)
         .map(|w| format!("clause{w} binds party {}", (w * 13) % 29))
         .collect();
     json!({
         "model": MODEL,
         "messages": [
-            {"role": "system", "content": format!("Contract: {}", document.join("; "))},
+            {"role": "system", "content": format!("Contract {contract}: {}", document.join("; "))},
             {"role": "user", "content": question},
         ],
         "max_tokens": max_tokens,
@@ -283,19 +283,24 @@ fn each_reloaded_setting_applies_to_the_next_request_or_connection_and_state_is_
     let mut settings = Settings::default();
     let gateway = Gateway::start(dir.path(), format!("[{}]", pods.join(", ")), &settings);
 
-    // The index: a document served once is cached on its pod, and kvgate knows it.
-    assert_eq!(
-        gateway.chat("warm-1", &document_chat("Who binds?", 2), &[]),
-        200
-    );
-    let first = gateway.serve.wait_handled("warm-1");
+    // The index: a document served once is cached on its pod, and kvgate knows it. With
+    // maxAttempts 1 a cold prompt whose first pick is the dead pod fails unretried (pods
+    // tie, and the prompt's first block breaks the tie): take the first contract that
+    // lands on a live pod.
+    let (contract, first) = (0..16)
+        .find_map(|contract| {
+            let id = format!("warm-1-{contract}");
+            let status = gateway.chat(&id, &document_chat(contract, "Who binds?", 2), &[]);
+            (status == 200).then(|| (contract, gateway.serve.wait_handled(&id)))
+        })
+        .expect("a contract whose first pick is a live pod");
     let prompt = first["prompt_tokens"].as_u64().expect("prompt tokens");
     wait_for("the first request's blocks in the index", LIMIT, || {
         (gateway.metric("kvgate_index_entries") >= (prompt / sim::BLOCK as u64) as f64)
             .then_some(())
     });
     assert_eq!(
-        gateway.chat("warm-2", &document_chat("Who signs?", 2), &[]),
+        gateway.chat("warm-2", &document_chat(contract, "Who signs?", 2), &[]),
         200
     );
     let before = gateway.serve.wait_handled("warm-2");
@@ -315,7 +320,7 @@ fn each_reloaded_setting_applies_to_the_next_request_or_connection_and_state_is_
 
     // Load: a long stream, open across every reload, counts on its pod.
     let mut held = connect(gateway.listen);
-    let mut stream_body = document_chat("Recite every clause.", 20_000);
+    let mut stream_body = document_chat(contract, "Recite every clause.", 20_000);
     stream_body["stream"] = json!(true);
     write_request(
         &mut held,
@@ -396,7 +401,7 @@ fn each_reloaded_setting_applies_to_the_next_request_or_connection_and_state_is_
     // Weights: the next request's totals are 3 × kv-cache + load, and the index still
     // sends it to the pod that holds its prefix, which confirms every predicted token.
     assert_eq!(
-        gateway.chat("warm-3", &document_chat("Who pays?", 2), &[]),
+        gateway.chat("warm-3", &document_chat(contract, "Who pays?", 2), &[]),
         200
     );
     let after = gateway.serve.wait_handled("warm-3");
@@ -448,7 +453,7 @@ fn each_reloaded_setting_applies_to_the_next_request_or_connection_and_state_is_
     );
 
     // Body timeout: a body trickled past 1 s gets 408.
-    let body = document_chat("slow", 1).to_string();
+    let body = document_chat(contract, "slow", 1).to_string();
     let mut slow = connect(gateway.listen);
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -471,10 +476,16 @@ fn each_reloaded_setting_applies_to_the_next_request_or_connection_and_state_is_
     // info the one after does.
     settings.level = "warn";
     gateway.reload(&settings);
-    assert_eq!(gateway.chat("quiet", &document_chat("Who?", 1), &[]), 200);
+    assert_eq!(
+        gateway.chat("quiet", &document_chat(contract, "Who?", 1), &[]),
+        200
+    );
     settings.level = "info";
     gateway.reload(&settings);
-    assert_eq!(gateway.chat("loud", &document_chat("Why?", 1), &[]), 200);
+    assert_eq!(
+        gateway.chat("loud", &document_chat(contract, "Why?", 1), &[]),
+        200
+    );
     gateway.serve.wait_handled("loud");
     assert!(gateway.handled("quiet").is_none(), "logged at level warn");
 
