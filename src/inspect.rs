@@ -3,7 +3,7 @@
 //! token ids and every block hash, both as the index keys it and as vLLM's
 //! events carry it — with exactly the code the gateway runs.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -63,6 +63,8 @@ pub enum InspectError {
     },
     #[error("cannot render or tokenize the request: {0}")]
     Tokenize(#[from] TokenizeError),
+    #[error("cannot write the report: {0}")]
+    Output(std::io::Error),
 }
 
 fn read_body(path: Option<&PathBuf>) -> Result<Vec<u8>, InspectError> {
@@ -176,12 +178,17 @@ pub fn inspect(args: &InspectArgs) -> Result<Value, InspectError> {
     Ok(report)
 }
 
-/// `kvgate inspect`: prints the report as pretty JSON.
+/// `kvgate inspect`: prints the report as pretty JSON. A reader that stops early
+/// (`kvgate inspect … | head`) ends the output, as it does for other command-line tools.
 pub fn run(args: &InspectArgs) -> Result<(), InspectError> {
     let report = inspect(args)?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-    );
-    Ok(())
+    let mut out = std::io::stdout().lock();
+    let written = serde_json::to_writer_pretty(&mut out, &report)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(InspectError::Output(e)),
+        _ => Ok(()),
+    }
 }

@@ -85,3 +85,21 @@ fn bad_input_gets_a_clear_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_without_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["inspect", "conf/examples/round1.json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kvgate runs");
+    // The read end closes before kvgate has loaded its tokenizer, so its first write
+    // meets a broken pipe, as under `| head -0`.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("kvgate exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
