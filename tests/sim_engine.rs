@@ -80,8 +80,31 @@ fn closed_loop_tpot_matches_measurements() {
     );
 }
 
+/// evaluation.md's TTFT targets with 1,024-in/1,024-out prompts (0.15/0.24/0.38/0.65 s at
+/// concurrency 8/32/64/128): met at 8. Above it the model knowingly underestimates them (it
+/// has no per-request overhead, and its clients are not synchronized as a benchmark's are),
+/// so there the bound is only that it stays below the measurement.
 #[test]
-fn closed_loop_long_prompts_report() {
+fn closed_loop_ttft_meets_low_load_and_underestimates_high_load() {
+    for (concurrency, measured) in [(8, 0.15), (32, 0.24), (64, 0.38), (128, 0.65)] {
+        let ttft =
+            closed_loop(PodParams::default(), &random_prompts(concurrency, 1_024, 6)).ttft_s();
+        if concurrency == 8 {
+            assert!(
+                within(ttft, measured, 0.2),
+                "c={concurrency}: TTFT {ttft:.3} s"
+            );
+        } else {
+            assert!(ttft < measured, "c={concurrency}: TTFT {ttft:.3} s");
+        }
+    }
+}
+
+/// 4,096-in/1,024-out prompts: TTFT under 1 s up to concurrency 32 and a KV-exhaustion
+/// blow-up (preemptions, tens of seconds) at 128, as measured (~59 s). At 64 the target is
+/// knowingly missed: the model's queue builds later than the measured 4.4 s.
+#[test]
+fn closed_loop_long_prompts_under_1s_to_32_blow_up_at_128_and_miss_64() {
     for concurrency in [8, 16, 32, 64, 128] {
         let run = closed_loop(PodParams::default(), &random_prompts(concurrency, 4_096, 3));
         println!(
@@ -93,5 +116,15 @@ fn closed_loop_long_prompts_report() {
             run.preemptions,
         );
         assert_eq!(run.finished, concurrency * 3);
+        let ttft = run.ttft_s();
+        match concurrency {
+            ..=32 => assert!(ttft < 1.0, "c={concurrency}: TTFT {ttft:.3} s"),
+            64 => assert!(ttft < 4.4, "c=64: TTFT {ttft:.3} s"),
+            _ => assert!(
+                ttft > 10.0 && run.preemptions > 0,
+                "c={concurrency}: TTFT {ttft:.3} s, {} preemptions",
+                run.preemptions
+            ),
+        }
     }
 }
