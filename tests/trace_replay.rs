@@ -12,14 +12,13 @@ mod sim;
 mod upstream;
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sim::{model_yaml, SimPods, BLOCK};
-use upstream::{free_port, http_request, wait_for};
+use upstream::{http_request, wait_for, Serve};
 
 const PODS: usize = 4;
 const MODEL: &str = "qwen";
@@ -31,22 +30,24 @@ const LIMIT: Duration = Duration::from_secs(60);
 const MAX_BYTES: u64 = 65_536;
 const CONVERSATIONS_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/trace/conversations.py");
 
+/// `kvgate serve` on a config file it reloads.
 struct Gateway {
-    child: Child,
+    /// Stops the process (and prints its log if the test fails) when dropped.
+    _serve: Serve,
     listen: u16,
     admin: u16,
     config: PathBuf,
-    log: PathBuf,
     pods: String,
 }
 
 /// Writes a gateway config with `trace` as its trace section (empty: none), whole and
 /// renamed over the old one as an editor saves, so a reload never reads half a file.
-fn write_config(config: &Path, listen: u16, admin: u16, pods: &str, trace: &str) {
+/// The listeners bind port 0; the gateway reports the ports it got.
+fn write_config(config: &Path, pods: &str, trace: &str) {
     let yaml = format!(
         "server:
-  listen: 127.0.0.1:{listen}
-  admin: 127.0.0.1:{admin}
+  listen: 127.0.0.1:0
+  admin: 127.0.0.1:0
   threads: 1
 events:
   mode: connect
@@ -63,30 +64,22 @@ logging:
 
 impl Gateway {
     fn start(dir: &Path, pods: String, trace: &str) -> Self {
-        let (listen, admin) = (free_port(), free_port());
         let config = dir.join("kvgate.yaml");
-        let log = dir.join("kvgate.log");
-        write_config(&config, listen, admin, &pods, trace);
-        let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--upgrade-sock")
-            .arg(dir.join("upgrade.sock"))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start kvgate");
+        write_config(&config, &pods, trace);
+        let upgrade_sock = dir.join("upgrade.sock");
+        let (serve, listening) = Serve::start(
+            &config,
+            &dir.join("kvgate.log"),
+            &["--upgrade-sock", upgrade_sock.to_str().expect("UTF-8 path")],
+        );
         let gateway = Self {
-            child,
-            listen,
-            admin,
+            _serve: serve,
+            listen: listening.proxy,
+            admin: listening.admin,
             config,
-            log,
             pods,
         };
         wait_for("the gateway to be ready", LIMIT, || {
-            TcpStream::connect(("127.0.0.1", gateway.admin)).ok()?;
             (http_request(gateway.admin, "GET", "/readyz", &[], b"").0 == 200).then_some(())
         });
         gateway
@@ -103,7 +96,7 @@ impl Gateway {
     /// Rewrites the config and waits until the gateway applied it.
     fn reload(&self, trace: &str) {
         let before = self.metric("kvgate_config_reloads_total{result=\"ok\"}");
-        write_config(&self.config, self.listen, self.admin, &self.pods, trace);
+        write_config(&self.config, &self.pods, trace);
         wait_for("the reload", LIMIT, || {
             (self.metric("kvgate_config_reloads_total{result=\"ok\"}") > before).then_some(())
         });
@@ -120,16 +113,6 @@ impl Gateway {
         );
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&response));
         serde_json::from_slice(&response).expect("JSON response")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", fs::read_to_string(&self.log).unwrap_or_default());
-        }
     }
 }
 
