@@ -158,7 +158,7 @@ fn seconds(value: Option<f64>) -> String {
     }
 }
 
-fn percent(value: Option<f64>) -> String {
+pub(crate) fn percent(value: Option<f64>) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{:.1} %", v * 100.0))
 }
 

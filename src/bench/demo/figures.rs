@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::fleet::Handled;
 use crate::bench::metrics::Figures;
-use crate::bench::report::{escape, linear_ticks, tick_label, PALETTE};
+use crate::bench::report::{escape, linear_ticks, percent, tick_label, PALETTE};
 use crate::bench::workload::Segment;
 
 /// What kind of routing a profile does, for the line under the table.
@@ -147,10 +147,6 @@ impl Routed<'_> {
         }
         figures
     }
-}
-
-fn percent(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{:.1} %", v * 100.0))
 }
 
 fn secs(value: Option<f64>) -> String {
