@@ -3,7 +3,9 @@
 //! block events (hashes stored or removed) per second; against decode alone
 //! and index updates alone, measured in the same run. Then the latency of
 //! index lookups while another thread ingests at full speed, against the same
-//! lookups on an idle index.
+//! lookups on an idle index. Last, the relay of bind mode: one replica forwards every batch
+//! to a peer replica over loopback TCP at 1 M block events/s; its lag and its CPU, against
+//! the same paced stream with no peer and against what ingesting those events costs.
 //!
 //! The stream is a pod cache at capacity, as a busy fleet produces it: every
 //! batch stores 8 runs of 16 fresh blocks (64 tokens each, real sha256_cbor
@@ -30,6 +32,7 @@ use kvgate::events::{
 use kvgate::hash::{BlockHash, BlockHasher, ExtraKeys as HashExtraKeys};
 use kvgate::index::{BlockIndex, IndexConfig, IndexTargets, PrefixMatch, Tier};
 use kvgate::pods::PodRegistry;
+use kvgate::relay::{self, PeersConfig, RelayConfig, RelayHub, Relayed};
 use kvgate::scope::scope_id;
 use kvgate::vllm::VllmRelease;
 use rand::rngs::StdRng;
@@ -287,6 +290,168 @@ fn lookup_latencies(index: &BlockIndex, prompts: &[Vec<u64>]) -> Vec<Duration> {
     samples
 }
 
+/// Block events per second the relay is measured at (issue target: ≤ 10 % of a core there).
+const RELAY_RATE: f64 = 1e6;
+
+/// CPU time so far of the threads of this process named `name` (the scheduler's own
+/// accounting, in ns).
+fn threads_cpu(name: &str) -> Duration {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    Duration::from_nanos(
+        tasks
+            .filter_map(|task| {
+                let dir = task.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                (comm.trim_end() == name)
+                    .then(|| std::fs::read_to_string(dir.join("schedstat")).ok())?
+            })
+            .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// The pods' batches at `RELAY_RATE` for `run_for()`, round-robin over the pods, each handed
+/// to `hub` as the ingest task hands it what a pod sent; returns how many were sent.
+async fn paced_batches(streams: &[Stream], hub: &mut RelayHub) -> usize {
+    let batches_per_sec = RELAY_RATE / (2 * STORED_PER_BATCH) as f64;
+    let topics: Vec<Bytes> = (0..PODS)
+        .map(|i| Bytes::from(format!("kv@10.0.0.{}@{MODEL}", i + 1)))
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while start.elapsed() < run_for() {
+        tick.tick().await;
+        let due = (start.elapsed().as_secs_f64() * batches_per_sec) as usize;
+        while sent < due {
+            let pod = sent % PODS;
+            let seq = (sent / PODS) as u64;
+            let mut message = ZmqMessage::from(topics[pod].clone());
+            message.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
+            message.push_back(streams[pod].payloads[seq as usize % cycle()].clone());
+            hub.forward(&message, relay::unix_ns());
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// The relay's threads: one replica's end on one core each.
+const SENDER: &str = "relay-sender";
+const RECEIVER: &str = "relay-receiver";
+/// The thread that plays the ingest task, handing each pod's batch to the relay's hub.
+const INGEST: &str = "relay-ingest";
+
+fn one_core_runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Fractions of one core per second of wall time, per end of the relay.
+struct RelayFigures {
+    /// The sending replica: its relay tasks plus what handing batches to the hub added to
+    /// the ingest thread (the paced stream with no peer subtracted).
+    sender: f64,
+    receiver: f64,
+    lags: Vec<Duration>,
+}
+
+/// Two relay endpoints on loopback, each on a runtime of one thread as two replicas would
+/// be, the receiver following the sender (as every replica follows every peer) and
+/// authenticated as in production. The stream is paced, so the CPU measured is what
+/// relaying that rate costs, not how fast it can go.
+fn relay_run(streams: Arc<Vec<Stream>>) -> RelayFigures {
+    let sending = one_core_runtime(SENDER);
+    let receiving = one_core_runtime(RECEIVER);
+    let secret: Arc<[u8]> = Arc::from(&b"relay-bench-secret-of-32-bytes.."[..]);
+    let (_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let endpoint = |peers: Vec<String>| RelayConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        secret_file: "unused: the secret is passed in".into(),
+        peers: PeersConfig::Static(peers),
+    };
+    let mut home = sending
+        .block_on(relay::start(
+            &endpoint(Vec::new()),
+            Arc::clone(&secret),
+            shutdown_rx.clone(),
+        ))
+        .expect("sending replica's relay");
+    let follower = receiving
+        .block_on(relay::start(
+            &endpoint(vec![home.bound.to_string()]),
+            secret,
+            shutdown_rx,
+        ))
+        .expect("receiving replica's relay");
+    let join = sending
+        .block_on(home.joins.recv())
+        .expect("the receiver joins");
+
+    // The ingest thread is a thread of its own, named so its CPU can be read.
+    let ingest = std::thread::Builder::new().name(INGEST.into());
+    let sender_rt = sending.handle().clone();
+    let (total_tx, total) = tokio::sync::oneshot::channel::<usize>();
+    let receiver = receiving.spawn(receive_lags(follower, total));
+    let cpu = [threads_cpu(SENDER), threads_cpu(RECEIVER)];
+    let start = Instant::now();
+    let producer = ingest
+        .spawn(move || {
+            sender_rt.block_on(async {
+                let alone = threads_cpu(INGEST);
+                paced_batches(&streams, &mut RelayHub::default()).await;
+                let alone = threads_cpu(INGEST) - alone;
+                let mut hub = RelayHub::default();
+                hub.join(join, Vec::new());
+                let relayed = threads_cpu(INGEST);
+                let sent = paced_batches(&streams, &mut hub).await;
+                let _ = total_tx.send(sent);
+                // Both runs last run_for(): the difference is what the hub costs.
+                (threads_cpu(INGEST) - relayed).saturating_sub(alone)
+            })
+        })
+        .expect("ingest thread");
+    let hub_cost = producer.join().expect("ingest thread");
+    let lags = receiving.block_on(receiver).expect("receiver");
+    let wall = start.elapsed().as_secs_f64() - run_for().as_secs_f64();
+    let share = |cpu: Duration| cpu.as_secs_f64() / wall;
+    RelayFigures {
+        sender: share(threads_cpu(SENDER) - cpu[0] + hub_cost),
+        receiver: share(threads_cpu(RECEIVER) - cpu[1]),
+        lags,
+    }
+}
+
+/// The lag of every batch the follower receives, until it has received as many as were
+/// sent (known once the sender is done).
+async fn receive_lags(
+    mut follower: relay::RelayTasks,
+    mut total: tokio::sync::oneshot::Receiver<usize>,
+) -> Vec<Duration> {
+    let mut lags = Vec::with_capacity(1 << 16);
+    let mut expected = None;
+    let deadline = tokio::time::sleep(run_for() + Duration::from_secs(30));
+    tokio::pin!(deadline);
+    while expected.is_none_or(|n| lags.len() < n) {
+        tokio::select! {
+            sent = &mut total, if expected.is_none() => expected = Some(sent.expect("sender")),
+            item = follower.inbound.recv() => match item {
+                Some(Relayed::Batch { received_at_ns, .. }) => lags.push(Duration::from_nanos(
+                    relay::unix_ns().saturating_sub(received_at_ns),
+                )),
+                Some(Relayed::Snapshot(_)) => {}
+                None => break,
+            },
+            () = &mut deadline => panic!("relayed batches missing: {} of {expected:?} arrived", lags.len()),
+        }
+    }
+    lags
+}
+
 fn main() {
     let settings = config(0.0).models[0].hash_settings();
     let hasher = BlockHasher::new(&settings).expect("hasher");
@@ -393,5 +558,25 @@ fn main() {
         b50.as_secs_f64() / i50.as_secs_f64(),
         b99.as_secs_f64() / i99.as_secs_f64(),
         m(concurrent_rate)
+    );
+
+    let relay = relay_run(Arc::clone(&streams));
+    smoke::figure("relay CPU, sender", relay.sender);
+    smoke::figure("relay CPU, receiver", relay.receiver);
+    let batches = relay.lags.len();
+    let (l50, l99, l999) = percentiles(relay.lags);
+    smoke::figure("relay lag p99", l99.as_secs_f64());
+    println!(
+        "relay of bind mode, {:.1} M block events/s ({batches} batches) from one replica to a peer over loopback TCP:",
+        m(RELAY_RATE)
+    );
+    println!("  lag   p50 {l50:>9.2?}  p99 {l99:>9.2?}  p99.9 {l999:>9.2?}  (goal p99 ≤ 5 ms)");
+    println!(
+        "  CPU   sending replica {:.1} %, receiving replica {:.1} % of a core (goal ≤ 10 % each), \
+         against {:.1} % of a core to ingest the same events (at {:.2} M/s on one core above)",
+        100.0 * relay.sender,
+        100.0 * relay.receiver,
+        100.0 * RELAY_RATE / ingest,
+        m(ingest)
     );
 }
