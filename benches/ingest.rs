@@ -32,7 +32,7 @@ use kvgate::events::{
 use kvgate::hash::{BlockHash, BlockHasher, ExtraKeys as HashExtraKeys};
 use kvgate::index::{BlockIndex, IndexConfig, IndexTargets, PrefixMatch, Tier};
 use kvgate::pods::PodRegistry;
-use kvgate::relay::{self, PeersConfig, RelayConfig, RelayHub, Relayed};
+use kvgate::relay::{self, PeersConfig, RelayConfig, RelayHub, RelaySecret, Relayed};
 use kvgate::scope::scope_id;
 use kvgate::vllm::VllmRelease;
 use rand::rngs::StdRng;
@@ -367,11 +367,14 @@ struct RelayFigures {
 fn relay_run(streams: Arc<Vec<Stream>>) -> RelayFigures {
     let sending = one_core_runtime(SENDER);
     let receiving = one_core_runtime(RECEIVER);
-    let secret: Arc<[u8]> = Arc::from(&b"relay-bench-secret-of-32-bytes.."[..]);
+    let secret_dir = tempfile::tempdir().expect("temporary directory");
+    let secret_file = secret_dir.path().join("secret");
+    std::fs::write(&secret_file, "relay-bench-secret-of-32-bytes..\n").expect("secret file");
+    let secret = Arc::new(RelaySecret::read(&secret_file).expect("secret"));
     let (_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let endpoint = |peers: Vec<String>| RelayConfig {
         listen: ([127, 0, 0, 1], 0).into(),
-        secret_file: "unused: the secret is passed in".into(),
+        secret_file: secret_file.clone(),
         peers: PeersConfig::Static(peers),
     };
     let mut home = sending

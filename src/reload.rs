@@ -46,8 +46,8 @@ use crate::logging::{self, LogControl, LoggingError};
 use crate::metrics::Metrics;
 use crate::proxy::{DiscoveryFeed, Gateway, GatewayError};
 
-/// Quiet time after a file event before reading the file: an editor's save is
-/// several events, and a half-written file must not be read.
+/// Quiet time after a file event before reading the file: an editor's save, a Secret
+/// update or a `cp cert key` is several events, and a half-written file must not be read.
 const SETTLE: Duration = Duration::from_millis(250);
 const SETTLE_MAX: Duration = Duration::from_secs(2);
 
@@ -283,6 +283,19 @@ struct Applied {
 /// naming the file, and Kubernetes' swaps of a mounted ConfigMap or Secret, whose atomic
 /// writer only renames `..`-prefixed entries (`..data` → `..2024_…`) beside it. Anything
 /// else in the directory (a log file written there) is ignored.
+/// Lets a writer finish after a file event: returns once events stop for `SETTLE`, or after
+/// `SETTLE_MAX` for a file rewritten without pause.
+pub(crate) async fn settle(changes: &mut mpsc::Receiver<()>) {
+    let until = tokio::time::Instant::now() + SETTLE_MAX;
+    while tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + SETTLE),
+        changes.recv(),
+    )
+    .await
+    .is_ok_and(|event| event.is_some())
+    {}
+}
+
 pub(crate) fn watch_dir(
     path: &Path,
     tx: mpsc::Sender<()>,

@@ -36,11 +36,6 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::config::TlsFiles;
 use crate::metrics::Metrics;
 
-/// Quiet time after a file event before reading the files: a Secret update or a
-/// `cp cert key` is several events, and a half-written pair must not be read.
-const SETTLE: Duration = Duration::from_millis(250);
-const SETTLE_MAX: Duration = Duration::from_secs(2);
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("server.tls: cannot read {what} {path}: {source}")]
@@ -272,12 +267,7 @@ impl BackgroundService for CertReloader {
                 }
                 Some(()) = async { hangups.as_mut()?.recv().await } => self.reload(),
                 Some(()) = changes.recv() => {
-                    // Let the writer finish: read once events stop for SETTLE, or after SETTLE_MAX.
-                    let until = tokio::time::Instant::now() + SETTLE_MAX;
-                    while tokio::time::timeout_at(until.min(tokio::time::Instant::now() + SETTLE), changes.recv())
-                        .await
-                        .is_ok_and(|event| event.is_some())
-                    {}
+                    crate::reload::settle(&mut changes).await;
                     self.reload();
                 }
             }

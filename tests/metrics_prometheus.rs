@@ -130,6 +130,7 @@ fn record_known_traffic(m: &Metrics) {
     m.relay.snapshot(SnapshotResult::Sent);
     m.relay.snapshot(SnapshotResult::Applied);
     m.relay.rejected("unauthenticated");
+    m.relay.secret_reload(true);
     m.tls_certificate_reload(true);
     m.tls_handshake_failed();
 }
@@ -461,6 +462,7 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         ("kvgate_relay_lag_seconds_count".into(), 3.0),
         ("kvgate_relay_snapshots_total{result=\"applied\"}".into(), 1.0),
         ("kvgate_relay_rejected_total{reason=\"unauthenticated\"}".into(), 1.0),
+        ("kvgate_relay_secret_reloads_total{result=\"applied\"}".into(), 1.0),
     ];
     for (promql, expected) in &checks {
         prom.wait_for_value(promql, *expected).await;

@@ -81,7 +81,7 @@ pub struct KvEventService {
     command_rx: Mutex<Option<mpsc::Receiver<Command>>>,
     bound: watch::Sender<Option<String>>,
     /// The relay to peer replicas (bind mode), with its secret, until the service starts.
-    relay: Mutex<Option<(RelayConfig, Arc<[u8]>)>>,
+    relay: Mutex<Option<(RelayConfig, Arc<relay::RelaySecret>)>>,
     relay_bound: watch::Sender<Option<std::net::SocketAddr>>,
 }
 
@@ -139,7 +139,10 @@ impl KvEventService {
         );
         let (commands, command_rx) = mpsc::channel(4);
         let relay = match &config.relay {
-            Some(relay) => Some((relay.clone(), relay::read_secret(&relay.secret_file)?)),
+            Some(relay) => Some((
+                relay.clone(),
+                Arc::new(relay::RelaySecret::read(&relay.secret_file)?),
+            )),
             None => None,
         };
         Ok(Self {

@@ -9,6 +9,7 @@
 //! | `kvgate_relay_peer_up` | gauge | peer |
 //! | `kvgate_relay_subscribers` | gauge | |
 //! | `kvgate_relay_rejected_total` | counter | reason |
+//! | `kvgate_relay_secret_reloads_total` | counter | result |
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ pub struct RelayMetrics {
     peer_up: IntGaugeVec,
     subscribers: IntGauge,
     rejected: IntCounterVec,
+    secret_reloads: IntCounterVec,
 }
 
 /// What became of a snapshot.
@@ -108,6 +110,12 @@ impl RelayMetrics {
                  shared secret), handshake (malformed), slow (a peer that fell behind).",
                 &["reason"],
             )?,
+            secret_reloads: vec(
+                "kvgate_relay_secret_reloads_total",
+                "Changes of the relay secret's file: applied (a rotated secret now in use), \
+                 failed (unreadable or too short; the secret in use stays).",
+                &["result"],
+            )?,
         })
     }
 
@@ -146,5 +154,10 @@ impl RelayMetrics {
 
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn secret_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "failed" };
+        self.secret_reloads.with_label_values(&[result]).inc();
     }
 }

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::frame::{self, MAX_HANDSHAKE_FRAME};
-use super::{FrameReader, RelayError};
+use super::{FrameReader, Keys, RelayError};
 
 /// A replica's id: random per process, so a replica that finds itself among its peers
 /// (the headless Service lists it too) knows to skip it.
@@ -56,10 +56,11 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
-/// The accepting side: checks the client's proof, then proves itself. Returns the client's id.
+/// The accepting side: checks the client's proof by the current secret or, during a
+/// rotation, the previous one, then proves itself with the same. Returns the client's id.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut FrameReader<S>,
-    secret: &[u8],
+    keys: &Keys,
     me: &ReplicaId,
 ) -> Result<ReplicaId, RelayError> {
     let server_nonce = nonce();
@@ -77,12 +78,16 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let client: ReplicaId = array(&body[..16]);
     let client_nonce: Nonce = array(&body[16..48]);
     let proof: Mac = array(&body[48..80]);
-    if !same(
-        &proof,
-        &hmac(secret, &[CLIENT, &server_nonce, &client_nonce, &client]),
-    ) {
-        return Err(RelayError::Unauthenticated);
-    }
+    let proves = |secret: &[u8]| {
+        same(
+            &proof,
+            &hmac(secret, &[CLIENT, &server_nonce, &client_nonce, &client]),
+        )
+    };
+    let secret = std::iter::once(&*keys.current)
+        .chain(keys.previous())
+        .find(|secret| proves(secret))
+        .ok_or(RelayError::Unauthenticated)?;
     out.clear();
     let answer = hmac(secret, &[SERVER, &client_nonce, &server_nonce, me]);
     frame::encode(&mut out, frame::WELCOME, |b| b.extend_from_slice(&answer));
@@ -132,6 +137,8 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     #[test]
@@ -156,11 +163,12 @@ mod tests {
     #[tokio::test]
     async fn replicas_with_the_secret_agree_and_others_are_refused() {
         let secret = b"0123456789abcdef-shared";
+        let server_keys = keys(secret, None);
         let (a, b) = tokio::io::duplex(1024);
         let (mut a, mut b) = (FrameReader::new(a), FrameReader::new(b));
         let (server_id, client_id) = ([1u8; 16], [2u8; 16]);
         let (accepted, connected) = tokio::join!(
-            accept(&mut a, secret, &server_id),
+            accept(&mut a, &server_keys, &server_id),
             connect(&mut b, secret, &client_id)
         );
         assert_eq!(accepted.expect("accepted"), client_id);
@@ -170,7 +178,7 @@ mod tests {
         // which ends the client's wait for Welcome.
         let (a, b) = tokio::io::duplex(1024);
         let (accepted, connected) = tokio::join!(
-            async move { accept(&mut FrameReader::new(a), secret, &server_id).await },
+            async move { accept(&mut FrameReader::new(a), &keys(secret, None), &server_id).await },
             async move {
                 let wrong = b"another secret of 16+ bytes";
                 connect(&mut FrameReader::new(b), wrong, &client_id).await
@@ -183,12 +191,51 @@ mod tests {
         let (a, b) = tokio::io::duplex(1024);
         let server = tokio::spawn(async move {
             let mut a = FrameReader::new(a);
-            accept(&mut a, secret, &server_id).await.map(|_| ())
+            accept(&mut a, &keys(secret, None), &server_id)
+                .await
+                .map(|_| ())
         });
         let mut b = FrameReader::new(b);
         let connected = connect(&mut b, secret, &server_id).await;
         assert!(matches!(connected, Err(RelayError::Myself)));
         drop(b);
         assert!(server.await.expect("joined").is_err());
+    }
+
+    fn keys(current: &[u8], previous: Option<(&[u8], Instant)>) -> Keys {
+        Keys {
+            current: current.into(),
+            previous: previous.map(|(key, until)| (key.into(), until)),
+        }
+    }
+
+    async fn handshake(server: &Keys, client: &[u8]) -> Result<ReplicaId, RelayError> {
+        let (a, b) = tokio::io::duplex(1024);
+        let (accepted, connected) = tokio::join!(
+            async move { accept(&mut FrameReader::new(a), server, &[1u8; 16]).await },
+            async move { connect(&mut FrameReader::new(b), client, &[2u8; 16]).await }
+        );
+        connected?;
+        accepted
+    }
+
+    #[tokio::test]
+    async fn during_a_rotation_the_previous_secret_is_accepted_until_its_deadline() {
+        let (old, new) = (
+            &b"the secret before rotation"[..],
+            &b"the secret after rotation!"[..],
+        );
+        let later = Instant::now() + Duration::from_secs(60);
+        let rotated = keys(new, Some((old, later)));
+        assert!(handshake(&rotated, new).await.is_ok(), "the new secret");
+        assert!(
+            handshake(&rotated, old).await.is_ok(),
+            "a peer not rotated yet"
+        );
+        let stranger = handshake(&rotated, b"neither of the two secrets").await;
+        assert!(stranger.is_err(), "a third secret is refused");
+        let expired = keys(new, Some((old, Instant::now())));
+        assert!(handshake(&expired, old).await.is_err(), "past the grace");
+        assert!(handshake(&expired, new).await.is_ok());
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use zeromq::ZmqMessage;
@@ -15,7 +16,7 @@ use zeromq::ZmqMessage;
 use super::auth::{self, ReplicaId};
 use super::frame::{self, Frame, PodSnapshot, MAX_FRAME};
 use super::hub::{Join, Outgoing, PEER_QUEUE};
-use super::{FrameReader, PeersConfig, RelayConfig, RelayError};
+use super::{FrameReader, PeersConfig, RelayConfig, RelayError, RelaySecret, ROTATION_GRACE};
 use crate::discovery::{run_discovery, DiscoveryConfig, Snapshot};
 
 /// A peer must finish the handshake within this.
@@ -78,7 +79,7 @@ impl Drop for Owned {
 /// Binds the relay listener and starts following the peers.
 pub async fn start(
     config: &RelayConfig,
-    secret: Arc<[u8]>,
+    secret: Arc<RelaySecret>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RelayTasks, RelayError> {
     let id: ReplicaId = rand::random();
@@ -93,6 +94,7 @@ pub async fn start(
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
     tracing::info!(listen = %bound, id = %hex::encode(id), "relay listening for peer replicas");
     let accept = tokio::spawn(accept_peers(listener, Arc::clone(&secret), id, joins_tx));
+    let rotation = follow_rotations(Arc::clone(&secret));
     let peers = tokio::spawn(follow_peers(
         config.peers.clone(),
         secret,
@@ -104,13 +106,52 @@ pub async fn start(
         joins,
         inbound,
         bound,
-        tasks: vec![accept, peers],
+        tasks: vec![accept, rotation, peers],
     })
+}
+
+/// Re-reads the secret when its file changes (a rotated Kubernetes Secret) or on SIGHUP. The
+/// watch is set up before this returns; the file is read once more when the task starts, for
+/// a change made between the first read and the watch.
+fn follow_rotations(secret: Arc<RelaySecret>) -> JoinHandle<()> {
+    let (tx, mut changes) = mpsc::channel(1);
+    let watcher = crate::reload::watch_dir(secret.path(), tx)
+        .inspect_err(|error| {
+            tracing::warn!(path = %secret.path().display(), %error, "cannot watch the relay secret; it is re-read on SIGHUP only");
+        })
+        .ok();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut hangups = signal(SignalKind::hangup()).ok();
+        loop {
+            reread(&secret);
+            tokio::select! {
+                Some(()) = changes.recv() => crate::reload::settle(&mut changes).await,
+                Some(()) = async { hangups.as_mut()?.recv().await } => {}
+                else => return,
+            }
+        }
+    })
+}
+
+fn reread(secret: &RelaySecret) {
+    let metrics = &crate::metrics::global().relay;
+    match secret.reload() {
+        Ok(false) => {}
+        Ok(true) => {
+            metrics.secret_reload(true);
+            tracing::info!(path = %secret.path().display(), grace = ?ROTATION_GRACE, "relay secret rotated: new connections prove the new one; peers proving the previous one are accepted for the grace period");
+        }
+        Err(error) => {
+            metrics.secret_reload(false);
+            tracing::error!(%error, "relay secret reload refused; the secret in use stays");
+        }
+    }
 }
 
 async fn accept_peers(
     listener: TcpListener,
-    secret: Arc<[u8]>,
+    secret: Arc<RelaySecret>,
     id: ReplicaId,
     joins: mpsc::Sender<Join>,
 ) {
@@ -138,14 +179,19 @@ async fn accept_peers(
 async fn serve_peer(
     stream: TcpStream,
     peer: String,
-    secret: Arc<[u8]>,
+    secret: Arc<RelaySecret>,
     id: ReplicaId,
     joins: mpsc::Sender<Join>,
 ) {
     let metrics = &crate::metrics::global().relay;
     let _ = stream.set_nodelay(true);
     let mut reader = FrameReader::new(stream);
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, auth::accept(&mut reader, &secret, &id)).await {
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        auth::accept(&mut reader, &secret.keys(), &id),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
         Ok(Err(RelayError::Unauthenticated)) => {
             tracing::warn!(%peer, "relay connection without a valid proof of the shared secret refused");
@@ -222,7 +268,7 @@ fn encode(out: &mut BytesMut, item: &Outgoing) {
 /// Keeps one follower task per peer the configuration or discovery lists.
 async fn follow_peers(
     peers: PeersConfig,
-    secret: Arc<[u8]>,
+    secret: Arc<RelaySecret>,
     id: ReplicaId,
     inbound: mpsc::Sender<Relayed>,
     shutdown: watch::Receiver<bool>,
@@ -284,14 +330,20 @@ async fn follow_peers(
 /// the peer turns out to be this replica).
 async fn follow_peer(
     addr: String,
-    secret: Arc<[u8]>,
+    secret: Arc<RelaySecret>,
     id: ReplicaId,
     inbound: mpsc::Sender<Relayed>,
 ) {
     let metrics = &crate::metrics::global().relay;
     let mut backoff = RECONNECT_MIN;
     loop {
-        match stream_peer(&addr, &secret, &id, &inbound, &mut backoff).await {
+        let keys = secret.keys();
+        let mut streamed = stream_peer(&addr, &keys.current, &id, &inbound, &mut backoff).await;
+        if let (Err(RelayError::Unauthenticated), Some(previous)) = (&streamed, keys.previous()) {
+            // During a rotation the peer's volume may still hold the previous secret.
+            streamed = stream_peer(&addr, previous, &id, &inbound, &mut backoff).await;
+        }
+        match streamed {
             Ok(()) => return,
             Err(RelayError::Myself) => {
                 tracing::debug!(peer = %addr, "relay peer is this replica");
@@ -351,6 +403,89 @@ async fn stream_peer(
         };
         if inbound.send(item).await.is_err() {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn endpoint(secret_file: &Path, peers: Vec<String>) -> RelayConfig {
+        RelayConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            secret_file: secret_file.to_path_buf(),
+            peers: PeersConfig::Static(peers),
+        }
+    }
+
+    async fn follower(
+        secret_file: &Path,
+        home: &RelayTasks,
+        shutdown: &watch::Receiver<bool>,
+    ) -> RelayTasks {
+        let secret = Arc::new(RelaySecret::read(secret_file).expect("secret"));
+        start(
+            &endpoint(secret_file, vec![home.bound.to_string()]),
+            secret,
+            shutdown.clone(),
+        )
+        .await
+        .expect("follower's relay")
+    }
+
+    #[tokio::test]
+    async fn a_rotated_secret_file_is_followed_and_peers_not_rotated_yet_still_join() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (home_file, stale_file, fresh_file) = (
+            dir.path().join("home"),
+            dir.path().join("stale"),
+            dir.path().join("fresh"),
+        );
+        let (before, after) = (
+            "the secret before rotation\n",
+            "the secret after rotation!\n",
+        );
+        for (file, secret) in [
+            (&home_file, before),
+            (&stale_file, before),
+            (&fresh_file, after),
+        ] {
+            std::fs::write(file, secret).expect("secret file");
+        }
+        let (_stop, shutdown) = watch::channel(false);
+        let secret = Arc::new(RelaySecret::read(&home_file).expect("secret"));
+        let mut home = start(
+            &endpoint(&home_file, Vec::new()),
+            Arc::clone(&secret),
+            shutdown.clone(),
+        )
+        .await
+        .expect("home relay");
+
+        // The Secret's volume is updated: the running relay takes the new secret.
+        std::fs::write(&home_file, after).expect("rotated secret");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while &*secret.keys().current != after.trim_end().as_bytes() {
+            assert!(
+                Instant::now() < deadline,
+                "the rotated secret file was not re-read"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // A peer already rotated, and one whose volume still holds the previous secret.
+        for file in [&fresh_file, &stale_file] {
+            let _peer = follower(file, &home, &shutdown).await;
+            let joined = tokio::time::timeout(Duration::from_secs(20), home.joins.recv()).await;
+            assert!(
+                matches!(joined, Ok(Some(_))),
+                "a peer with {} did not join",
+                file.display()
+            );
         }
     }
 }

@@ -24,6 +24,8 @@
 //! * **Trust.** Peers authenticate at connect with a shared secret (a Kubernetes Secret):
 //!   both sides prove it by an HMAC over fresh nonces ([`auth`]) before anything else is
 //!   read, so nobody without the secret can feed or read events through the relay port.
+//!   The secret is re-read when its file changes; the previous one is accepted for a grace
+//!   period so that replicas whose volume has not been updated yet keep relaying.
 //!   Threat model: an attacker who can reach the relay port but lacks the secret can neither
 //!   inject nor read events, and can make kvgate hold at most one handshake frame (256 bytes)
 //!   per connection for at most the handshake timeout. An attacker on the path of an
@@ -43,7 +45,9 @@ mod link;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -157,8 +161,72 @@ pub enum RelayError {
     Silent,
 }
 
-/// The shared secret, read once at start.
-pub fn read_secret(path: &Path) -> Result<Arc<[u8]>, RelayError> {
+/// How long the previous secret is still accepted after a rotation: longer than the kubelet
+/// takes to bring a changed Secret into every replica's volume (its sync period, about a
+/// minute, plus its cache's TTL), short enough that a leaked secret stops working soon.
+const ROTATION_GRACE: Duration = Duration::from_secs(600);
+
+/// The shared secret, re-read when its file changes ([`RelaySecret::reload`]). After a
+/// rotation a peer may still hold the previous secret (each replica's mounted Secret is
+/// updated at its own moment), so both are accepted for [`ROTATION_GRACE`] and a follower
+/// refused with the new one tries the previous one; links already authenticated stay up.
+pub struct RelaySecret {
+    path: PathBuf,
+    keys: ArcSwap<Keys>,
+}
+
+/// The secrets a peer may prove: the current one, and the previous one until its deadline.
+pub struct Keys {
+    pub current: Arc<[u8]>,
+    previous: Option<(Arc<[u8]>, Instant)>,
+}
+
+impl Keys {
+    /// The previous secret, while it is still accepted.
+    pub fn previous(&self) -> Option<&[u8]> {
+        self.previous
+            .as_ref()
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(key, _)| &**key)
+    }
+}
+
+impl RelaySecret {
+    pub fn read(path: &Path) -> Result<Self, RelayError> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            keys: ArcSwap::from_pointee(Keys {
+                current: read_key(path)?,
+                previous: None,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.load_full()
+    }
+
+    /// Reads the file again: `Ok(true)` when it holds a new secret, now the current one. An
+    /// unreadable or too short file keeps the secrets in use.
+    pub fn reload(&self) -> Result<bool, RelayError> {
+        let key = read_key(&self.path)?;
+        let keys = self.keys.load();
+        if *key == *keys.current {
+            return Ok(false);
+        }
+        self.keys.store(Arc::new(Keys {
+            current: key,
+            previous: Some((Arc::clone(&keys.current), Instant::now() + ROTATION_GRACE)),
+        }));
+        Ok(true)
+    }
+}
+
+fn read_key(path: &Path) -> Result<Arc<[u8]>, RelayError> {
     let mut bytes = std::fs::read(path).map_err(|source| RelayError::Secret {
         path: path.to_path_buf(),
         source,
