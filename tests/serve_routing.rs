@@ -7,7 +7,8 @@
 //! pods hash them; a pod whose hashes disagree is flagged and routed on load alone;
 //! `x-session-id` keeps a session on its pod; an unknown `x-kvgate-profile` gets an
 //! OpenAI-style error and reaches no pod; a prompt of about a megabyte is tokenized in
-//! full.
+//! full; a data-parallel pod (a fake pod publishing the batches the test gives each of
+//! its ranks over ZeroMQ) is credited with its best rank's prefix.
 
 // Shared by the tests that start `kvgate sim` pods, each using part of it.
 #[allow(dead_code)]
@@ -23,9 +24,14 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+use kvgate::hash::{BlockHasher, ExtraKeys, HashAlgo, HashSettings};
+use kvgate::tokenize::{parse_request, Endpoint, ModelTokenizer};
 use serde_json::{json, Value};
 use sim::{model_yaml_with, ModelSettings, SimPods, BLOCK};
-use upstream::{connect, debug_pods, http_request, metric, scores, wait_for, write_request, Serve};
+use upstream::{
+    connect, debug_pods, http_request, metric, scores, wait_for, write_request, FakePod, Serve,
+    TOKENIZER_DIR,
+};
 
 const MODEL: &str = "qwen";
 const LIMIT: Duration = Duration::from_secs(60);
@@ -538,4 +544,102 @@ fn a_megabyte_prompt_is_tokenized_in_full_and_its_prefix_found() {
         second["predicted_cached_tokens"],
         second["actual_cached_tokens"]
     );
+}
+
+#[test]
+fn a_data_parallel_pod_is_credited_with_its_best_ranks_prefix() {
+    // Fake pods: each binds a PUB per rank on consecutive ports, as vLLM's ranks do, and
+    // publishes the batches this test gives it.
+    let pod = |host: &str| {
+        FakePod::start_with(&[
+            "--model",
+            MODEL,
+            "--zmq-bind-ranks",
+            "2",
+            "--topic-host",
+            host,
+        ])
+    };
+    let (a, b) = (pod("pod-a"), pod("pod-b"));
+    let entry = |pod: &FakePod, host: &str| {
+        format!(
+            "{{http: \"{}\", events: \"{}\", topicHost: {host}}}",
+            pod.addr(),
+            pod.events.as_deref().expect("bound events")
+        )
+    };
+    let pods = format!("[{}, {}]", entry(&a, "pod-a"), entry(&b, "pod-b"));
+    let gateway = Gateway::start(
+        "  mode: connect\n  replay: false\n  dataParallelSize: 2\n",
+        "",
+        &model_yaml_with(MODEL, &pods, &ModelSettings::default()),
+    );
+
+    // The prompt's tokens and block hashes, as vLLM would publish them.
+    let body = document_chat(20, "Which item is heaviest?");
+    let dir = Path::new(TOKENIZER_DIR);
+    let tokenizer = ModelTokenizer::load(
+        &dir.join("tokenizer.json"),
+        Some(&dir.join("tokenizer_config.json")),
+        None,
+    )
+    .expect("tokenizer");
+    let request =
+        parse_request(Endpoint::ChatCompletions, body.to_string().as_bytes()).expect("request");
+    let tokens = tokenizer.tokens(&request).expect("tokens");
+    let hasher = BlockHasher::new(&HashSettings {
+        algo: HashAlgo::Sha256Cbor,
+        block_size: BLOCK,
+        seed: Some("0".into()),
+        release: "0.11.0".parse().expect("release"),
+    })
+    .expect("hasher");
+    let mut hashes = Vec::new();
+    hasher.hash_prompt(&tokens, &ExtraKeys::default(), &mut hashes);
+    assert!(hashes.len() >= 8, "{} blocks", hashes.len());
+    let stored = |blocks: usize| {
+        json!([[
+            "BlockStored",
+            hashes[..blocks].iter().map(|h| h.key).collect::<Vec<_>>(),
+            null,
+            &tokens[..blocks * BLOCK],
+            BLOCK,
+            null,
+            "GPU"
+        ]])
+    };
+    // Pod A's rank 0 holds a quarter of the prompt, pod B's rank 1 all of it; each pod's
+    // other rank publishes an empty batch, so that every rank's stream has been heard.
+    let full = hashes.len();
+    a.publish(0, stored(full / 4));
+    a.publish(1, json!([]));
+    b.publish(0, json!([]));
+    b.publish(1, stored(full));
+    wait_for("both pods' batches in the index", LIMIT, || {
+        let pods = gateway.debug_pods();
+        let stored_by = |addr: String| {
+            pods.iter()
+                .find(|p| p["http"] == addr.as_str())
+                .and_then(|p| p["blocks_stored"].as_u64())
+        };
+        (stored_by(a.addr()) >= Some((full / 4) as u64) && stored_by(b.addr()) >= Some(full as u64))
+            .then_some(())
+    });
+
+    let (status, _, line) = gateway.chat("dp-1", &body, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(line["endpoint"], b.addr().as_str(), "{line}");
+    assert_eq!(
+        line["predicted_cached_tokens"].as_u64(),
+        Some((full * BLOCK) as u64),
+        "{line}"
+    );
+    // Pod A is credited with its rank 0's quarter.
+    let a_score = scores(&line)
+        .into_iter()
+        .find(|pod| pod.pod == a.addr())
+        .and_then(|pod| pod.parts.into_iter().find(|(name, _)| name == "kv-cache"))
+        .map(|(_, score)| score)
+        .expect("pod A's kv-cache score");
+    assert!(a_score > 0.0 && a_score < 0.5, "{line}");
 }
