@@ -332,10 +332,11 @@ impl RunState<'_> {
                 }
             }
         }
-        if streamed.first_token.is_none() {
-            return Err("the stream ended without a token".into());
-        }
-        Ok(streamed)
+        // Cut short (the pod died mid-answer): a failed request, not one with nothing cached.
+        Err(format!(
+            "the stream ended before [DONE], after {} tokens",
+            streamed.tokens
+        ))
     }
 
     /// Sends a session: the request at `index`, then each follow-up after its think time.

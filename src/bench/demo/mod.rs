@@ -81,7 +81,7 @@ const COMPARED: [(&str, &str, Routing); 3] = [
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// The config the demo takes its model and profiles from; replica r listens on
-    /// 127.0.0.1 at the config's listen and admin ports + r.
+    /// 127.0.0.1 at the config's listen and admin ports + r (port 0: each picks its own).
     #[arg(long, default_value = "conf/kvgate.yaml")]
     pub config: PathBuf,
     /// The first round of the chat (an OpenAI chat request body).
@@ -259,7 +259,9 @@ fn plan(args: &DemoArgs) -> Result<Plan, DemoError> {
         )));
     }
     let port = |addr: SocketAddr, r: usize| {
-        u16::try_from(usize::from(addr.port()) + r)
+        // Port 0 stays 0: every replica binds one the system picks, and reports it.
+        let step = if addr.port() == 0 { 0 } else { r };
+        u16::try_from(usize::from(addr.port()) + step)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
             .map_err(|_| DemoError::Setup(format!("room for {} ports after {addr}", r + 1)))
     };
@@ -366,16 +368,8 @@ async fn demo(args: &DemoArgs, plan: &Plan, children: &mut Vec<Managed>) -> Resu
         source,
     })?;
     say(format!(
-        "kvgate demo: {} simulated {} pods ({} KV blocks each), {} gateway replicas in connect mode on {}",
-        args.pods,
-        plan.model.name,
-        args.pod_kv_blocks,
-        args.replicas,
-        plan.ports
-            .iter()
-            .map(|(l, _)| l.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "kvgate demo: {} simulated {} pods ({} KV blocks each), {} gateway replicas in connect mode",
+        args.pods, plan.model.name, args.pod_kv_blocks, args.replicas,
     ));
 
     let started = Instant::now();
@@ -445,8 +439,13 @@ async fn demo(args: &DemoArgs, plan: &Plan, children: &mut Vec<Managed>) -> Resu
         fleet::wait_http_ok(&client, &url, child, "a gateway replica", &replica.log).await?;
     }
     say(format!(
-        "  gateways ready in {:.1} s\n",
-        started.elapsed().as_secs_f64()
+        "  gateways ready in {:.1} s on {}\n",
+        started.elapsed().as_secs_f64(),
+        replicas
+            .iter()
+            .map(|r| format!("{} (admin {})", r.listen, r.admin))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
 
     let chat = chat(args, plan, &client, &replicas, &mut book).await?;
