@@ -127,6 +127,16 @@ profiles:
     }
 }
 
+/// A `Request handled` line of a request that found blocks cached, exactly as many as
+/// kvgate predicted.
+fn assert_cached_as_predicted(line: &Value) {
+    assert!(line["actual_cached_tokens"].as_u64() > Some(0), "{line}");
+    assert_eq!(
+        line["predicted_cached_tokens"], line["actual_cached_tokens"],
+        "{line}"
+    );
+}
+
 /// Connect-mode events, replay on; the given extra lines (indented) appended.
 fn connect_events(extra: &str) -> String {
     format!("  mode: connect\n  replay: true\n{extra}")
@@ -218,14 +228,7 @@ fn lora_adapters_and_cache_salt_are_hashed_as_the_pods_hash_them() {
     gateway.wait_indexed(prompt / BLOCK as u64);
     let (second, _) = gateway.routed("lora-2", &with("Second?", "sql-lora", Some("tenant-a")));
     assert_eq!(second["endpoint"], first["endpoint"], "{second}");
-    assert!(
-        second["actual_cached_tokens"].as_u64() > Some(0),
-        "{second}"
-    );
-    assert_eq!(
-        second["predicted_cached_tokens"],
-        second["actual_cached_tokens"]
-    );
+    assert_cached_as_predicted(&second);
 
     // The same text under another salt, or as the base model, shares no block with it:
     // kvgate predicts nothing cached, and the pod confirms.
@@ -336,14 +339,7 @@ fn a_pod_whose_hashes_disagree_is_flagged_and_routed_on_load_alone() {
     });
     let (cached, _) = gateway.routed("good-3", &document_chat(3, "And?"));
     assert_eq!(cached["endpoint"], good_pod.as_str(), "{cached}");
-    assert!(
-        cached["predicted_cached_tokens"].as_u64() > Some(0),
-        "{cached}"
-    );
-    assert_eq!(
-        cached["predicted_cached_tokens"],
-        cached["actual_cached_tokens"]
-    );
+    assert_cached_as_predicted(&cached);
 }
 
 #[test]

@@ -32,6 +32,9 @@ collision, never by probing a port and releasing it; kvgate connects to them. A 
 first waits for its rank's subscription, so that no batch is lost to a subscriber that
 has connected but not yet subscribed.
 
+With --reuse-port the HTTP socket binds with SO_REUSEPORT, so the pod can listen on a port
+a test holds bound but not listening (connections refused until the pod starts).
+
 Prints "READY <port>" on stdout once listening ("READY <port> <rank 0 endpoint>" with
 --zmq-bind-ranks).
 """
@@ -314,13 +317,18 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="qwen")
     parser.add_argument("--idle-timeout-ms", type=int, help="close keep-alive connections idle this long (uvicorn: 5000)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT: listen on a port the test holds bound (not listening)")
     parser.add_argument("--zmq-bind-ranks", type=int, default=0,
                         help="bind one XPUB per data-parallel rank (kvgate connects)")
     parser.add_argument("--topic-host", default="127.0.0.1", help="the <ip> of the topic kv@<ip>@<model>")
     args = parser.parse_args()
     if args.idle_timeout_ms:
         Handler.timeout = args.idle_timeout_ms / 1000.0
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server_class = ThreadingHTTPServer
+    if args.reuse_port:
+        server_class = type("ReusePortServer", (ThreadingHTTPServer,), {"allow_reuse_port": True})
+    server = server_class(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.model = args.model
     banner = "READY %d" % server.server_port

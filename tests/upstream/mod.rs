@@ -34,7 +34,19 @@ pub struct ClosedPort {
 
 impl ClosedPort {
     pub fn new() -> Self {
+        Self::bind(false)
+    }
+
+    /// A closed port that a pod started later with SO_REUSEPORT (`fake_vllm.py
+    /// --reuse-port`) can listen on: until then connections are refused, and no process
+    /// without SO_REUSEPORT can take it.
+    pub fn shared() -> Self {
+        Self::bind(true)
+    }
+
+    fn bind(reuse_port: bool) -> Self {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseport(reuse_port).expect("SO_REUSEPORT");
         socket
             .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .expect("bind a port");
