@@ -11,12 +11,21 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+// Shared by the tests that start `kvgate sim` pods, each using part of it.
+#[allow(dead_code)]
+#[path = "support/sim.rs"]
+mod sim;
+// Shared with the gateway tests, which use more of it.
+#[allow(dead_code)]
+mod upstream;
+
 use kvgate::discovery::{
     run_discovery, DiscoveryConfig, KubeDiscoveryConfig, PodEndpoint, PortRef, Snapshot,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use upstream::Serve;
 
 const STANDIN: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -24,6 +33,7 @@ const STANDIN: &str = concat!(
 );
 const WAIT: Duration = Duration::from_secs(20);
 const SERVICE: &str = "vllm-qwen3-32b";
+const MODEL: &str = "qwen";
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -191,12 +201,17 @@ fn endpoint(ip: &str, pod: &str, uid: &str) -> Value {
 }
 
 fn slice(name: &str, service: &str, endpoints: Vec<Value>) -> Value {
+    slice_on(name, service, 8000, endpoints)
+}
+
+/// A slice whose endpoints serve HTTP on `port`.
+fn slice_on(name: &str, service: &str, port: u16, endpoints: Vec<Value>) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     })
 }
@@ -864,5 +879,136 @@ fn kubectl_speaks_to_the_standin() {
     assert!(
         !log.contains("GET /apis/discovery.k8s.io/v1?"),
         "kubectl fell back to legacy discovery:\n{log}"
+    );
+}
+
+/// `kvgate serve` discovering its pods from the stand-in: two `kvgate sim` pods on their own
+/// loopback addresses (127.0.0.2 and 127.0.0.3, each in a slice of its own since their
+/// ports differ), publishing their KV events to kvgate's bound SUB. Deleting a pod's slice
+/// removes the pod from the gateway and its blocks from the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_from_its_endpointslice_leaves_the_gateways_index() {
+    let standin = Standin::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("kvgate.yaml");
+    let discovery = format!(
+        "{{kubernetes: {{namespace: default, service: {SERVICE}, port: http, kubeconfig: \"{}\"}}}}",
+        standin.kubeconfig().display()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  listen: 127.0.0.1:0\n  admin: 127.0.0.1:0\n  healthCheckIntervalMs: 0\n  \
+             scrapeIntervalMs: 0\n  threads: 2\nevents:\n  mode: bind\n  bind: tcp://127.0.0.1:0\n\
+             logging:\n  level: info\n  format: json\n{}",
+            sim::model_yaml(MODEL, "[]").replace(
+                "discovery: {static: {pods: []}}",
+                &format!("discovery: {discovery}")
+            )
+        ),
+    )
+    .expect("write config");
+    let (gateway, listening) = Serve::start(&config, &dir.path().join("kvgate.log"), &[]);
+    let events = listening.events.clone().expect("a bound event SUB");
+    let admin = listening.admin;
+
+    let sim_config = dir.path().join("sim.yaml");
+    std::fs::write(&sim_config, sim::model_yaml(MODEL, "[]")).expect("write sim config");
+    let start_pod = |host: &str| {
+        sim::SimPods::start(
+            &sim_config,
+            1,
+            &[
+                "--host",
+                host,
+                "--events-connect",
+                &events,
+                "--topic-host",
+                "{host}",
+            ],
+        )
+    };
+    let pods = [start_pod("127.0.0.2"), start_pod("127.0.0.3")];
+    let addrs: Vec<String> = pods
+        .iter()
+        .map(|p| p.field(0, "http").to_string())
+        .collect();
+    for (n, addr) in addrs.iter().enumerate() {
+        let (ip, port) = addr.rsplit_once(':').expect("host:port");
+        standin
+            .create(
+                SLICES,
+                slice_on(
+                    &format!("qwen-{n}"),
+                    SERVICE,
+                    port.parse().expect("port"),
+                    vec![endpoint(ip, &format!("vllm-{n}"), &format!("uid-{n}"))],
+                ),
+            )
+            .await;
+    }
+    let listed = |pods: &[Value]| {
+        let mut http: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p["http"].as_str().map(str::to_string))
+            .collect();
+        http.sort();
+        http
+    };
+    upstream::wait_for("both pods discovered", WAIT, || {
+        (listed(&upstream::debug_pods(admin, MODEL)) == addrs).then_some(())
+    });
+
+    // Each pod serves a document of its own; kvgate indexes both from their events.
+    let mut blocks = Vec::new();
+    for (n, addr) in addrs.iter().enumerate() {
+        let text: Vec<String> = (0..120).map(|w| format!("pod{n} fact{w}")).collect();
+        let body = json!({"model": MODEL, "prompt": text.join(" "), "max_tokens": 1});
+        let (ip, port) = addr.rsplit_once(':').expect("host:port");
+        let answer = reqwest::Client::new()
+            .post(format!("http://{ip}:{port}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+            .json::<Value>()
+            .await
+            .expect("JSON answer");
+        let prompt = answer["usage"]["prompt_tokens"].as_u64().expect("usage");
+        blocks.push(prompt / sim::BLOCK as u64);
+    }
+    let entries = || upstream::metric(admin, "kvgate_index_entries");
+    let both = (blocks[0] + blocks[1]) as f64;
+    upstream::wait_for("both pods' blocks in the index", WAIT, || {
+        (entries() >= both).then_some(())
+    });
+
+    // The second pod leaves the Service: its slice is deleted.
+    standin.delete(&format!("{SLICES}/qwen-1")).await;
+    upstream::wait_for("the deleted pod to leave the gateway", WAIT, || {
+        (listed(&upstream::debug_pods(admin, MODEL)) == addrs[..1]).then_some(())
+    });
+    // What stays is the first pod's: its prompt's blocks (and at most the one its single
+    // output token may have completed).
+    upstream::wait_for("its blocks to leave the index", WAIT, || {
+        (entries() <= (blocks[0] + 1) as f64).then_some(())
+    });
+    assert!(entries() >= blocks[0] as f64);
+    // The gateway says so: the pod left its routing and its entries left the index.
+    let fields = gateway.log_fields();
+    let logged = |message: &str, field: &str, value: &str| {
+        fields
+            .iter()
+            .any(|f| f["message"] == message && f[field] == value)
+    };
+    assert!(
+        logged("pod removed", "pod", &addrs[1])
+            && logged(
+                "pod removed: its KV index entries are retired",
+                "topic_host",
+                "127.0.0.3"
+            ),
+        "{}",
+        gateway.log()
     );
 }

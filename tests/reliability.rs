@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sim::{document, SimPods};
 use upstream::{
-    chat_body, connect, free_port, http_request, parse_head, wait_for, FakePod, GatewayConfig,
+    chat_body, connect, http_request, parse_head, wait_for, ClosedPort, FakePod, GatewayConfig,
     Kvgate,
 };
 
@@ -357,8 +357,9 @@ fn bodies_beyond_the_buffer_budget_get_503_until_it_frees() {
 
 #[test]
 fn pods_that_start_after_the_gateway_are_probed_first_and_admitted_at_once() {
-    let ports = [free_port(), free_port()];
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // The pods' ports held closed (bound, not listening) until the pods listen on them.
+    let ports = [ClosedPort::shared(), ClosedPort::shared()];
+    let addrs: Vec<String> = ports.iter().map(|p| p.addr.to_string()).collect();
     // A full health round only every minute.
     let gateway = Kvgate::start(
         &GatewayConfig {
@@ -374,7 +375,10 @@ fn pods_that_start_after_the_gateway_are_probed_first_and_admitted_at_once() {
 
     let pods: Vec<FakePod> = ports
         .iter()
-        .map(|p| FakePod::start_with(&["--model", MODEL, "--port", &p.to_string()]))
+        .map(|p| {
+            let port = p.addr.port().to_string();
+            FakePod::start_with(&["--model", MODEL, "--port", &port, "--reuse-port"])
+        })
         .collect();
     wait_for(
         "both pods to pass their health checks",
@@ -391,7 +395,8 @@ fn pods_that_start_after_the_gateway_are_probed_first_and_admitted_at_once() {
     assert_eq!(pods.iter().map(|p| p.requests().len()).sum::<usize>(), 1);
 
     // A pod discovery adds is probed at once, not at the next full round a minute away.
-    let down = format!("127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let down = closed.addr.to_string();
     let mut listed = addrs.clone();
     listed.push(down.clone());
     gateway.reload(

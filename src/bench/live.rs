@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -332,10 +332,11 @@ impl RunState<'_> {
                 }
             }
         }
-        if streamed.first_token.is_none() {
-            return Err("the stream ended without a token".into());
-        }
-        Ok(streamed)
+        // Cut short (the pod died mid-answer): a failed request, not one with nothing cached.
+        Err(format!(
+            "the stream ended before [DONE], after {} tokens",
+            streamed.tokens
+        ))
     }
 
     /// Sends a session: the request at `index`, then each follow-up after its think time.
@@ -409,13 +410,16 @@ pub async fn run_policy(
             Some(restart) => {
                 let at = state.started + Duration::from_secs_f64(restart.at_s.max(0.0) * scale);
                 tokio::time::sleep_until(at.into()).await;
-                restart_pod(client, restart).await
+                let asked = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                restart_pod(client, restart).await.map(|()| Some(asked))
             }
-            None => Ok(()),
+            None => Ok(None),
         }
     };
     let (results, restarted) = tokio::join!(futures::future::join_all(sessions), restart);
-    restarted?;
+    let restarted_unix_ms = restarted?;
     for result in results {
         result?;
     }
@@ -441,6 +445,7 @@ pub async fn run_policy(
             .collect(),
         span_s: wall.elapsed().as_secs_f64() / scale,
         wall_s: wall.elapsed().as_secs_f64(),
+        restarted_unix_ms,
         ..RunData::default()
     })
 }

@@ -55,6 +55,8 @@ pub struct RunData {
     pub span_s: f64,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
+    /// Live runs with a pod restart: when it was asked for, in ms since the Unix epoch.
+    pub restarted_unix_ms: Option<u64>,
 }
 
 /// Nearest-rank percentile of sorted values.

@@ -724,6 +724,7 @@ fn run_virtual(
             shards: 64,
         },
         scrape_interval_ms: ctx.config.server.scrape_interval_ms as f64,
+        restarts: Vec::new(),
         seed: args.seed,
     };
     let jobs: Vec<(usize, usize)> = (0..workload.segments.len())

@@ -21,6 +21,13 @@
 //! asked what they would pick, which gives the same-pick rate. In bind mode with the relay
 //! (`-r<N>`), pod p's batches reach replica p mod N (its home) as above, and the others
 //! `RELAY_LAG_MS` later; a lost batch is lost for all of them (the home never had it).
+//! A request of a recorded trace goes to the replica that recorded it, when the policy has
+//! as many replicas as the trace names, so a replay splits the traffic as the fleet did.
+//!
+//! A pod restart ([`SimRestart`]) is what `kvgate sim` does to a pod: its process dies with
+//! its in-flight requests (they fail), every replica drops it from its index as the
+//! gateway does on losing the pod, requests go to the next ranked pod while it is down
+//! (the gateway's retry of a refused connection), and it comes back with an empty cache.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -57,6 +64,16 @@ pub struct SimSetup {
     /// The gateway's metrics scrape period (`server.scrapeIntervalMs`; 0 = none).
     pub scrape_interval_ms: f64,
     pub seed: u64,
+    /// Pods restarted during each run.
+    pub restarts: Vec<SimRestart>,
+}
+
+/// A pod that dies at `at_ms` and is back, with an empty cache, `down_ms` later.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SimRestart {
+    pub pod: usize,
+    pub at_ms: f64,
+    pub down_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +87,8 @@ pub enum SimError {
     },
     #[error("the cluster needs at least one pod")]
     NoPods,
+    #[error("restart of pod {pod}: the cluster has {pods} pods")]
+    RestartPod { pod: usize, pods: usize },
     #[error("profile {profile:?} ranked no pod for request {request}")]
     NoPod { profile: String, request: u32 },
     #[error("pod {pod} refused request {request}: {source}")]
@@ -95,6 +114,10 @@ enum EventKind {
     /// The oldest relayed batch of a pod reaches every replica but its home.
     Relay(u32),
     Scrape,
+    /// A pod's process dies.
+    PodDown(u32),
+    /// A restarted pod is back.
+    PodUp(u32),
 }
 
 #[derive(Debug)]
@@ -154,6 +177,10 @@ struct SimPod {
     deliveries: VecDeque<(usize, Arc<[KvChange]>)>,
     /// Batches its home replica relays, oldest first (relayed bind mode).
     relayed: VecDeque<Arc<[KvChange]>>,
+    /// Down between a restart's two halves.
+    up: bool,
+    /// The step in progress belonged to an incarnation that died: its outcomes are lost.
+    step_lost: bool,
 }
 
 /// One gateway replica: its own routing state, index and view of the pods.
@@ -236,6 +263,8 @@ struct Run<'a> {
     relayed: bool,
     /// Which replica the Service sends each request to.
     replica_rng: StdRng,
+    /// Requests go to the replica that recorded them (a trace naming as many replicas).
+    recorded_replicas: bool,
     /// Whether to ask the other replicas what they would pick: not for rotating or random
     /// pickers, whose state the question itself would move.
     probe_same_pick: bool,
@@ -272,15 +301,20 @@ impl<'a> Run<'a> {
             session: None,
             now: Duration::from_secs_f64(now_ms.max(0.0) / 1e3),
         };
-        let replica_index = if self.replicas.len() > 1 {
-            self.replica_rng.random_range(0..self.replicas.len())
-        } else {
-            0
+        let replica_index = match request.replica {
+            Some(recorded) if self.recorded_replicas => recorded as usize,
+            _ if self.replicas.len() > 1 => self.replica_rng.random_range(0..self.replicas.len()),
+            _ => 0,
         };
         let replica = &self.replicas[replica_index];
         let started = Instant::now();
         let decision = replica.pipeline.schedule(&scheduling, &replica.pods);
-        let Some(chosen) = decision.ranked.first() else {
+        let pods = &self.pods;
+        let Some(chosen) = decision
+            .ranked
+            .iter()
+            .find(|c| pods.get(c.pod.id as usize).is_some_and(|p| p.up))
+        else {
             return Err(SimError::NoPod {
                 profile: replica.pipeline.name().to_string(),
                 request: index,
@@ -400,6 +434,15 @@ impl<'a> Run<'a> {
         let stage = self.stage_at(now_ms);
         let sim = &mut self.pods[pod as usize];
         sim.stepping = false;
+        if std::mem::take(&mut sim.step_lost) {
+            sim.out.events.clear();
+            sim.out.kv_events.clear();
+            return if sim.up {
+                self.start_step(pod, now_ms)
+            } else {
+                Ok(())
+            };
+        }
         let mut out = std::mem::take(&mut sim.out);
         for event in out.events.drain(..) {
             match event {
@@ -520,6 +563,11 @@ impl<'a> Run<'a> {
             missed_tokens: Some(available_tokens.saturating_sub(summary.cached_tokens)),
             preemptions: summary.preemptions,
         });
+        self.ended(index, now_ms);
+    }
+
+    /// Request `index` finished or failed: its session's next turn follows after its think time.
+    fn ended(&mut self, index: usize, now_ms: f64) {
         self.finished += 1;
         self.progress.fetch_add(1, AtomicOrdering::Relaxed);
         for &next in &self.followers[index] {
@@ -561,6 +609,29 @@ impl<'a> Run<'a> {
                 }
             }
         }
+    }
+
+    /// The pod's process dies: its requests fail, its step's outcomes are lost, and every
+    /// replica forgets what it held.
+    fn pod_down(&mut self, pod: u32, params: &PodParams, now_ms: f64) -> Result<(), SimError> {
+        let sim = &mut self.pods[pod as usize];
+        sim.engine = PodEngine::new(params.clone())?;
+        sim.up = false;
+        sim.wake_at = None;
+        sim.step_lost = sim.stepping;
+        sim.deliveries.clear();
+        sim.relayed.clear();
+        for index in 0..self.routed.len() {
+            if self.routed[index].as_ref().is_some_and(|r| r.pod == pod) {
+                self.routed[index] = None;
+                self.data.failed += 1;
+                self.ended(index, now_ms);
+            }
+        }
+        for replica in &self.replicas {
+            replica.index.clear_pod(pod);
+        }
+        Ok(())
     }
 
     fn scrape(&mut self, now_ms: f64) {
@@ -646,6 +717,12 @@ pub fn simulate(
     for r in 0..policy.replicas.max(1) {
         replicas.push(replica(setup, policy, policy_seed.wrapping_add(r as u64))?);
     }
+    if let Some(restart) = setup.restarts.iter().find(|r| r.pod >= setup.pods) {
+        return Err(SimError::RestartPod {
+            pod: restart.pod,
+            pods: setup.pods,
+        });
+    }
     let mut pods = Vec::with_capacity(setup.pods);
     for _ in 0..setup.pods {
         pods.push(SimPod {
@@ -655,6 +732,8 @@ pub fn simulate(
             wake_at: None,
             deliveries: VecDeque::new(),
             relayed: VecDeque::new(),
+            up: true,
+            step_lost: false,
         });
     }
     let requests = &segment.requests;
@@ -673,6 +752,8 @@ pub fn simulate(
     }
     let stages = segment.stages.len();
     let probe_same_pick = replicas.iter().all(|r| r.pipeline.ranking_is_pure());
+    let recorded = requests.iter().filter_map(|r| r.replica).max();
+    let recorded_replicas = recorded.is_some_and(|most| most as usize + 1 == replicas.len());
     let mut run = Run {
         segment,
         setup,
@@ -680,6 +761,7 @@ pub fn simulate(
         replicas,
         relayed: policy.relayed,
         replica_rng: StdRng::seed_from_u64(!policy_seed),
+        recorded_replicas,
         probe_same_pick,
         pods,
         queue: Queue {
@@ -717,6 +799,12 @@ pub fn simulate(
     if scrape_every > 0.0 {
         run.queue.push(0.0, EventKind::Scrape);
     }
+    for restart in &setup.restarts {
+        let pod = u32::try_from(restart.pod).unwrap_or(u32::MAX);
+        run.queue.push(restart.at_ms, EventKind::PodDown(pod));
+        run.queue
+            .push(restart.at_ms + restart.down_ms, EventKind::PodUp(pod));
+    }
     let mut now_ms = 0.0;
     while let Some(event) = run.queue.heap.pop() {
         now_ms = event.at_ms;
@@ -738,6 +826,13 @@ pub fn simulate(
             EventKind::StepDone(pod) => run.step_done(pod, now_ms)?,
             EventKind::Deliver(pod) => run.deliver(pod),
             EventKind::Relay(pod) => run.relay(pod),
+            EventKind::PodDown(pod) => run.pod_down(pod, &setup.pod_params, now_ms)?,
+            EventKind::PodUp(pod) => {
+                run.pods[pod as usize].up = true;
+                if !run.pods[pod as usize].stepping {
+                    run.start_step(pod, now_ms)?;
+                }
+            }
             EventKind::Scrape => {
                 run.scrape(now_ms);
                 // Only while something else can still happen: a stalled run must end.
@@ -760,4 +855,115 @@ pub fn simulate(
     data.span_s = now_ms / 1e3;
     data.wall_s = wall.elapsed().as_secs_f64();
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::workload::{BenchRequest, Stage};
+
+    /// One 31-block prefix, a request every 100 ms for 3 s.
+    fn segment() -> Segment {
+        let keys: Arc<[u64]> = (1..=31).collect();
+        let requests = (0..30)
+            .map(|i| BenchRequest {
+                arrival_ms: f64::from(i) * 100.0,
+                stage: 0,
+                block_keys: Arc::clone(&keys),
+                prompt_tokens: 2_000,
+                output_tokens: 64,
+                follows: None,
+                live: None,
+                replica: None,
+            })
+            .collect();
+        Segment {
+            label: "restart".into(),
+            stages: vec![Stage {
+                label: "all".into(),
+                offered_qps: 10.0,
+                start_ms: 0.0,
+                end_ms: 3_000.0,
+                measured: true,
+            }],
+            requests,
+            pooled_hit_ceiling: 0.0,
+        }
+    }
+
+    fn precise() -> PolicySpec {
+        PolicySpec {
+            name: "precise".into(),
+            profile_name: "precise".into(),
+            profile: yaml_serde::from_str(
+                "{filters: [{name: healthy}], scorers: [{name: kv-cache, weight: 2}, {name: load, weight: 1}], picker: {name: max-score}}",
+            )
+            .expect("profile parses"),
+            feed: IndexFeed::Events {
+                delay_ms: 0.0,
+                loss: 0.0,
+            },
+            replicas: 1,
+            relayed: false,
+        }
+    }
+
+    fn setup(restarts: Vec<SimRestart>) -> SimSetup {
+        SimSetup {
+            pods: 2,
+            pod_params: PodParams::default(),
+            model: "m".into(),
+            scope: crate::scope::scope_id("m", None),
+            index: IndexConfig {
+                budget_bytes: 1 << 24,
+                shards: 4,
+            },
+            scrape_interval_ms: 0.0,
+            seed: 1,
+            restarts,
+        }
+    }
+
+    #[test]
+    fn a_restarted_pod_fails_its_requests_and_comes_back_empty() {
+        let segment = segment();
+        let progress = AtomicUsize::new(0);
+        let steady = simulate(&segment, &precise(), &setup(Vec::new()), &progress).unwrap();
+        assert_eq!(steady.failed, 0);
+        let busiest = (0..2).max_by_key(|&p| steady.pod_requests[p]).unwrap_or(0);
+        let restart = SimRestart {
+            pod: busiest,
+            at_ms: 1_500.0,
+            down_ms: 200.0,
+        };
+        let restarted = simulate(&segment, &precise(), &setup(vec![restart]), &progress).unwrap();
+        // The requests on the pod when it died fail; every other one is served.
+        assert!(restarted.failed > 0, "{restarted:?}");
+        assert_eq!(
+            restarted.records.len() as u64 + restarted.failed,
+            segment.requests.len() as u64
+        );
+        // Steady, every request follows the prefix to one pod, which computed it once. With
+        // that pod restarted, the requests after it go to the other pod (the index forgot the
+        // dead one), which computes the prefix a second time.
+        let other = 1 - busiest;
+        let cold = |data: &RunData| {
+            data.records
+                .iter()
+                .filter(|r| r.cached_tokens < 30 * 64)
+                .count()
+        };
+        assert_eq!(
+            (steady.pod_requests[other], cold(&steady)),
+            (0, 1),
+            "{steady:?}"
+        );
+        assert!(restarted.pod_requests[other] > 0, "{restarted:?}");
+        assert_eq!(cold(&restarted), 2, "{restarted:?}");
+        let nowhere = SimRestart { pod: 2, ..restart };
+        assert!(matches!(
+            simulate(&segment, &precise(), &setup(vec![nowhere]), &progress),
+            Err(SimError::RestartPod { pod: 2, pods: 2 })
+        ));
+    }
 }

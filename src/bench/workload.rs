@@ -104,6 +104,9 @@ pub struct BenchRequest {
     pub follows: Option<FollowUp>,
     /// Present when the workload was built for a live run.
     pub live: Option<Arc<LivePrompt>>,
+    /// A recorded trace's gateway replica that handled it, numbered from 0 in order of
+    /// first appearance.
+    pub replica: Option<u32>,
 }
 
 /// A load step: requests arriving in `[start_ms, end_ms)` were offered at `offered_qps`.
@@ -426,6 +429,7 @@ pub fn shared_prefix(
             output_tokens: shape.output_tokens,
             follows: None,
             live: live_prompt,
+            replica: None,
         });
     }
     let block_size = hasher.settings().block_size;
@@ -645,7 +649,16 @@ pub fn trace_workload(
     let mut prompt_hasher = PromptHasher::new(hasher);
     let mut tokens = Vec::new();
     let mut base = Vec::with_capacity(kept.len());
+    let mut replica_ids: Vec<&str> = Vec::new();
     for record in &kept {
+        let replica = record.replica.as_deref().map(|id| {
+            let slot = replica_ids.iter().position(|&known| known == id);
+            let slot = slot.unwrap_or_else(|| {
+                replica_ids.push(id);
+                replica_ids.len() - 1
+            });
+            u32::try_from(slot).unwrap_or(u32::MAX)
+        });
         let (block_keys, live_prompt) = match record.block_size {
             Some(_) => {
                 let full = (record.input_length as usize / block_size).min(record.hash_ids.len());
@@ -660,7 +673,7 @@ pub fn trace_workload(
                 )
             }
         };
-        base.push((record, block_keys, live_prompt));
+        base.push((record, block_keys, live_prompt, replica));
     }
     let last = kept.last().map_or(first, |r| r.timestamp);
     let span_ms = ((last - first) as f64).max(1.0);
@@ -691,7 +704,7 @@ pub fn trace_workload(
         });
         let requests: Vec<BenchRequest> = base
             .iter()
-            .map(|(record, keys, live_prompt)| {
+            .map(|(record, keys, live_prompt, replica)| {
                 let arrival_ms = arrivals(record);
                 BenchRequest {
                     arrival_ms,
@@ -701,6 +714,7 @@ pub fn trace_workload(
                     output_tokens: record.output_length.max(1),
                     follows: None,
                     live: live_prompt.clone(),
+                    replica: *replica,
                 }
             })
             .collect();
@@ -1080,6 +1094,7 @@ pub fn loogle_chats(
                     think_ms: shape.think_s * 1e3,
                 }),
                 live: live.then(|| Arc::new(LivePrompt::Chat(serde_json::json!(messages)))),
+                replica: None,
             });
             previous = Some(index);
             let reply = reply_text(
@@ -1162,6 +1177,46 @@ mod tests {
     }
 
     #[test]
+    fn recorded_requests_keep_the_replica_that_handled_them() {
+        let record = |timestamp: u64, replica: Option<&str>| TraceRecord {
+            timestamp,
+            input_length: 128,
+            output_length: 8,
+            hash_ids: vec![timestamp, 7],
+            block_size: Some(64),
+            model: None,
+            replica: replica.map(str::to_string),
+            pod: None,
+            policy: None,
+            predicted_cached_tokens: None,
+            actual_cached_tokens: None,
+            status: None,
+        };
+        // Out of order, as two replicas' files merge: numbered by first arrival.
+        let records = vec![
+            record(30, Some("b")),
+            record(10, Some("b")),
+            record(20, Some("a")),
+            record(40, None),
+        ];
+        let replay = TraceReplay {
+            speedups: vec![1.0],
+            max_tokens: 4_096,
+            limit: None,
+            model: None,
+            warmup_s: 0.0,
+        };
+        let (workload, _) =
+            trace_workload("t", "t.jsonl", records, &replay, &hasher(), false).unwrap();
+        let replicas: Vec<Option<u32>> = workload.segments[0]
+            .requests
+            .iter()
+            .map(|r| r.replica)
+            .collect();
+        assert_eq!(replicas, [Some(0), Some(1), Some(0), None]);
+    }
+
+    #[test]
     fn shared_prefix_requests_share_exactly_the_prefix_blocks() {
         let shape = SharedPrefixShape {
             groups: 3,
@@ -1228,6 +1283,7 @@ mod tests {
             output_tokens: 1,
             follows: None,
             live: None,
+            replica: None,
         };
         let requests = [request(&[1, 2], 128), request(&[1, 2], 128)];
         assert_eq!(pooled_hit_ceiling(&requests, &[], 64), 64.0 / 256.0);

@@ -12,6 +12,11 @@ received so a test can check it. Test control lives under /_test/:
                          sitting idle longer than --idle-timeout-ms
   POST /_test/health     {"ok": bool}: what /health answers from now on
   POST /_test/die        exits at once, as a crashed pod would
+  POST /_test/publish    {"events": [...], "rank": r}: publishes one KVEventBatch of
+                         these events on data-parallel rank r's ZeroMQ PUB (--zmq-bind-ranks),
+                         msgpack-encoded as vLLM does ([ts, events, dp_rank]; each event an
+                         array [tag, fields...]); topic kv@<--topic-host>@<model>, sequence
+                         numbers per rank
 
 Per-request behaviour is chosen by request headers (kvgate forwards them):
   x-fake-tokens: N        tokens to generate (default 4)
@@ -21,7 +26,17 @@ Per-request behaviour is chosen by request headers (kvgate forwards them):
   x-fake-hangup: 1        read the whole request, then close the connection without
                           answering, as a pod that crashes on a prompt does
 
-Prints "READY <port>" on stdout once listening.
+With --zmq-bind-ranks N the pod binds one XPUB per data-parallel rank on consecutive
+ports (rank r on the first port + r, as vLLM does), found by binding and binding anew on a
+collision, never by probing a port and releasing it; kvgate connects to them. A publish
+first waits for its rank's subscription, so that no batch is lost to a subscriber that
+has connected but not yet subscribed.
+
+With --reuse-port the HTTP socket binds with SO_REUSEPORT, so the pod can listen on a port
+a test holds bound but not listening (connections refused until the pod starts).
+
+Prints "READY <port>" on stdout once listening ("READY <port> <rank 0 endpoint>" with
+--zmq-bind-ranks).
 """
 
 import argparse
@@ -37,6 +52,7 @@ RECORDS = []
 RECORDS_LOCK = threading.Lock()
 STATE = {"healthy": True, "running": 0, "idle_closed": 0}
 STATE_LOCK = threading.Lock()
+PUBLISHER = {}
 
 
 def record(entry):
@@ -158,6 +174,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"dying": True})
             self.wfile.flush()
             os._exit(0)
+        elif self.path == "/_test/publish":
+            published = publish(command["events"], int(command.get("rank", 0)))
+            self.send_json(200, {"published": published})
         else:
             self.send_json(404, {"error": "unknown control path"})
 
@@ -252,18 +271,75 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def publish(events, rank):
+    """Publishes one batch on `rank`; ints stay ints (uint64 hashes are msgpack uint64)."""
+    import msgpack
+
+    socket = PUBLISHER["sockets"][rank]
+    deadline = time.monotonic() + 30
+    while not PUBLISHER["subscribed"][rank]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no subscriber on rank %d" % rank)
+        if socket.poll(100) and socket.recv()[:1] == b"\x01":
+            PUBLISHER["subscribed"][rank] = True
+    seq = PUBLISHER["seqs"][rank]
+    PUBLISHER["seqs"][rank] = seq + 1
+    payload = msgpack.packb([time.time(), events, rank], use_bin_type=True)
+    socket.send_multipart([PUBLISHER["topic"], seq.to_bytes(8, "big"), payload])
+    return seq
+
+
+def bind_ranks(ctx, ranks):
+    """One XPUB per rank on consecutive loopback ports; a collision binds anew."""
+    import zmq
+
+    for _ in range(100):
+        sockets = []
+        try:
+            first = ctx.socket(zmq.XPUB)
+            sockets.append(first)
+            first.bind("tcp://127.0.0.1:*")
+            endpoint = first.getsockopt(zmq.LAST_ENDPOINT).decode()
+            base = int(endpoint.rsplit(":", 1)[1])
+            for rank in range(1, ranks):
+                socket = ctx.socket(zmq.XPUB)
+                sockets.append(socket)
+                socket.bind("tcp://127.0.0.1:%d" % (base + rank))
+            return sockets, endpoint
+        except zmq.ZMQError:
+            for socket in sockets:
+                socket.close(linger=0)
+    raise SystemExit("fake_vllm: no consecutive ports for %d ranks" % ranks)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="qwen")
     parser.add_argument("--idle-timeout-ms", type=int, help="close keep-alive connections idle this long (uvicorn: 5000)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT: listen on a port the test holds bound (not listening)")
+    parser.add_argument("--zmq-bind-ranks", type=int, default=0,
+                        help="bind one XPUB per data-parallel rank (kvgate connects)")
+    parser.add_argument("--topic-host", default="127.0.0.1", help="the <ip> of the topic kv@<ip>@<model>")
     args = parser.parse_args()
     if args.idle_timeout_ms:
         Handler.timeout = args.idle_timeout_ms / 1000.0
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server_class = ThreadingHTTPServer
+    if args.reuse_port:
+        server_class = type("ReusePortServer", (ThreadingHTTPServer,), {"allow_reuse_port": True})
+    server = server_class(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.model = args.model
-    print("READY %d" % server.server_port, flush=True)
+    banner = "READY %d" % server.server_port
+    if args.zmq_bind_ranks:
+        import zmq
+
+        sockets, endpoint = bind_ranks(zmq.Context.instance(), args.zmq_bind_ranks)
+        PUBLISHER.update(sockets=sockets, seqs=[0] * len(sockets), subscribed=[False] * len(sockets),
+                         topic=("kv@%s@%s" % (args.topic_host, args.model)).encode())
+        banner += " " + endpoint
+    print(banner, flush=True)
     server.serve_forever()
 
 

@@ -34,7 +34,19 @@ pub struct ClosedPort {
 
 impl ClosedPort {
     pub fn new() -> Self {
+        Self::bind(false)
+    }
+
+    /// A closed port that a pod started later with SO_REUSEPORT (`fake_vllm.py
+    /// --reuse-port`) can listen on: until then connections are refused, and no process
+    /// without SO_REUSEPORT can take it.
+    pub fn shared() -> Self {
+        Self::bind(true)
+    }
+
+    fn bind(reuse_port: bool) -> Self {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseport(reuse_port).expect("SO_REUSEPORT");
         socket
             .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .expect("bind a port");
@@ -141,6 +153,8 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 pub struct FakePod {
     child: Child,
     pub port: u16,
+    /// Rank 0's KV-event endpoint (`--zmq-bind-ranks`).
+    pub events: Option<String>,
 }
 
 impl FakePod {
@@ -166,12 +180,21 @@ impl FakePod {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("fake pod did not start within 20 s");
-        let port = line
+        let mut banner = line
             .trim()
             .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"))
+            .split(' ');
+        let port = banner
+            .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("unexpected fake pod banner {line:?}"));
-        Self { child, port }
+        let events = banner.next().map(str::to_string);
+        Self {
+            child,
+            port,
+            events,
+        }
     }
 
     pub fn addr(&self) -> String {
@@ -183,6 +206,14 @@ impl FakePod {
         let (status, body) = http_request(self.port, "GET", "/_test/requests", &[], b"");
         assert_eq!(status, 200);
         serde_json::from_slice(&body).expect("requests JSON")
+    }
+
+    /// Publishes one KV-event batch of `events` on data-parallel rank `rank`.
+    pub fn publish(&self, rank: u32, events: Value) {
+        let body = serde_json::json!({"events": events, "rank": rank}).to_string();
+        let (status, reply) =
+            http_request(self.port, "POST", "/_test/publish", &[], body.as_bytes());
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
     }
 
     pub fn set_healthy(&self, ok: bool) {

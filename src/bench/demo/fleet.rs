@@ -306,7 +306,9 @@ impl ReplicaConfig<'_> {
     }
 }
 
-/// Starts one `kvgate serve` replica and forwards its `Request handled` lines to `lines`.
+/// Starts one `kvgate serve` replica, forwards its `Request handled` lines to `lines`, and
+/// returns it with the addresses it reported listening on (the ones the system picked for
+/// any port 0).
 pub fn start_replica(
     exe: &Path,
     replica: Replica,
@@ -325,13 +327,27 @@ pub fn start_replica(
         .arg(replica.log.with_extension("pid"))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| DemoError::Spawn {
             what: "a gateway replica",
             source,
         })?;
+    // `{"listening": {"proxy", "admin", ...}}` on stdout once its sockets are bound.
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    if value["listening"].is_object() {
+                        let _ = listening_tx.send(value["listening"].clone());
+                    }
+                }
+            }
+        });
+    }
     if let Some(stderr) = child.stderr.take() {
         let lines = lines.clone();
         std::thread::spawn(move || {
@@ -345,7 +361,42 @@ pub fn start_replica(
             }
         });
     }
-    children.push(Managed { child });
+    let mut managed = Managed { child };
+    let not_ready = |reason: String| DemoError::NotReady {
+        what: "a gateway replica",
+        seconds: START_TIMEOUT.as_secs(),
+        reason,
+        log: replica.log.display().to_string(),
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    let bound = loop {
+        match listening.recv_timeout(Duration::from_millis(100)) {
+            Ok(bound) => break bound,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                if let Some(reason) = managed.exited() {
+                    return Err(not_ready(reason));
+                }
+            }
+            Err(_) => {
+                let reason = managed.exited();
+                return Err(not_ready(
+                    reason.unwrap_or_else(|| "it reported no listening addresses".into()),
+                ));
+            }
+        }
+    };
+    let address = |name: &str| {
+        bound[name]
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .ok_or_else(|| not_ready(format!("no {name} address in {bound}")))
+    };
+    let replica = Replica {
+        listen: address("proxy")?,
+        admin: address("admin")?,
+        ..replica
+    };
+    children.push(managed);
     Ok(replica)
 }
 

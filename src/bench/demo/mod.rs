@@ -38,7 +38,7 @@ use super::live::{self, LiveError, LiveSetup, PodRestart};
 use super::metrics::{Figures, RunData};
 use super::policy::{self, IndexFeed, PolicySpec};
 use super::report::{self, BenchReport, ReportError, SegmentReport};
-use super::virtual_time::{self, SimError, SimSetup};
+use super::virtual_time::{self, SimError, SimRestart, SimSetup};
 use super::workload::{self, Ladder, SharedPrefixShape, TraceReplay, WorkloadError};
 use super::ProgressBar;
 use crate::config::{Config, ConfigError, ModelConfig};
@@ -81,7 +81,7 @@ const COMPARED: [(&str, &str, Routing); 3] = [
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// The config the demo takes its model and profiles from; replica r listens on
-    /// 127.0.0.1 at the config's listen and admin ports + r.
+    /// 127.0.0.1 at the config's listen and admin ports + r (port 0: each picks its own).
     #[arg(long, default_value = "conf/kvgate.yaml")]
     pub config: PathBuf,
     /// The first round of the chat (an OpenAI chat request body).
@@ -259,7 +259,9 @@ fn plan(args: &DemoArgs) -> Result<Plan, DemoError> {
         )));
     }
     let port = |addr: SocketAddr, r: usize| {
-        u16::try_from(usize::from(addr.port()) + r)
+        // Port 0 stays 0: every replica binds one the system picks, and reports it.
+        let step = if addr.port() == 0 { 0 } else { r };
+        u16::try_from(usize::from(addr.port()) + step)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
             .map_err(|_| DemoError::Setup(format!("room for {} ports after {addr}", r + 1)))
     };
@@ -352,6 +354,8 @@ struct ReplayRow {
     policy: String,
     live_hit_rate: f64,
     replayed_hit_rate: f64,
+    /// How far apart the two are, in percentage points.
+    gap_points: f64,
 }
 
 async fn demo(args: &DemoArgs, plan: &Plan, children: &mut Vec<Managed>) -> Result<(), DemoError> {
@@ -364,16 +368,8 @@ async fn demo(args: &DemoArgs, plan: &Plan, children: &mut Vec<Managed>) -> Resu
         source,
     })?;
     say(format!(
-        "kvgate demo: {} simulated {} pods ({} KV blocks each), {} gateway replicas in connect mode on {}",
-        args.pods,
-        plan.model.name,
-        args.pod_kv_blocks,
-        args.replicas,
-        plan.ports
-            .iter()
-            .map(|(l, _)| l.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "kvgate demo: {} simulated {} pods ({} KV blocks each), {} gateway replicas in connect mode",
+        args.pods, plan.model.name, args.pod_kv_blocks, args.replicas,
     ));
 
     let started = Instant::now();
@@ -443,19 +439,24 @@ async fn demo(args: &DemoArgs, plan: &Plan, children: &mut Vec<Managed>) -> Resu
         fleet::wait_http_ok(&client, &url, child, "a gateway replica", &replica.log).await?;
     }
     say(format!(
-        "  gateways ready in {:.1} s\n",
-        started.elapsed().as_secs_f64()
+        "  gateways ready in {:.1} s on {}\n",
+        started.elapsed().as_secs_f64(),
+        replicas
+            .iter()
+            .map(|r| format!("{} (admin {})", r.listen, r.admin))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
 
     let chat = chat(args, plan, &client, &replicas, &mut book).await?;
-    let (rows, live_report, kv_window, restart) =
+    let (rows, live_report, kv_run, restart) =
         compare(args, plan, &sim, &replicas, &mut book).await?;
     let restarted_pod = restart.pod;
     let why = figures::why_line(&rows, restarted_pod);
     say(format!("\n{}", figures::table(&rows)));
     say(&why);
 
-    let replay = replay(args, plan, &out, kv_window, &rows)?;
+    let replay = replay(args, plan, &out, &kv_run, &restart, &rows)?;
     let subtitle = format!(
         "{} pods × {} KV blocks, {} replicas, {} QPS of shared-prefix traffic, pod {} restarted at {} s",
         args.pods,
@@ -655,8 +656,12 @@ struct RestartPlan {
     at_s: f64,
 }
 
-/// The Unix-epoch milliseconds a run's requests arrived within.
-type Window = (u64, u64);
+/// The kv-cache run as the replay needs it: the Unix-epoch milliseconds its requests
+/// arrived within, and when its pod restart was asked for.
+struct KvRun {
+    window: (u64, u64),
+    restarted_unix_ms: Option<u64>,
+}
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -671,7 +676,7 @@ async fn compare(
     sim: &SimFleet,
     replicas: &[Replica],
     book: &mut LogBook,
-) -> Result<(Vec<ProfileFigures>, BenchReport, Window, RestartPlan), DemoError> {
+) -> Result<(Vec<ProfileFigures>, BenchReport, KvRun, RestartPlan), DemoError> {
     let hasher = BlockHasher::new(&plan.model.hash_settings())?;
     let ladder = Ladder {
         warmup: (args.warmup > 0.0).then_some((args.qps, args.warmup)),
@@ -725,7 +730,10 @@ async fn compare(
     let mut policies = Vec::new();
     let mut runs = Vec::new();
     let mut rows = Vec::new();
-    let mut kv_window = (0, 0);
+    let mut kv_run = KvRun {
+        window: (0, 0),
+        restarted_unix_ms: None,
+    };
     for (k, (name, profile, routing)) in plan.profiles.iter().enumerate() {
         let spec = PolicySpec {
             name: name.clone(),
@@ -769,7 +777,10 @@ async fn compare(
         };
         bar.show(progress.load(Ordering::Relaxed), &[], true);
         if k == 0 {
-            kv_window = (window_start, unix_ms());
+            kv_run = KvRun {
+                window: (window_start, unix_ms()),
+                restarted_unix_ms: data.restarted_unix_ms,
+            };
         }
         let ids: Vec<String> = (0..segment.requests.len())
             .map(|i| live::request_id(profile, i))
@@ -806,7 +817,7 @@ async fn compare(
         verdict: None,
     };
     report::write(&report, &args.out, "demo-live")?;
-    Ok((rows, report, kv_window, restart))
+    Ok((rows, report, kv_run, restart))
 }
 
 /// The simulated pod: the model's, with the demo's KV pool, accepting any request the
@@ -822,12 +833,15 @@ fn pod_params(args: &DemoArgs, model: &ModelConfig) -> PodParams {
 }
 
 /// Replays the kv-cache run's trace, as both replicas recorded it, in virtual time with
-/// every compared profile, and sets the replayed hit rates beside the live ones.
+/// every compared profile, and sets the replayed hit rates beside the live ones. The
+/// replay goes through what the live run went through: each request to the replica that
+/// recorded it, and the pod restart at the moment it was asked for.
 fn replay(
     args: &DemoArgs,
     plan: &Plan,
     out: &Path,
-    window: Window,
+    kv_run: &KvRun,
+    restart: &RestartPlan,
     rows: &[ProfileFigures],
 ) -> Result<Vec<ReplayRow>, DemoError> {
     let mut records = Vec::new();
@@ -839,8 +853,18 @@ fn replay(
     let kv_profile = &plan.profiles[0].1;
     records.retain(|r| {
         r.policy.as_deref() == Some(kv_profile.as_str())
-            && (window.0..=window.1).contains(&r.timestamp)
+            && (kv_run.window.0..=kv_run.window.1).contains(&r.timestamp)
     });
+    // The replay's clock starts at the first request, in simulated ms (wall ÷ time scale).
+    let first = records.iter().map(|r| r.timestamp).min();
+    let restarts = match (kv_run.restarted_unix_ms, first) {
+        (Some(at), Some(first)) => vec![SimRestart {
+            pod: restart.pod,
+            at_ms: (at as f64 - first as f64) / args.time_scale,
+            down_ms: RESTART_DOWN_MS as f64 / args.time_scale,
+        }],
+        _ => Vec::new(),
+    };
     let recorded = out.join("demo-trace.jsonl");
     let mut text = Vec::new();
     for record in &records {
@@ -875,8 +899,10 @@ fn replay(
             budget_bytes: plan.config.index.budget_bytes,
             shards: 64,
         },
-        scrape_interval_ms: plan.config.server.scrape_interval_ms as f64,
+        // The gateways scraped the pods every interval of wall time.
+        scrape_interval_ms: plan.config.server.scrape_interval_ms as f64 / args.time_scale,
         seed: args.seed,
+        restarts,
     };
     let mut replayed = Vec::new();
     for ((name, profile, _), row) in plan.profiles.iter().zip(rows) {
@@ -897,6 +923,7 @@ fn replay(
             policy: name_x,
             live_hit_rate: row.figures.hit_rate,
             replayed_hit_rate: hit,
+            gap_points: (hit - row.figures.hit_rate).abs() * 100.0,
         });
     }
     say(format!(
@@ -905,10 +932,11 @@ fn replay(
     ));
     for row in &replayed {
         say(format!(
-            "  {:<12} hit rate {:.1} % replayed, {:.1} % live",
+            "  {:<12} hit rate {:.1} % replayed, {:.1} % live: {:.1} points apart",
             row.name,
             row.replayed_hit_rate * 100.0,
-            row.live_hit_rate * 100.0
+            row.live_hit_rate * 100.0,
+            row.gap_points
         ));
     }
     say(format!(
