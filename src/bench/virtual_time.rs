@@ -337,6 +337,7 @@ impl<'a> Run<'a> {
                     block_keys: Arc::clone(&request.block_keys),
                     prompt_tokens: request.prompt_tokens,
                     max_tokens: request.output_tokens,
+                    lora: None,
                 },
             )
             .map_err(|source| SimError::Submit {
