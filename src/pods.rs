@@ -84,7 +84,7 @@ pub struct ScrapedLoad {
 
 /// What vLLM's `vllm:lora_requests_info` said last: which LoRA adapters the pod's
 /// running and waiting requests use, and how many adapter slots (`--max-loras`) it has.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ScrapedLora {
     pub running: Vec<String>,
     pub waiting: Vec<String>,

@@ -266,6 +266,7 @@ impl<'a> Run<'a> {
             request_id: &self.request_id,
             model: &self.setup.model,
             scope: self.setup.scope,
+            adapter: None,
             block_keys: &request.block_keys,
             block_size: self.setup.pod_params.block_size as usize,
             prompt_tokens: request.prompt_tokens as usize,
