@@ -446,6 +446,7 @@ mod tests {
                     output_tokens: 1,
                     follows: None,
                     live: None,
+                    adapter: None,
                 })
                 .collect(),
             pooled_hit_ceiling: 0.0,
