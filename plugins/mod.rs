@@ -40,6 +40,7 @@ mod healthy;
 mod kv_cache;
 mod least_request;
 mod load;
+mod lora_affinity;
 mod max_score;
 mod prefix;
 mod random;
@@ -56,6 +57,8 @@ pub struct SchedulingRequest<'a> {
     pub model: &'a str,
     /// Index scope of the request (model + LoRA adapter).
     pub scope: u32,
+    /// The LoRA adapter the request runs with, by name; `None` for the base model.
+    pub adapter: Option<&'a str>,
     /// The request's chained prefix block hashes as the index keys them, block 0 first.
     pub block_keys: &'a [u64],
     pub block_size: usize,
@@ -237,6 +240,7 @@ const REGISTRY: &[(&str, Factory)] = &[
     (kv_cache::NAME, Factory::Scorer(kv_cache::build)),
     (prefix::NAME, Factory::Scorer(prefix::build)),
     (load::NAME, Factory::Scorer(load::build)),
+    (lora_affinity::NAME, Factory::Scorer(lora_affinity::build)),
     (ttft::NAME, Factory::Scorer(ttft::build)),
     (least_request::NAME, Factory::Scorer(least_request::build)),
     (session::NAME, Factory::Scorer(session::build)),

@@ -34,6 +34,7 @@ pub fn request(blocks: &[u64]) -> SchedulingRequest<'_> {
         request_id: "req-1",
         model: "qwen3",
         scope: 0,
+        adapter: None,
         block_keys: blocks,
         block_size: BLOCK_SIZE,
         prompt_tokens: blocks.len() * BLOCK_SIZE,

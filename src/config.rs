@@ -369,6 +369,38 @@ pub struct PluginConfig {
     pub params: Option<yaml_serde::Value>,
 }
 
+/// A split's targets are the model's adapters (or the model), each once, with weights
+/// that are finite, ≥ 0 and not all 0.
+fn validate_split(model: &ModelConfig, targets: &[AdapterWeight]) -> Result<(), String> {
+    if targets.is_empty() {
+        return Err("has no adapters".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for target in targets {
+        let known = target.adapter == model.name
+            || model.lora_adapters.iter().any(|a| a.name == target.adapter);
+        if !known {
+            return Err(format!(
+                "{:?} is neither a LoRA adapter of the model nor the model",
+                target.adapter
+            ));
+        }
+        if !seen.insert(target.adapter.as_str()) {
+            return Err(format!("{:?} is listed twice", target.adapter));
+        }
+        if !target.weight.is_finite() || target.weight < 0.0 {
+            return Err(format!(
+                "weight of {:?} must be a finite number ≥ 0",
+                target.adapter
+            ));
+        }
+    }
+    if targets.iter().all(|t| t.weight == 0.0) {
+        return Err("every weight is 0".into());
+    }
+    Ok(())
+}
+
 impl LoraAdapterConfig {
     /// The adapter as it enters vLLM's block hashes.
     pub fn hash_key(&self) -> crate::hash::LoraKey {
@@ -423,6 +455,16 @@ pub struct LoraAdapterConfig {
     pub path: String,
 }
 
+/// One target of a canary split and its share of the requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdapterWeight {
+    /// A LoRA adapter of the model, or the model's own name.
+    pub adapter: String,
+    /// Relative share (any finite number ≥ 0; the shares of one split need not sum to 100).
+    pub weight: f64,
+}
+
 /// One served model: how its pods tokenize and hash, and where they are.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -462,6 +504,10 @@ pub struct ModelConfig {
     pub pod_kv_blocks: usize,
     #[serde(default)]
     pub lora_adapters: Vec<LoraAdapterConfig>,
+    /// Canary splits: a `model` name clients send → the adapters (or the base model) its
+    /// requests go to, by weight. The chosen name replaces `model` in the forwarded body.
+    #[serde(default)]
+    pub adapter_splits: BTreeMap<String, Vec<AdapterWeight>>,
     #[serde(default = "default_profile_name")]
     pub profile: String,
     pub discovery: DiscoveryConfig,
@@ -649,6 +695,15 @@ impl Config {
                     )));
                 }
             }
+            for (split, targets) in &model.adapter_splits {
+                if !names.insert(split.as_str()) {
+                    return Err(err(format!(
+                        "adapter split {split:?} is already a model, adapter or split name"
+                    )));
+                }
+                validate_split(model, targets)
+                    .map_err(|message| err(format!("adapter split {split:?}: {message}")))?;
+            }
             if !self.profiles.contains_key(&model.profile) {
                 return Err(err(format!(
                     "profile {:?} is not defined in `profiles` (defined: {})",
@@ -677,6 +732,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// A `model` name clients send, resolved through the adapter splits: the split's
+    /// targets, or `None` when it names no split.
+    pub fn adapter_split(&self, name: &str) -> Option<&[AdapterWeight]> {
+        self.models
+            .iter()
+            .find_map(|m| m.adapter_splits.get(name))
+            .map(Vec::as_slice)
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
@@ -776,6 +840,62 @@ mod tests {
         )))
         .unwrap_err();
         assert!(unknown_format.contains("markdown"), "{unknown_format}");
+    }
+
+    #[test]
+    fn adapter_splits_name_the_models_adapters_with_usable_weights() {
+        let hash = "    hashAlgo: sha256_cbor\n    hashSeed: \"42\"\n    vllmRelease: \"0.11.0\"\n";
+        let adapters = "    loraAdapters: [{name: sql-v1}, {name: sql-v2}]\n";
+        let check = |splits: &str| {
+            Config::parse(&with_model(&format!(
+                "{hash}{adapters}    adapterSplits:\n{splits}"
+            )))
+            .unwrap()
+            .validate()
+            .map_err(|e| e.to_string())
+        };
+        check("      sql: [{adapter: sql-v1, weight: 90}, {adapter: sql-v2, weight: 10}]\n")
+            .expect("a canary split");
+        check("      sql: [{adapter: m, weight: 1}, {adapter: sql-v2, weight: 0}]\n")
+            .expect("the base model is a target too");
+        for (bad, says) in [
+            ("      sql: []\n", "has no adapters"),
+            (
+                "      sql: [{adapter: nope, weight: 1}]\n",
+                "\"nope\" is neither",
+            ),
+            (
+                "      sql: [{adapter: sql-v1, weight: 1}, {adapter: sql-v1, weight: 2}]\n",
+                "listed twice",
+            ),
+            (
+                "      sql: [{adapter: sql-v1, weight: -1}]\n",
+                "finite number",
+            ),
+            (
+                "      sql: [{adapter: sql-v1, weight: .nan}]\n",
+                "finite number",
+            ),
+            (
+                "      sql: [{adapter: sql-v1, weight: 0}]\n",
+                "every weight is 0",
+            ),
+            (
+                "      sql-v2: [{adapter: sql-v1, weight: 1}]\n",
+                "already a model",
+            ),
+        ] {
+            let err = check(bad).expect_err(bad);
+            assert!(
+                err.contains(says) && err.contains("model \"m\""),
+                "{bad}: {err}"
+            );
+        }
+        let typo = Config::parse(&with_model(&format!(
+            "{hash}{adapters}    adapterSplits: {{sql: [{{adapter: sql-v1, weigth: 1}}]}}\n"
+        )))
+        .unwrap_err();
+        assert!(typo.contains("weigth"), "{typo}");
     }
 
     #[test]

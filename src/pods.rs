@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, O
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -82,6 +82,39 @@ pub struct ScrapedLoad {
     pub kv_usage: f64,
 }
 
+/// What vLLM's `vllm:lora_requests_info` said last: which LoRA adapters the pod's
+/// running and waiting requests use, and how many adapter slots (`--max-loras`) it has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScrapedLora {
+    pub running: Vec<String>,
+    pub waiting: Vec<String>,
+    pub max_lora: u32,
+}
+
+impl ScrapedLora {
+    /// Whether `adapter` is in one of the pod's slots (a running or waiting request uses it).
+    pub fn is_active(&self, adapter: &str) -> bool {
+        self.running
+            .iter()
+            .chain(&self.waiting)
+            .any(|a| a == adapter)
+    }
+
+    /// Whether an adapter not active yet could be swapped in without waiting for a slot:
+    /// fewer distinct adapters are in use than the pod has slots.
+    pub fn has_free_slot(&self) -> bool {
+        let mut in_use: Vec<&str> = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .map(String::as_str)
+            .collect();
+        in_use.sort_unstable();
+        in_use.dedup();
+        in_use.len() < self.max_lora as usize
+    }
+}
+
 /// One pod incarnation.
 #[derive(Debug)]
 pub struct Pod {
@@ -103,6 +136,9 @@ pub struct Pod {
     /// `epoch << TRUST_BITS | trust`: the trust holds only in the epoch it was set in.
     trust: AtomicU64,
     scraped: ArcSwap<ScrapedLoad>,
+    /// The last scraped adapter state and the cache epoch it was scraped in: a new process
+    /// starts with no adapter loaded, so the state counts only while that epoch is current.
+    scraped_lora: ArcSwapOption<(CacheEpoch, ScrapedLora)>,
     /// Requests this router began here minus those that ended, since the last scrape.
     in_flight_change_since_scrape: AtomicI32,
     /// Prefill rate in tokens/s (f64 bits) learned from the current process; 0 = not learned yet.
@@ -124,6 +160,7 @@ impl Pod {
             process: AtomicU32::new(0),
             trust: AtomicU64::new(EventTrust::Unknown as u64),
             scraped: ArcSwap::from_pointee(ScrapedLoad::default()),
+            scraped_lora: ArcSwapOption::empty(),
             in_flight_change_since_scrape: AtomicI32::new(0),
             prefill_rate_bits: AtomicU64::new(0),
         }
@@ -226,6 +263,24 @@ impl Pod {
         self.in_flight_change_since_scrape
             .store(0, Ordering::Relaxed);
         self.scraped.store(Arc::new(load));
+    }
+
+    /// The pod's LoRA adapter state from its last scrape, while it describes the current
+    /// cache epoch; `None` before the first scrape that had it, or once the epoch moved.
+    /// Read in place: scoring looks at it for every candidate, without copying.
+    pub fn with_scraped_lora<R>(&self, read: impl FnOnce(Option<&ScrapedLora>) -> R) -> R {
+        let scraped = self.scraped_lora.load();
+        let current = scraped
+            .as_deref()
+            .filter(|(epoch, _)| *epoch == self.cache_epoch())
+            .map(|(_, lora)| lora);
+        read(current)
+    }
+
+    /// Records adapter state scraped from the process of `epoch` (read before the scrape
+    /// was sent, so a restart meanwhile voids it).
+    pub fn set_scraped_lora(&self, epoch: CacheEpoch, lora: ScrapedLora) {
+        self.scraped_lora.store(Some(Arc::new((epoch, lora))));
     }
 
     /// Requests on the pod as far as this router can tell: its own in flight or, when
@@ -521,6 +576,43 @@ mod tests {
         pod.connected();
         assert!(pod.connection_refused());
         assert_eq!(pod.process(), 2);
+    }
+
+    #[test]
+    fn scraped_adapters_count_only_in_the_epoch_they_were_scraped_in() {
+        let pod = Pod::new(0, endpoint(1));
+        assert_eq!(pod.with_scraped_lora(|l| l.cloned()), None);
+        let lora = ScrapedLora {
+            running: vec!["sql".into(), "chat".into()],
+            waiting: vec!["sql".into()],
+            max_lora: 3,
+        };
+        pod.set_scraped_lora(pod.cache_epoch(), lora.clone());
+        assert_eq!(pod.with_scraped_lora(|l| l.cloned()), Some(lora.clone()));
+        assert!(pod.with_scraped_lora(|l| l.is_some_and(|l| l.is_active("chat"))));
+        assert!(pod.with_scraped_lora(|l| l.is_some_and(ScrapedLora::has_free_slot)));
+
+        // A scrape begun before the restart describes the old process.
+        let before = pod.cache_epoch();
+        assert!(pod.connection_refused());
+        pod.set_scraped_lora(before, lora);
+        assert_eq!(pod.with_scraped_lora(|l| l.cloned()), None);
+    }
+
+    #[test]
+    fn free_slots_count_distinct_adapters() {
+        let full = ScrapedLora {
+            running: vec!["a".into(), "b".into()],
+            waiting: vec!["a".into()],
+            max_lora: 2,
+        };
+        assert!(!full.has_free_slot());
+        assert!(!full.is_active("c"));
+        assert!(ScrapedLora {
+            max_lora: 3,
+            ..full
+        }
+        .has_free_slot());
     }
 
     #[test]

@@ -621,6 +621,7 @@ fn pods_view(gateway: &Gateway, events: &KvEventService) -> serde_json::Value {
                     "running": load.running,
                     "waiting": load.waiting,
                     "kv_usage": load.kv_usage,
+                    "lora": pod.with_scraped_lora(|lora| json!(lora)),
                     "event_batches": counts.map(|c| c.batches),
                     "blocks_stored": counts.map(|c| c.blocks_stored),
                     "event_gaps": counts.map(|c| c.gaps),

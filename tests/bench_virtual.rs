@@ -157,6 +157,19 @@ fn w1_small_orders_policies_by_cache_reuse() {
     }
 }
 
+/// The summary of the policy run as `name`.
+fn policy_summary<'a>(
+    segment: &'a bench::report::SegmentReport,
+    name: &str,
+) -> &'a bench::metrics::PolicySummary {
+    &segment
+        .policies
+        .iter()
+        .find(|p| p.summary.policy == name)
+        .unwrap_or_else(|| panic!("{name} was run"))
+        .summary
+}
+
 /// Issue 7.4: gateway replicas in connect mode, each with its own index fed by every
 /// pod's events and no shared store, against one gateway. Precise replicas agree on the
 /// pod and keep the hit rate; approximate replicas, which only remember their own routing,
@@ -171,14 +184,7 @@ fn replicas_agree_without_a_shared_store() {
     args.out = out.path().to_path_buf();
     let report = bench::evaluate(&args).expect("benchmark runs");
     let segment = &report.segments[0];
-    let summary = |name: &str| {
-        &segment
-            .policies
-            .iter()
-            .find(|p| p.summary.policy == name)
-            .unwrap_or_else(|| panic!("{name} was run"))
-            .summary
-    };
+    let summary = |name: &str| policy_summary(segment, name);
     let one = summary("precise");
     assert_eq!(one.replicas, 1);
     assert_eq!(one.same_pick_rate, None);
@@ -213,6 +219,92 @@ fn replicas_agree_without_a_shared_store() {
     );
     let markdown = bench::report::markdown(&report);
     assert!(markdown.contains("| replicas | same pick |"));
+}
+
+/// The LoRA workload scaled down, with no prompt shared between requests so that the
+/// kv-cache scorer has nothing to follow: only `lora-affinity` keeps an adapter's requests
+/// where the adapter is loaded.
+#[test]
+fn adapter_aware_routing_swaps_less_and_answers_sooner() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/bench/lora.yaml");
+    let argv = [
+        "kvgate-bench",
+        "--config",
+        config,
+        "--quiet",
+        "--workload",
+        "lora",
+        "--max-loras",
+        "2",
+        "--pods",
+        "4",
+        "--adapters",
+        "12",
+        "--prefix-tokens",
+        "0",
+        "--question-tokens",
+        "512",
+        "--output-tokens",
+        "64",
+        "--qps",
+        "4,8",
+        "--duration",
+        "30",
+        "--warmup",
+        "0",
+    ];
+    let mut args = Cli::try_parse_from(argv).expect("valid options").bench;
+    let out = tempfile::tempdir().expect("temp dir");
+    args.out = out.path().to_path_buf();
+    let report = bench::evaluate(&args).expect("benchmark runs");
+    let segment = &report.segments[0];
+    let summary = |name: &str| policy_summary(segment, name);
+    let (blind, aware) = (summary("lora-blind"), summary("precise"));
+    for policy in [blind, aware] {
+        assert_eq!(policy.failed, 0);
+        assert_eq!(policy.figures.requests, segment.requests);
+        assert!(
+            policy.adapter_loads > 0,
+            "{}: adapters swap in",
+            policy.policy
+        );
+    }
+    assert!(
+        aware.adapter_loads * 3 < blind.adapter_loads * 2,
+        "swap-ins: aware {} vs blind {}",
+        aware.adapter_loads,
+        blind.adapter_loads
+    );
+    let p90 = |s: &bench::metrics::PolicySummary| s.figures.ttft_p90_s.expect("TTFT p90");
+    assert!(
+        p90(aware) < 0.5 * p90(blind),
+        "TTFT p90: aware {} vs blind {}",
+        p90(aware),
+        p90(blind)
+    );
+    let err = bench::evaluate(&args_with_live()).expect_err("virtual time only");
+    assert!(err.to_string().contains("virtual time only"), "{err}");
+}
+
+fn args_with_live() -> BenchArgs {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/bench/lora.yaml");
+    let argv = [
+        "kvgate-bench",
+        "--config",
+        config,
+        "--quiet",
+        "--workload",
+        "lora",
+        "--live",
+        "http://127.0.0.1:1",
+        "--qps",
+        "1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    Cli::try_parse_from(argv).expect("valid options").bench
 }
 
 #[test]

@@ -75,6 +75,7 @@ fn request<'a>(id: &'a str, block_keys: &'a [u64], now_ms: u64) -> SchedulingReq
         request_id: id,
         model: "qwen3",
         scope: 0,
+        adapter: None,
         block_keys,
         block_size: BLOCK_SIZE,
         prompt_tokens: block_keys.len() * BLOCK_SIZE,

@@ -28,6 +28,7 @@ fn cold_long_prompt_ttft_matches_llm_d() {
                 block_keys: keys,
                 prompt_tokens: 8_192,
                 max_tokens: 1,
+                lora: None,
             },
         )
         .unwrap();

@@ -44,6 +44,8 @@ pub struct RunData {
     pub event_batches_lost: u64,
     /// Oracle runs: decisions where the index disagreed with a pod's true cache (must be 0).
     pub oracle_mismatches: u64,
+    /// LoRA adapters swapped in by the pods (virtual time, pods with adapter slots).
+    pub adapter_loads: u64,
     /// Several replicas: (other replicas that would have picked the handling replica's
     /// pod, other replicas asked), over all requests.
     pub same_pick: (u64, u64),
@@ -174,6 +176,7 @@ pub struct PolicySummary {
     pub event_batches: u64,
     pub event_batches_lost: u64,
     pub oracle_mismatches: u64,
+    pub adapter_loads: u64,
     /// Gateway replicas, and how often another replica would have picked the same pod.
     pub replicas: usize,
     pub same_pick_rate: Option<f64>,
@@ -249,6 +252,7 @@ pub fn policy_summary(
         event_batches: run.event_batches,
         event_batches_lost: run.event_batches_lost,
         oracle_mismatches: run.oracle_mismatches,
+        adapter_loads: run.adapter_loads,
         replicas: run.replicas.max(1),
         same_pick_rate: (run.same_pick.1 > 0)
             .then(|| run.same_pick.0 as f64 / run.same_pick.1 as f64),

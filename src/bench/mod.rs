@@ -34,7 +34,8 @@ use self::policy::{PolicyError, PolicySpec};
 use self::report::{BenchReport, ReportError, SegmentReport};
 use self::virtual_time::{SimError, SimSetup};
 use self::workload::{
-    ChatShape, Ladder, MooncakeTrace, SharedPrefixShape, TraceReplay, Workload, WorkloadError,
+    ChatShape, Ladder, LoraShape, MooncakeTrace, SharedPrefixShape, TraceReplay, Workload,
+    WorkloadError,
 };
 use crate::trace::TraceRecord;
 
@@ -56,12 +57,16 @@ pub enum WorkloadKind {
     MooncakeConversation,
     /// W3: multi-turn chats over LooGLE documents with the real chat template.
     LoogleChat,
+    /// LoRA adapters of Zipf popularity (virtual time only; with --max-loras, and a config
+    /// with a `lora-blind` profile and `lora-affinity` in its default, as conf/bench/lora.yaml).
+    Lora,
 }
 
 impl WorkloadKind {
     fn default_policies(self) -> &'static [&'static str] {
         match self {
             Self::W1 => policy::W1_POLICIES,
+            Self::Lora => policy::LORA_POLICIES,
             _ => policy::SHORT_POLICIES,
         }
     }
@@ -123,6 +128,12 @@ pub struct BenchArgs {
     /// Use only the first N requests of a trace.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// LoRA workload: adapters.
+    #[arg(long, default_value_t = 32)]
+    pub adapters: u32,
+    /// LoRA workload: Zipf exponent of adapter popularity.
+    #[arg(long, default_value_t = 1.0)]
+    pub adapter_zipf: f64,
     /// W3: chat sessions started per second.
     #[arg(long, default_value_t = 0.5)]
     pub sessions_per_s: f64,
@@ -145,6 +156,10 @@ pub struct BenchArgs {
     /// fields, as `kvgate sim --pod-params` reads them), to re-calibrate.
     #[arg(long)]
     pub pod_params: Option<PathBuf>,
+    /// LoRA adapter slots per simulated pod (vLLM's `--max-loras`; default: the pod
+    /// parameters', where 0 leaves adapter slots unmodelled).
+    #[arg(long)]
+    pub max_loras: Option<u32>,
     /// KV blocks per pod (default: the model's podKvBlocks).
     #[arg(long)]
     pub pod_kv_blocks: Option<u32>,
@@ -277,6 +292,9 @@ fn load_context(args: &BenchArgs) -> Result<Context, BenchError> {
     if let Some(blocks) = args.pod_kv_blocks {
         pod_params.kv_blocks = blocks;
     }
+    if let Some(slots) = args.max_loras {
+        pod_params.max_loras = slots;
+    }
     let kv_tokens = u64::from(pod_params.kv_blocks) * u64::from(pod_params.block_size);
     let trace = !args.trace.is_empty()
         || matches!(
@@ -383,6 +401,22 @@ fn build_workload(args: &BenchArgs, ctx: &Context, live: bool) -> Result<Workloa
                 );
             }
             workload
+        }
+        WorkloadKind::Lora => {
+            if live {
+                return Err(BenchError::Usage(
+                    "the LoRA workload runs in virtual time only".into(),
+                ));
+            }
+            let base = LoraShape::standard();
+            let shape = LoraShape {
+                adapters: args.adapters,
+                zipf_s: args.adapter_zipf,
+                prefix_tokens: args.prefix_tokens.unwrap_or(base.prefix_tokens),
+                question_tokens: args.question_tokens.unwrap_or(base.question_tokens),
+                output_tokens: args.output_tokens.unwrap_or(base.output_tokens),
+            };
+            workload::lora_adapters(&shape, &ladder(args), &ctx.hasher, args.seed)?
         }
         WorkloadKind::LoogleChat => {
             let tokenizer = crate::tokenize::ModelTokenizer::for_model(&ctx.model)

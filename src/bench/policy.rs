@@ -73,6 +73,11 @@ pub const W1_POLICIES: &[&str] = &[
     "oracle",
 ];
 
+/// The LoRA workload's comparison: kv-cache and load without the `lora-affinity` scorer (the
+/// config's `lora-blind` profile), and precise routing with it (conf/bench/lora.yaml's
+/// default profile).
+pub const LORA_POLICIES: &[&str] = &["lora-blind", "precise"];
+
 /// The shorter comparison used for the control and the traces.
 pub const SHORT_POLICIES: &[&str] = &[
     "round-robin",

@@ -262,6 +262,15 @@ pub fn markdown(report: &BenchReport) -> String {
                 count(s.output_tokens_per_s)
             });
         }
+        let loads: Vec<String> = segment
+            .policies
+            .iter()
+            .filter(|p| p.summary.adapter_loads > 0)
+            .map(|p| format!("{} {}", p.summary.policy, p.summary.adapter_loads))
+            .collect();
+        if !loads.is_empty() {
+            let _ = writeln!(out, "LoRA adapter swap-ins: {}.\n", loads.join(", "));
+        }
         let failures: Vec<String> = segment
             .policies
             .iter()

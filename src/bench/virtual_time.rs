@@ -46,7 +46,7 @@ use super::workload::Segment;
 use crate::discovery::PodEndpoint;
 use crate::index::{BlockIndex, IndexConfig, PrefixMatch, ScopeId, Tier};
 use crate::plugins::{PluginContext, PluginError, RequestOutcome, SchedulingRequest};
-use crate::pods::{EventTrust, InFlight, Pod, PodId, PodSet, ScrapedLoad};
+use crate::pods::{EventTrust, InFlight, Pod, PodId, PodSet, ScrapedLoad, ScrapedLora};
 use crate::scheduler::Pipeline;
 use crate::sim::{
     EngineEvent, KvChange, ParamsError, PodEngine, PodParams, RequestId, SimRequest, StepOutput,
@@ -295,6 +295,7 @@ impl<'a> Run<'a> {
             request_id: &self.request_id,
             model: &self.setup.model,
             scope: self.setup.scope,
+            adapter: request.adapter.as_deref(),
             block_keys: &request.block_keys,
             block_size: self.setup.pod_params.block_size as usize,
             prompt_tokens: request.prompt_tokens as usize,
@@ -371,6 +372,7 @@ impl<'a> Run<'a> {
                     block_keys: Arc::clone(&request.block_keys),
                     prompt_tokens: request.prompt_tokens,
                     max_tokens: request.output_tokens,
+                    lora: request.adapter.clone(),
                 },
             )
             .map_err(|source| SimError::Submit {
@@ -644,10 +646,18 @@ impl<'a> Run<'a> {
                 waiting: f64::from(metrics.waiting),
                 kv_usage: metrics.kv_cache_usage,
             };
+            let lora = sim.engine.lora_info().map(|info| ScrapedLora {
+                running: info.running.iter().map(|a| a.to_string()).collect(),
+                waiting: info.waiting.iter().map(|a| a.to_string()).collect(),
+                max_lora: info.max_loras,
+            });
             let mut in_flight = 0u32;
             for replica in &self.replicas {
                 if let Some(pod) = replica.pods.pods.get(i) {
                     pod.set_scraped(load);
+                    if let Some(lora) = &lora {
+                        pod.set_scraped_lora(pod.cache_epoch(), lora.clone());
+                    }
                     in_flight += pod.in_flight();
                 }
             }
@@ -851,6 +861,7 @@ pub fn simulate(
     let stats = run.replicas[0].index.stats();
     let mut data = run.data;
     data.index_blocks = stats.blocks;
+    data.adapter_loads = run.pods.iter().map(|p| p.engine.metrics().lora_loads).sum();
     data.index_bytes = stats.bytes;
     data.span_s = now_ms / 1e3;
     data.wall_s = wall.elapsed().as_secs_f64();
@@ -875,6 +886,7 @@ mod tests {
                 follows: None,
                 live: None,
                 replica: None,
+                adapter: None,
             })
             .collect();
         Segment {

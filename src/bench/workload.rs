@@ -10,6 +10,9 @@
 //! * **Mooncake** (FAST'25 traces): each 512-token `hash_id` expands deterministically to
 //!   the same 512 token ids wherever it appears; the last block is cut to `input_length`.
 //!   Replayed at their timestamps divided by a speed-up.
+//! * **LoRA adapters**: requests for adapters of Zipf popularity, each adapter with its own
+//!   system prompt (hashed with the adapter, as vLLM keys an adapter's blocks) and a fresh
+//!   question per request, Poisson arrivals over a QPS ladder. Virtual time only.
 //! * **LooGLE multi-turn** (W3): chats over shared long documents through the model's real
 //!   chat template and tokenizer, each turn sent after the previous answer plus think time.
 
@@ -22,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::hash::{BlockHash, BlockHasher, ExtraKeys};
+use crate::hash::{BlockHash, BlockHasher, ExtraKeys, LoraKey};
 use crate::tokenize::{self, Endpoint, ModelTokenizer, TokenizeError};
 use crate::trace::{TraceRecord, MOONCAKE_BLOCK_TOKENS};
 
@@ -107,6 +110,8 @@ pub struct BenchRequest {
     /// A recorded trace's gateway replica that handled it, numbered from 0 in order of
     /// first appearance.
     pub replica: Option<u32>,
+    /// The LoRA adapter it runs with (its block keys are hashed with it).
+    pub adapter: Option<Arc<str>>,
 }
 
 /// A load step: requests arriving in `[start_ms, end_ms)` were offered at `offered_qps`.
@@ -312,6 +317,21 @@ fn push_random_tokens(seed: u64, count: usize, out: &mut Vec<u32>) {
     out.extend((0..count).map(|_| rng.random_range(SYNTHETIC_TOKENS)));
 }
 
+/// `count` prompts of `tokens` random tokens each, prompt `i` from the seed's `stream`.
+fn random_prefixes(seed: u64, stream: &str, count: u32, tokens: u32) -> Vec<Vec<u32>> {
+    (0..count)
+        .map(|i| {
+            let mut prefix = Vec::with_capacity(tokens as usize);
+            push_random_tokens(
+                sub_seed(seed, stream, u64::from(i)),
+                tokens as usize,
+                &mut prefix,
+            );
+            prefix
+        })
+        .collect()
+}
+
 /// Hashes whole prompts into block keys, reusing its buffer.
 pub struct PromptHasher<'a> {
     hasher: &'a BlockHasher,
@@ -376,17 +396,7 @@ pub fn shared_prefix(
     let mut rng = StdRng::seed_from_u64(sub_seed(seed, "arrivals", 0));
     let arrivals = ladder_arrivals(&stages, &mut rng);
     let mut prompt_hasher = PromptHasher::new(hasher);
-    let prefixes: Vec<Vec<u32>> = (0..shape.groups)
-        .map(|g| {
-            let mut tokens = Vec::with_capacity(shape.prefix_tokens as usize);
-            push_random_tokens(
-                sub_seed(seed, "prefix", u64::from(g)),
-                shape.prefix_tokens as usize,
-                &mut tokens,
-            );
-            tokens
-        })
-        .collect();
+    let prefixes = random_prefixes(seed, "prefix", shape.groups, shape.prefix_tokens);
     let build_prompt = |group: u32, question_seed: u64, hasher: &mut PromptHasher<'_>| {
         let mut tokens = Vec::with_capacity((shape.prefix_tokens + shape.question_tokens) as usize);
         tokens.extend_from_slice(&prefixes[group as usize]);
@@ -430,6 +440,7 @@ pub fn shared_prefix(
             follows: None,
             live: live_prompt,
             replica: None,
+            adapter: None,
         });
     }
     let block_size = hasher.settings().block_size;
@@ -474,6 +485,143 @@ fn ladder_text(ladder: &Ladder) -> String {
         Some((qps, seconds)) => format!("(warm-up {qps}×{seconds}s) {}", steps.join(", ")),
         None => steps.join(", "),
     }
+}
+
+/// Shape of the LoRA workload.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraShape {
+    pub adapters: u32,
+    /// Zipf exponent of adapter popularity: adapter k (from 1) is asked for ∝ 1 / k^s.
+    pub zipf_s: f64,
+    /// Tokens of each adapter's system prompt.
+    pub prefix_tokens: u32,
+    /// Tokens of each request's own question.
+    pub question_tokens: u32,
+    pub output_tokens: u32,
+}
+
+impl LoraShape {
+    /// 32 adapters, Zipf 1, 1,000-token system prompts, 500-token questions, 200 output tokens.
+    pub fn standard() -> Self {
+        Self {
+            adapters: 32,
+            zipf_s: 1.0,
+            prefix_tokens: 1_000,
+            question_tokens: 500,
+            output_tokens: 200,
+        }
+    }
+
+    fn validate(&self) -> Result<(), WorkloadError> {
+        let bad = |name, rule, value: String| Err(WorkloadError::Param { name, rule, value });
+        if self.adapters == 0 {
+            return bad("adapters", "at least 1", "0".into());
+        }
+        if self.output_tokens == 0 {
+            return bad("output tokens", "at least 1", "0".into());
+        }
+        if self.prefix_tokens + self.question_tokens == 0 {
+            return bad("prefix + question tokens", "at least 1", "0".into());
+        }
+        if !(self.zipf_s.is_finite() && self.zipf_s >= 0.0) {
+            return bad(
+                "zipf exponent",
+                "a finite number ≥ 0",
+                self.zipf_s.to_string(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The adapter name of index `k` in a LoRA workload.
+pub fn adapter_name(k: u32) -> String {
+    format!("adapter-{k:02}")
+}
+
+/// The LoRA workload: each request picks an adapter by Zipf popularity, then sends that
+/// adapter's system prompt followed by a fresh question.
+pub fn lora_adapters(
+    shape: &LoraShape,
+    ladder: &Ladder,
+    hasher: &BlockHasher,
+    seed: u64,
+) -> Result<Workload, WorkloadError> {
+    shape.validate()?;
+    ladder.validate()?;
+    let stages = ladder.stages();
+    let mut rng = StdRng::seed_from_u64(sub_seed(seed, "arrivals", 0));
+    let arrivals = ladder_arrivals(&stages, &mut rng);
+    let names: Vec<Arc<str>> = (0..shape.adapters)
+        .map(|k| Arc::from(adapter_name(k)))
+        .collect();
+    let mut cumulative = Vec::with_capacity(names.len());
+    let mut total = 0.0;
+    for k in 0..shape.adapters {
+        total += 1.0 / f64::from(k + 1).powf(shape.zipf_s);
+        cumulative.push(total);
+    }
+    let prefixes = random_prefixes(seed, "adapter-prefix", shape.adapters, shape.prefix_tokens);
+    let prompt_tokens = shape.prefix_tokens + shape.question_tokens;
+    let mut tokens = Vec::with_capacity(prompt_tokens as usize);
+    let mut hashes = Vec::new();
+    let mut requests = Vec::with_capacity(arrivals.len());
+    for (n, (arrival_ms, stage)) in arrivals.into_iter().enumerate() {
+        let draw = rng.random::<f64>() * total;
+        let k = cumulative
+            .partition_point(|&upto| upto <= draw)
+            .min(names.len() - 1);
+        tokens.clear();
+        tokens.extend_from_slice(&prefixes[k]);
+        push_random_tokens(
+            sub_seed(seed, "adapter-question", n as u64),
+            shape.question_tokens as usize,
+            &mut tokens,
+        );
+        let extra = ExtraKeys {
+            lora: Some(LoraKey {
+                name: names[k].to_string(),
+                int_id: i64::from(count_u32(k) + 1),
+                path: format!("/adapters/{}", names[k]),
+            }),
+            cache_salt: None,
+        };
+        hashes.clear();
+        hasher.hash_prompt(&tokens, &extra, &mut hashes);
+        requests.push(BenchRequest {
+            arrival_ms,
+            stage,
+            block_keys: hashes.iter().map(|h| h.key).collect(),
+            prompt_tokens,
+            output_tokens: shape.output_tokens,
+            follows: None,
+            live: None,
+            replica: None,
+            adapter: Some(Arc::clone(&names[k])),
+        });
+    }
+    let block_size = hasher.settings().block_size;
+    let pooled_hit_ceiling = pooled_hit_ceiling(&requests, &stages, block_size);
+    let description = format!(
+        "{} LoRA adapters of Zipf({}) popularity, each a {}-token system prompt; fresh {}-token questions, {} output tokens, Poisson ladder {}",
+        shape.adapters,
+        shape.zipf_s,
+        shape.prefix_tokens,
+        shape.question_tokens,
+        shape.output_tokens,
+        ladder_text(ladder),
+    );
+    Ok(Workload {
+        name: "lora".into(),
+        description,
+        segments: vec![Segment {
+            label: "ladder".into(),
+            stages,
+            requests,
+            pooled_hit_ceiling,
+        }],
+    })
 }
 
 /// Which Mooncake trace.
@@ -715,6 +863,7 @@ pub fn trace_workload(
                     follows: None,
                     live: live_prompt.clone(),
                     replica: *replica,
+                    adapter: None,
                 }
             })
             .collect();
@@ -1095,6 +1244,7 @@ pub fn loogle_chats(
                 }),
                 live: live.then(|| Arc::new(LivePrompt::Chat(serde_json::json!(messages)))),
                 replica: None,
+                adapter: None,
             });
             previous = Some(index);
             let reply = reply_text(
@@ -1284,6 +1434,7 @@ mod tests {
             follows: None,
             live: None,
             replica: None,
+            adapter: None,
         };
         let requests = [request(&[1, 2], 128), request(&[1, 2], 128)];
         assert_eq!(pooled_hit_ceiling(&requests, &[], 64), 64.0 / 256.0);

@@ -200,6 +200,7 @@ impl TrafficPoliciesConfig {
                 .pod_kv_blocks
                 .unwrap_or_else(crate::config::default_pod_kv_blocks),
             lora_adapters: model.lora_adapters.clone(),
+            adapter_splits: std::collections::BTreeMap::new(),
             profile: profile.clone(),
             discovery: DiscoveryConfig::Kubernetes(KubeDiscoveryConfig {
                 namespace: self.namespace.clone(),

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
 
+use super::split::AdapterSplit;
 use crate::config::{Config, ModelConfig};
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, IndexConfig, IndexTargets, ScopeId};
@@ -60,6 +61,8 @@ pub struct Route {
 pub struct GatewayState {
     pub config: Arc<Config>,
     routes: HashMap<String, Route>,
+    /// Canary splits by the name clients send.
+    splits: HashMap<String, AdapterSplit>,
     /// `GET /v1/models`, rendered once per config.
     models_json: Bytes,
 }
@@ -68,6 +71,11 @@ impl GatewayState {
     /// The route for a requested `model` (served name or adapter name).
     pub fn route(&self, requested: &str) -> Option<&Route> {
         self.routes.get(requested)
+    }
+
+    /// The canary split a requested `model` names, if any.
+    pub fn split(&self, requested: &str) -> Option<&AdapterSplit> {
+        self.splits.get(requested)
     }
 
     /// The only base model, when exactly one is configured (used for requests that name none).
@@ -183,7 +191,11 @@ fn build_state(
     targets: &Arc<IndexTargets>,
 ) -> Result<GatewayState, GatewayError> {
     let mut routes = HashMap::new();
+    let mut splits = HashMap::new();
     for model in &config.models {
+        for (name, targets) in &model.adapter_splits {
+            splits.insert(name.clone(), AdapterSplit::new(targets));
+        }
         let runtime = Arc::new(build_model(&config, model, index, targets)?);
         routes.insert(
             model.name.clone(),
@@ -208,6 +220,7 @@ fn build_state(
     Ok(GatewayState {
         config: Arc::new(config),
         routes,
+        splits,
         models_json,
     })
 }

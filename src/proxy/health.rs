@@ -22,7 +22,7 @@ use pingora::services::ServiceReadyNotifier;
 use tokio::time::Instant;
 
 use super::gateway::Gateway;
-use crate::pods::{Pod, PodId, ScrapedLoad};
+use crate::pods::{Pod, PodId, ScrapedLoad, ScrapedLora};
 
 /// Upper bound on one probe, whatever the interval.
 const MAX_PROBE_TIME: Duration = Duration::from_secs(5);
@@ -135,6 +135,8 @@ impl HealthChecker {
     }
 
     async fn scrape_pod(&self, pod: &Pod, timeout: Duration) {
+        // What the page says about adapters describes the process that answered it.
+        let epoch = pod.cache_epoch();
         let url = format!("http://{}/metrics", pod.addr());
         let sent = self.client.get(&url).timeout(timeout).send().await;
         observe_connection(pod, sent.as_ref().err());
@@ -147,10 +149,15 @@ impl HealthChecker {
             Err(error) => Err(error),
         };
         match text {
-            Ok(text) => match parse_vllm_load(&text) {
-                Some(load) => pod.set_scraped(load),
-                None => tracing::debug!(pod = %pod.addr(), "no vLLM load metrics in /metrics"),
-            },
+            Ok(text) => {
+                match parse_vllm_load(&text) {
+                    Some(load) => pod.set_scraped(load),
+                    None => tracing::debug!(pod = %pod.addr(), "no vLLM load metrics in /metrics"),
+                }
+                if let Some(lora) = parse_lora_info(&text) {
+                    pod.set_scraped_lora(epoch, lora);
+                }
+            }
             Err(error) => tracing::debug!(pod = %pod.addr(), %error, "metrics scrape failed"),
         }
     }
@@ -250,6 +257,78 @@ pub fn parse_vllm_load(text: &str) -> Option<ScrapedLoad> {
     seen.then_some(load)
 }
 
+const LORA_INFO: &str = "vllm:lora_requests_info";
+
+/// Reads vLLM's `vllm:lora_requests_info`. vLLM sets a new series (its labels: the running
+/// and waiting adapters, comma-separated, and `max_lora`) to the current time on every
+/// state change and keeps the old ones, so the series with the highest value is the
+/// current state. `None` when the page has no such series (LoRA is off on the pod).
+pub fn parse_lora_info(text: &str) -> Option<ScrapedLora> {
+    let mut latest: Option<(f64, &str)> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix(LORA_INFO) else {
+            continue;
+        };
+        if !rest.starts_with('{') {
+            continue;
+        }
+        let Some((_, value)) = split_sample(line) else {
+            continue;
+        };
+        if latest.is_none_or(|(best, _)| value > best) {
+            latest = Some((value, rest));
+        }
+    }
+    let (_, sample) = latest?;
+    let mut lora = ScrapedLora::default();
+    for (name, value) in labels(sample)? {
+        let names = || {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        match name {
+            "running_lora_adapters" => lora.running = names(),
+            "waiting_lora_adapters" => lora.waiting = names(),
+            "max_lora" => lora.max_lora = value.trim().parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(lora)
+}
+
+/// The labels of `{name="value",...} ...` as (name, unescaped value) pairs; `None` when
+/// the block is malformed.
+fn labels(block: &str) -> Option<Vec<(&str, String)>> {
+    let mut rest = block.strip_prefix('{')?;
+    let mut out = Vec::new();
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        if rest.starts_with('}') {
+            return Some(out);
+        }
+        let (name, after) = rest.split_once('=')?;
+        let mut chars = after.strip_prefix('"')?.char_indices();
+        let mut value = String::new();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        out.push((name.trim(), value));
+        rest = &after[end + 2..];
+    }
+}
+
 /// `name{labels} value [timestamp]` → (name, value). Label values may hold spaces and
 /// escaped quotes, so the label block is skipped quote-aware.
 fn split_sample(line: &str) -> Option<(&str, f64)> {
@@ -304,6 +383,36 @@ vllm:prompt_tokens_total{model_name="m"} 12345.0
                 waiting: 4.0,
                 kv_usage: 0.5
             })
+        );
+    }
+
+    #[test]
+    fn the_latest_lora_series_wins() {
+        let page = r#"
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql",waiting_lora_adapters=""} 1.7000000001e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql,chat",waiting_lora_adapters="a \"b\",c"} 1.7000000003e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.7000000002e+09
+vllm:num_requests_running{engine="0",model_name="m"} 1.0
+"#;
+        assert_eq!(
+            parse_lora_info(page),
+            Some(ScrapedLora {
+                running: vec!["sql".into(), "chat".into()],
+                waiting: vec!["a \"b\"".into(), "c".into()],
+                max_lora: 4,
+            })
+        );
+        assert_eq!(parse_lora_info("vllm:num_requests_running 1\n"), None);
+        assert_eq!(
+            parse_lora_info("vllm:lora_requests_info{max_lora=\"x\"} 1\n"),
+            None,
+            "a malformed slot count is no state"
+        );
+        assert_eq!(
+            parse_lora_info("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a\"\n"),
+            None
         );
     }
 

@@ -22,6 +22,9 @@ pub struct RequestCtx {
     path: String,
     /// `model` as the client sent it.
     pub model: Option<String>,
+    /// The adapter (or model) a canary split chose for `model`; it replaced `model` in the
+    /// forwarded body.
+    pub split_choice: Option<String>,
     /// The served base model it resolved to (differs for LoRA adapters).
     pub target_model: Option<String>,
     /// The pod that answered, or was tried last.
@@ -71,6 +74,7 @@ impl RequestCtx {
             path = %self.path,
             status,
             model = self.model.as_deref(),
+            split_choice = self.split_choice.as_deref(),
             target_model = self.target_model.as_deref(),
             endpoint = self.endpoint.map(tracing::field::display),
             policy = self.policy.as_deref(),

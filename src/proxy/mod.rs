@@ -14,6 +14,7 @@ mod health;
 mod limits;
 mod log;
 mod pipeline;
+mod split;
 mod usage;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::gateway::{GatewayState, Route};
 use super::log::RequestCtx;
+use super::split;
 use super::{KvGateProxy, REQUEST_ID_HEADER, SESSION_HEADER};
 use crate::hash::ExtraKeys;
 use crate::metrics::ClientWait;
@@ -90,6 +91,29 @@ fn model_field(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<ModelField>(body).ok()?.model
 }
 
+/// When `model` names a canary split: draws its target, which replaces `model` here and
+/// in the body the pod will receive.
+fn apply_split(
+    state: &GatewayState,
+    ctx: &mut RequestCtx,
+    model: &mut String,
+    body: &mut bytes::Bytes,
+) -> Result<(), ApiError> {
+    let Some(split) = state.split(model) else {
+        return Ok(());
+    };
+    let chosen = split.choose(rand::random::<f64>());
+    *body = split::replace_model(body, chosen).ok_or_else(|| {
+        ApiError::invalid_request(
+            "invalid_body",
+            "The body must be a JSON object with one `model` field.".into(),
+        )
+    })?;
+    *model = chosen.to_string();
+    ctx.split_choice = Some(chosen.to_string());
+    Ok(())
+}
+
 fn resolve<'a>(state: &'a GatewayState, model: &str) -> Result<&'a Route, ApiError> {
     state
         .route(model)
@@ -105,9 +129,9 @@ impl KvGateProxy {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let (body, _buffered) = self.read_body(session, &state).await?;
+        let (mut body, _buffered) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
-        let request = match tokenize::parse_request(endpoint, &body) {
+        let mut request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
             Err(error) if !request_is_faulty(&error) => {
                 // Valid for the pod, only not understood by the router (e.g. images).
@@ -120,6 +144,7 @@ impl KvGateProxy {
             Err(error) => return Err(ApiError::from(&error)),
         };
         ctx.model = Some(request.model.clone());
+        apply_split(&state, ctx, &mut request.model, &mut body)?;
         let route = resolve(&state, &request.model)?;
         let prompt = match route.model.tokenizer.tokens(&request) {
             Ok(tokens) => {
@@ -180,11 +205,13 @@ impl KvGateProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         state: &Arc<GatewayState>,
-        model: String,
+        mut model: String,
         routing_since: Instant,
         body: &bytes::Bytes,
     ) -> Result<(), ApiError> {
         ctx.model = Some(model.clone());
+        let mut body = body.clone();
+        apply_split(state, ctx, &mut model, &mut body)?;
         let route = resolve(state, &model)?;
         self.dispatch(
             session,
@@ -192,7 +219,7 @@ impl KvGateProxy {
             state,
             route,
             &Prompt::unknown(routing_since),
-            body,
+            &body,
         )
         .await
     }
@@ -241,6 +268,7 @@ impl KvGateProxy {
             request_id: &ctx.request_id,
             model: &runtime.name,
             scope: route.scope,
+            adapter: route.lora.as_ref().map(|lora| lora.name.as_str()),
             block_keys: &prompt.block_keys,
             block_size: runtime.block_size,
             prompt_tokens: prompt.tokens,

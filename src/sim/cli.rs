@@ -68,6 +68,13 @@ pub struct SimArgs {
     /// YAML file of PodParams overrides (camelCase keys, e.g. `kvBlocks`, `stepBaseMs`).
     #[arg(long)]
     pub pod_params: Option<PathBuf>,
+    /// LoRA adapter slots per pod (vLLM's `--max-loras`): adapters beyond them wait, and one
+    /// not loaded is swapped in first. Overrides `maxLoras` of --pod-params; 0: not modelled.
+    #[arg(long)]
+    pub max_loras: Option<u32>,
+    /// Milliseconds (simulated) to swap in an adapter. Overrides `loraLoadMs` of --pod-params.
+    #[arg(long)]
+    pub lora_load_ms: Option<f64>,
     /// Publish 64-bit int hashes (vLLM's default) or raw digests (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub int_hashes: bool,
@@ -160,7 +167,7 @@ fn pod_params(args: &SimArgs, model: &ModelConfig) -> Result<PodParams, SimError
         ..PodParams::default()
     };
     let block_size = base.block_size;
-    let params = match &args.pod_params {
+    let mut params: PodParams = match &args.pod_params {
         None => base,
         Some(path) => {
             let file_error = |message: String| SimError::PodParamsFile {
@@ -179,6 +186,12 @@ fn pod_params(args: &SimArgs, model: &ModelConfig) -> Result<PodParams, SimError
             serde_json::from_value(merged).map_err(|e| file_error(e.to_string()))?
         }
     };
+    if let Some(max_loras) = args.max_loras {
+        params.max_loras = max_loras;
+    }
+    if let Some(lora_load_ms) = args.lora_load_ms {
+        params.lora_load_ms = lora_load_ms;
+    }
     if params.block_size != block_size {
         return Err(SimError::Args(format!(
             "pod blockSize {} differs from the model's blockSize {block_size}: hashes would not match",

@@ -15,6 +15,14 @@
 //! rule), FCFS continuous batching under `max_num_seqs` and a shared token
 //! budget with chunked prefill, recompute preemption of the newest running
 //! request, and vLLM's block-pool events.
+//!
+//! LoRA adapters, when `maxLoras` is set: the GPU holds at most `maxLoras` adapters, kept
+//! as an LRU; a step whose batch uses an adapter not loaded first swaps it in
+//! (`loraLoadMs` each, stalling the whole step, as vLLM's worker loads adapters before the
+//! forward pass). Like vLLM v1's scheduler, a waiting request whose adapter would make the
+//! running batch use more than `maxLoras` distinct adapters is skipped, not blocking the
+//! requests behind it. One LRU stands for vLLM's GPU slots; its CPU adapter cache
+//! (`--max-cpu-loras`) is folded into `loraLoadMs`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -70,6 +78,11 @@ pub struct PodParams {
     pub decode_ms_per_seq: f64,
     /// HTTP, tokenization and scheduling before a request reaches the queue.
     pub request_overhead_ms: f64,
+    /// Adapter slots on the GPU (vLLM's `--max-loras`); 0: adapter slots are not modelled
+    /// (every adapter is always loaded).
+    pub max_loras: u32,
+    /// Time to swap in an adapter that is not loaded, added to the step that needs it.
+    pub lora_load_ms: f64,
 }
 
 impl Default for PodParams {
@@ -86,6 +99,8 @@ impl Default for PodParams {
             decode_ms_per_million_context_tokens: 42.0,
             decode_ms_per_seq: 0.02,
             request_overhead_ms: 80.0,
+            max_loras: 0,
+            lora_load_ms: 200.0,
         }
     }
 }
@@ -130,6 +145,7 @@ impl PodParams {
             ),
             ("decodeMsPerSeq", self.decode_ms_per_seq),
             ("requestOverheadMs", self.request_overhead_ms),
+            ("loraLoadMs", self.lora_load_ms),
         ] {
             if !value.is_finite() || value < 0.0 {
                 return Err(ParamsError::BadCost { field, value });
@@ -160,6 +176,8 @@ pub struct SimRequest {
     pub prompt_tokens: u32,
     /// Output tokens to generate (the request always runs to this length).
     pub max_tokens: u32,
+    /// The LoRA adapter it runs with, by name.
+    pub lora: Option<Arc<str>>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -318,6 +336,18 @@ pub struct PodMetrics {
     pub block_size: u32,
     /// `vllm:cache_config_info` `num_gpu_blocks`.
     pub num_gpu_blocks: u32,
+    /// Adapter swap-ins so far.
+    pub lora_loads: u64,
+}
+
+/// The adapters of the pod's requests, as `vllm:lora_requests_info` labels them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoraInfo {
+    /// Distinct adapters of running requests, sorted.
+    pub running: Vec<Arc<str>>,
+    /// Distinct adapters of waiting requests, sorted.
+    pub waiting: Vec<Arc<str>>,
+    pub max_loras: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -328,6 +358,7 @@ struct Counters {
     prompt_tokens: u64,
     generation_tokens: u64,
     finished_requests: u64,
+    lora_loads: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,6 +395,7 @@ struct Request {
     first_token_ms: Option<f64>,
     cached_tokens: Option<u32>,
     preemptions: u32,
+    lora: Option<Arc<str>>,
 }
 
 impl Request {
@@ -398,6 +430,10 @@ pub struct PodEngine {
     no_keys: Arc<[u64]>,
     busy_until_ms: f64,
     counters: Counters,
+    /// Adapters on the GPU, least recently used first (only with `max_loras` > 0).
+    loaded_loras: Vec<Arc<str>>,
+    /// Scratch: distinct adapters of the running batch while scheduling.
+    batch_loras: Vec<Arc<str>>,
 }
 
 impl PodEngine {
@@ -418,6 +454,8 @@ impl PodEngine {
             no_keys: Arc::from(Vec::new()),
             busy_until_ms: f64::NEG_INFINITY,
             counters: Counters::default(),
+            loaded_loras: Vec::new(),
+            batch_loras: Vec::new(),
         })
     }
 
@@ -433,6 +471,7 @@ impl PodEngine {
             block_keys,
             prompt_tokens,
             max_tokens,
+            lora,
         } = req;
         if self.by_id.contains_key(&id) {
             return Err(SubmitError::DuplicateId(id));
@@ -481,6 +520,7 @@ impl PodEngine {
             first_token_ms: None,
             cached_tokens: None,
             preemptions: 0,
+            lora,
         };
         let slot = match self.vacant.pop() {
             Some(slot) => {
@@ -539,7 +579,9 @@ impl PodEngine {
         if self.scheduled.is_empty() {
             return None;
         }
-        let batch = self.batch_stats();
+        let lora_loads = self.load_batch_loras();
+        let mut batch = self.batch_stats();
+        batch.duration_ms += f64::from(lora_loads) * self.params.lora_load_ms;
         let end_ms = start_ms + batch.duration_ms;
         self.busy_until_ms = end_ms;
         out.start_ms = start_ms;
@@ -580,7 +622,69 @@ impl PodEngine {
             finished_requests: self.counters.finished_requests,
             block_size: self.params.block_size,
             num_gpu_blocks: num_blocks,
+            lora_loads: self.counters.lora_loads,
         }
+    }
+
+    /// The adapters of running and waiting requests; `None` when adapter slots are not
+    /// modelled (`max_loras` 0).
+    pub fn lora_info(&self) -> Option<LoraInfo> {
+        if self.params.max_loras == 0 {
+            return None;
+        }
+        let names = |queue: &mut dyn Iterator<Item = &u32>| {
+            let mut names: Vec<Arc<str>> = queue
+                .filter_map(|&slot| self.requests[slot as usize].lora.clone())
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        Some(LoraInfo {
+            running: names(&mut self.running.iter()),
+            waiting: names(&mut self.waiting.iter()),
+            max_loras: self.params.max_loras,
+        })
+    }
+
+    /// Adapters loaded on the GPU, least recently used first.
+    pub fn loaded_loras(&self) -> &[Arc<str>] {
+        &self.loaded_loras
+    }
+
+    /// Swaps in the adapters of the running requests that are not loaded, evicting the
+    /// least recently used ones no running request needs, and marks theirs used.
+    /// Returns how many were swapped in.
+    fn load_batch_loras(&mut self) -> u32 {
+        if self.params.max_loras == 0 {
+            return 0;
+        }
+        let mut loads = 0;
+        // Every running request's adapter stays on the GPU, scheduled this step or not.
+        for &slot in &self.running {
+            let Some(lora) = &self.requests[slot as usize].lora else {
+                continue;
+            };
+            match self.loaded_loras.iter().position(|l| l == lora) {
+                Some(at) => {
+                    let used = self.loaded_loras.remove(at);
+                    self.loaded_loras.push(used);
+                }
+                None => {
+                    loads += 1;
+                    self.loaded_loras.push(Arc::clone(lora));
+                }
+            }
+        }
+        // The running requests use at most `max_loras` adapters (the scheduler skips the
+        // rest), and those were just moved to the back: evicting from the front spares them.
+        let excess = self
+            .loaded_loras
+            .len()
+            .saturating_sub(self.params.max_loras as usize);
+        self.loaded_loras.drain(..excess);
+        self.counters.lora_loads += u64::from(loads);
+        loads
     }
 
     /// How many leading `keys` are in the prefix cache right now (the oracle
@@ -689,7 +793,9 @@ impl PodEngine {
     }
 
     /// Admits waiting requests in FCFS order while the budget, `max_num_seqs`
-    /// and free KV allow; the first that does not fit blocks the rest.
+    /// and free KV allow; the first that does not fit blocks the rest. A request
+    /// whose adapter would exceed `max_loras` distinct adapters in the batch is
+    /// skipped and keeps its place.
     fn schedule_waiting(&mut self, budget: &mut u32, out: &mut StepOutput) {
         let Self {
             params,
@@ -700,14 +806,38 @@ impl PodEngine {
             scheduled,
             hit_scratch,
             counters,
+            batch_loras,
             ..
         } = self;
         let block_size = params.block_size;
+        let max_loras = params.max_loras as usize;
+        batch_loras.clear();
+        if max_loras > 0 {
+            for &slot in running.iter() {
+                if let Some(lora) = &requests[slot as usize].lora {
+                    if !batch_loras.contains(lora) {
+                        batch_loras.push(Arc::clone(lora));
+                    }
+                }
+            }
+        }
+        let mut position = 0;
         while *budget > 0 && count_u32(running.len()) < params.max_num_seqs {
-            let Some(&slot) = waiting.front() else {
+            let Some(&slot) = waiting.get(position) else {
                 break;
             };
             let request = &mut requests[slot as usize];
+            if max_loras > 0 {
+                if let Some(lora) = &request.lora {
+                    if !batch_loras.contains(lora) {
+                        if batch_loras.len() >= max_loras {
+                            position += 1;
+                            continue;
+                        }
+                        batch_loras.push(Arc::clone(lora));
+                    }
+                }
+            }
             let total = request.total_tokens();
             // vLLM always computes the last token: a fully cached prompt
             // still recomputes its last block.
@@ -752,7 +882,7 @@ impl PodEngine {
                 pool,
                 &mut out.kv_events,
             );
-            waiting.pop_front();
+            waiting.remove(position);
             running.push(slot);
             scheduled.push(Scheduled {
                 slot,
@@ -954,6 +1084,7 @@ mod tests {
             decode_ms_per_million_context_tokens: 0.0,
             decode_ms_per_seq: 0.0,
             request_overhead_ms: 0.0,
+            ..PodParams::default()
         }
     }
 
@@ -963,6 +1094,7 @@ mod tests {
             block_keys: Arc::from(keys),
             prompt_tokens,
             max_tokens,
+            lora: None,
         }
     }
 
@@ -1107,6 +1239,50 @@ mod tests {
         assert!(engine.is_idle());
         assert_eq!(engine.step(third, &mut out), None);
         assert_eq!(engine.next_wakeup(), None);
+    }
+
+    #[test]
+    fn adapters_beyond_the_slots_wait_and_missing_ones_cost_a_swap_in() {
+        let params = PodParams {
+            max_loras: 2,
+            lora_load_ms: 100.0,
+            ..tiny(64)
+        };
+        let mut engine = PodEngine::new(params).unwrap();
+        let names: Vec<Arc<str>> = ["a", "b", "c"].into_iter().map(Arc::from).collect();
+        for (id, lora) in [(1, 0), (2, 1), (3, 2), (4, 0)] {
+            let with_lora = SimRequest {
+                lora: Some(Arc::clone(&names[lora])),
+                ..request(id, &[], 4, 2)
+            };
+            engine.submit(0.0, with_lora).unwrap();
+        }
+        let mut out = StepOutput::default();
+        // "c" would be a third adapter: skipped, while request 4 behind it runs.
+        let first = engine.step(0.0, &mut out).unwrap();
+        assert_eq!(first, 1.0 + 12.0 + 2.0 * 100.0, "a and b swapped in");
+        assert_eq!(
+            engine.lora_info(),
+            Some(LoraInfo {
+                running: names[..2].to_vec(),
+                waiting: vec![Arc::clone(&names[2])],
+                max_loras: 2,
+            })
+        );
+        let second = engine.step(first, &mut out).unwrap();
+        assert_eq!(second, first + 1.0, "loaded adapters cost nothing");
+        let steps = run(&mut engine, second);
+        let done = summaries(&steps);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].id, RequestId(3));
+        assert_eq!(done[0].first_token_ms, second + 1.0 + 4.0 + 100.0);
+        // "b" was the least recently used: "c" took its slot.
+        assert_eq!(
+            engine.loaded_loras(),
+            [Arc::clone(&names[0]), Arc::clone(&names[2])]
+        );
+        assert_eq!(engine.metrics().lora_loads, 3);
+        assert_eq!(engine.lora_info().map(|i| i.running), Some(vec![]));
     }
 
     #[test]

@@ -174,11 +174,30 @@ pub enum PodError {
 #[serde(rename_all = "camelCase")]
 pub struct PodSnapshot {
     pub metrics: PodMetrics,
+    /// `vllm:lora_requests_info`: adapter slots and every adapter state seen so far, when
+    /// adapter slots are modelled.
+    pub lora: Option<(u32, Vec<LoraSeries>)>,
     pub paused: bool,
     /// Per-bucket (not cumulative) counts of [`TTFT_BUCKETS`], plus +Inf last.
     pub ttft_bucket_counts: Vec<u64>,
     /// Sum of the TTFTs, simulated seconds.
     pub ttft_sum_s: f64,
+}
+
+/// Series of `vllm:lora_requests_info` a pod keeps. vLLM keeps every one it ever set; the
+/// simulator drops the stalest past this, so a long run does not grow without bound.
+const LORA_SERIES_KEPT: usize = 64;
+
+/// One series of `vllm:lora_requests_info`: an adapter state and when it was last seen
+/// (vLLM sets the series of the current state to the current time).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSeries {
+    /// Adapters of running requests, comma-separated.
+    pub running: String,
+    /// Adapters of waiting requests, comma-separated.
+    pub waiting: String,
+    pub set_at_unix_s: f64,
 }
 
 #[derive(Debug)]
@@ -292,6 +311,7 @@ struct Driver {
     resumed_at_ms: f64,
     ttft_bucket_counts: Vec<u64>,
     ttft_sum_s: f64,
+    lora_series: Vec<LoraSeries>,
 }
 
 impl Driver {
@@ -316,6 +336,7 @@ impl Driver {
             resumed_at_ms: 0.0,
             ttft_bucket_counts: vec![0; TTFT_BUCKETS.len() + 1],
             ttft_sum_s: 0.0,
+            lora_series: Vec::new(),
         };
         (driver, handle)
     }
@@ -429,6 +450,41 @@ impl Driver {
         self.ttft_sum_s += ttft_s;
     }
 
+    /// Sets the series of the current adapter state to now, as vLLM does on every step,
+    /// and returns them all.
+    fn lora_snapshot(&mut self) -> Option<(u32, Vec<LoraSeries>)> {
+        let info = self.engine.lora_info()?;
+        let now = self.clock.unix_at(self.clock.now_ms());
+        let running = info.running.join(",");
+        let waiting = info.waiting.join(",");
+        match self
+            .lora_series
+            .iter_mut()
+            .find(|s| s.running == running && s.waiting == waiting)
+        {
+            Some(series) => series.set_at_unix_s = now,
+            None => {
+                if self.lora_series.len() >= LORA_SERIES_KEPT {
+                    if let Some(stalest) = self
+                        .lora_series
+                        .iter()
+                        .enumerate()
+                        .min_by(|a, b| a.1.set_at_unix_s.total_cmp(&b.1.set_at_unix_s))
+                        .map(|(i, _)| i)
+                    {
+                        self.lora_series.swap_remove(stalest);
+                    }
+                }
+                self.lora_series.push(LoraSeries {
+                    running,
+                    waiting,
+                    set_at_unix_s: now,
+                });
+            }
+        }
+        Some((info.max_loras, self.lora_series.clone()))
+    }
+
     fn on_command(&mut self, command: PodCommand) {
         self.stalled_until_ms = None;
         match command {
@@ -443,6 +499,7 @@ impl Driver {
                     block_keys: request.hashes.iter().map(|hash| hash.key).collect(),
                     prompt_tokens: u32::try_from(request.tokens.len()).unwrap_or(u32::MAX),
                     max_tokens: request.max_tokens,
+                    lora: request.lora.as_ref().map(|lora| Arc::clone(&lora.name)),
                 };
                 let result = self.engine.submit(self.clock.now_ms(), sim_request);
                 if result.is_ok() {
@@ -457,8 +514,10 @@ impl Driver {
                 }
             }
             PodCommand::Snapshot(reply) => {
+                let lora = self.lora_snapshot();
                 let _ = reply.send(PodSnapshot {
                     metrics: self.engine.metrics(),
+                    lora,
                     paused: self.paused,
                     ttft_bucket_counts: self.ttft_bucket_counts.clone(),
                     ttft_sum_s: self.ttft_sum_s,
@@ -1191,6 +1250,7 @@ mod tests {
             decode_ms_per_million_context_tokens: 0.0,
             decode_ms_per_seq: 0.0,
             request_overhead_ms: 5.0,
+            ..PodParams::default()
         }
     }
 

@@ -849,6 +849,21 @@ async fn metrics(State(pod): State<Arc<PodContext>>) -> Response {
     let _ = writeln!(text, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}.0");
     let _ = writeln!(text, "{name}_sum{{{labels}}} {:?}", snapshot.ttft_sum_s);
     let _ = writeln!(text, "{name}_count{{{labels}}} {total}.0");
+    if let Some((max_loras, series)) = &snapshot.lora {
+        // As vLLM's Prometheus logger: no engine or model label, one series per state.
+        let name = "vllm:lora_requests_info";
+        let _ = writeln!(text, "# HELP {name} Running stats on lora requests.");
+        let _ = writeln!(text, "# TYPE {name} gauge");
+        for s in series {
+            let _ = writeln!(
+                text,
+                "{name}{{max_lora=\"{max_loras}\",waiting_lora_adapters=\"{}\",running_lora_adapters=\"{}\"}} {:?}",
+                escape_label(&s.waiting),
+                escape_label(&s.running),
+                s.set_at_unix_s
+            );
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -117,6 +117,7 @@ pub fn closed_loop(params: PodParams, cfg: &ClosedLoop) -> Run {
                 block_keys,
                 prompt_tokens,
                 max_tokens: cfg.output_tokens,
+                lora: None,
             };
             engine.submit(send_at, request).unwrap();
             owner.insert(RequestId(next_id), client);

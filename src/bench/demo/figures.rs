@@ -447,6 +447,7 @@ mod tests {
                     follows: None,
                     live: None,
                     replica: None,
+                    adapter: None,
                 })
                 .collect(),
             pooled_hit_ceiling: 0.0,
