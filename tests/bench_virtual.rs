@@ -398,8 +398,8 @@ fn the_benchmark_configs_readme_names_exist_and_run() {
     }
 }
 
-/// `--workload flow` at a tiny size, one pod that conf/bench/flow.yaml's
-/// `inFlightRequests` saturates: the interactive tenant alone, both tenants without and
+/// `--workload flow` at a tiny size, one pod that 200 QPS of batch takes past
+/// conf/bench/flow.yaml's `inFlightRequests`: the interactive tenant alone, both tenants without and
 /// with flow control. Nothing is lost; with flow control the batch tenant waits and the
 /// Critical one goes first; the report is written.
 #[test]
@@ -419,7 +419,7 @@ fn flow_control_runs_two_tenants_with_and_without_queueing() {
         "--output-tokens",
         "64",
         "--qps",
-        "2,60",
+        "2,200",
         "--duration",
         "10",
     ]
