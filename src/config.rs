@@ -511,6 +511,9 @@ pub struct ModelConfig {
     #[serde(default = "default_profile_name")]
     pub profile: String,
     pub discovery: DiscoveryConfig,
+    /// Queueing in kvgate while the model's pods are saturated (`crate::flow`); off when absent.
+    #[serde(default)]
+    pub flow_control: Option<crate::flow::FlowConfig>,
 }
 
 /// vLLM's `--chat-template-content-format`.
@@ -719,6 +722,9 @@ impl Config {
             }
             crate::hash::BlockHasher::new(&model.hash_settings())
                 .map_err(|e| err(e.to_string()))?;
+            if let Some(flow) = &model.flow_control {
+                flow.validate().map_err(err)?;
+            }
         }
         for (name, profile) in &self.profiles {
             if profile

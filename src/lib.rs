@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod events;
+pub mod flow;
 pub mod hash;
 pub mod index;
 pub mod inspect;

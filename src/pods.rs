@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::discovery::PodEndpoint;
 
@@ -143,6 +143,9 @@ pub struct Pod {
     in_flight_change_since_scrape: AtomicI32,
     /// Prefill rate in tokens/s (f64 bits) learned from the current process; 0 = not learned yet.
     prefill_rate_bits: AtomicU64,
+    /// Signalled when the pod may take more: a request ended, a scrape, a passed health
+    /// check (flow control dispatches waiting requests on it).
+    load_eased: Arc<Notify>,
 }
 
 impl Pod {
@@ -163,7 +166,14 @@ impl Pod {
             scraped_lora: ArcSwapOption::empty(),
             in_flight_change_since_scrape: AtomicI32::new(0),
             prefill_rate_bits: AtomicU64::new(0),
+            load_eased: Arc::default(),
         }
+    }
+
+    /// Signals `load_eased` (shared by a registry's pods) when the pod may take more.
+    pub fn signalling(mut self, load_eased: Arc<Notify>) -> Self {
+        self.load_eased = load_eased;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -263,6 +273,7 @@ impl Pod {
         self.in_flight_change_since_scrape
             .store(0, Ordering::Relaxed);
         self.scraped.store(Arc::new(load));
+        self.load_eased.notify_one();
     }
 
     /// The pod's LoRA adapter state from its last scrape, while it describes the current
@@ -310,6 +321,7 @@ impl Pod {
         self.health_ok.store(ok as u8, Ordering::Relaxed);
         if ok {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.load_eased.notify_one();
         }
     }
 
@@ -377,6 +389,7 @@ impl Drop for InFlight {
         self.pod
             .in_flight_change_since_scrape
             .fetch_sub(1, Ordering::Relaxed);
+        self.pod.load_eased.notify_one();
     }
 }
 
@@ -408,6 +421,8 @@ pub struct PodRegistry {
     write: Mutex<()>,
     /// Bumped after every snapshot that added or removed a pod.
     generation: watch::Sender<u64>,
+    /// Every pod's `load_eased`.
+    load_eased: Arc<Notify>,
 }
 
 impl PodRegistry {
@@ -427,6 +442,7 @@ impl PodRegistry {
             next_id: AtomicU32::new(0),
             write: Mutex::new(()),
             generation: watch::Sender::new(0),
+            load_eased: Arc::default(),
         }
     }
 
@@ -436,6 +452,12 @@ impl PodRegistry {
     /// slowly it is read.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Signalled whenever one of the pods may take more load (see `Pod::signalling`). One
+    /// waiter consumes it: a signal sent while nobody waits is kept for the next wait.
+    pub fn load_eased(&self) -> Arc<Notify> {
+        Arc::clone(&self.load_eased)
     }
 
     /// An id that no pod will ever get, for block-index targets that are not pods
@@ -494,10 +516,13 @@ impl PodRegistry {
             match current.pods.iter().find(|p| p.endpoint.key == endpoint.key) {
                 Some(existing) if existing.endpoint == *endpoint => pods.push(Arc::clone(existing)),
                 _ => {
-                    let pod = Arc::new(Pod::new(
-                        self.next_id.fetch_add(1, Ordering::Relaxed),
-                        endpoint.clone(),
-                    ));
+                    let pod = Arc::new(
+                        Pod::new(
+                            self.next_id.fetch_add(1, Ordering::Relaxed),
+                            endpoint.clone(),
+                        )
+                        .signalling(Arc::clone(&self.load_eased)),
+                    );
                     changes.added.push(Arc::clone(&pod));
                     pods.push(pod);
                 }

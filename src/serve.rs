@@ -196,6 +196,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         HealthChecker::new(Arc::clone(&gateway)),
     ));
     health_handle.add_dependency(&discovery_handle);
+    server.add_service(shared_service("flow dispatch", &gateway.flow));
     let admin_bound = Arc::new(OnceLock::new());
     let admin_handle = server.add_service(AdminEndpoint {
         addr: admin,

@@ -394,9 +394,19 @@ fn the_cli_says_each_step_on_stderr() {
     assert!(stderr.contains("wrote "), "{stderr}");
 }
 
+/// A W1 shape small enough for a debug build: 6 groups of 512-token prefixes, 64-token questions.
+const TINY_SHAPE: [&str; 6] = [
+    "--groups",
+    "6",
+    "--prefix-tokens",
+    "512",
+    "--question-tokens",
+    "64",
+];
+
 /// The configs README's benchmark figures name (`--config conf/bench/...`): every one it
 /// names is there and every one there is named; each keeps conf/kvgate.yaml's model and
-/// changes its default (precise) profile; a small run goes through with each.
+/// changes its default (precise) profile or adds flow control; a small run goes through with each.
 #[test]
 fn the_benchmark_configs_readme_names_exist_and_run() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -442,10 +452,11 @@ fn the_benchmark_configs_readme_names_exist_and_run() {
                 "{path}: {profile}"
             );
         }
-        assert_ne!(
-            format!("{:?}", config.profiles.get("default")),
-            format!("{:?}", shipped.profiles.get("default")),
-            "{path} leaves the precise profile as it is"
+        assert!(
+            format!("{:?}", config.profiles.get("default"))
+                != format!("{:?}", shipped.profiles.get("default"))
+                || model.flow_control.is_some(),
+            "{path} leaves the precise profile as it is and adds no flow control"
         );
 
         let out = tempfile::tempdir().expect("temp dir");
@@ -459,12 +470,6 @@ fn the_benchmark_configs_readme_names_exist_and_run() {
             "w1",
             "--pods",
             "2",
-            "--groups",
-            "6",
-            "--prefix-tokens",
-            "512",
-            "--question-tokens",
-            "64",
             "--output-tokens",
             "8",
             "--qps",
@@ -475,10 +480,74 @@ fn the_benchmark_configs_readme_names_exist_and_run() {
             "0",
             "--policies",
             "precise,precise-x2",
-        ];
+        ]
+        .into_iter()
+        .chain(TINY_SHAPE);
         let mut args = Cli::try_parse_from(argv).expect("valid options").bench;
         args.out = out.path().to_path_buf();
         let report = bench::evaluate(&args).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert!(!report.segments.is_empty(), "{path}");
     }
+}
+
+/// `--workload flow` at a tiny size, one pod that 200 QPS of batch takes past
+/// conf/bench/flow.yaml's `inFlightRequests`: the interactive tenant alone, both tenants without and
+/// with flow control. Nothing is lost; with flow control the batch tenant waits and the
+/// Critical one goes first; the report is written.
+#[test]
+fn flow_control_runs_two_tenants_with_and_without_queueing() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("conf/bench/flow.yaml");
+    let out = tempfile::tempdir().expect("temp dir");
+    let argv = [
+        "kvgate-bench",
+        "--config",
+        config.to_str().expect("path"),
+        "--quiet",
+        "--workload",
+        "flow",
+        "--pods",
+        "1",
+        "--output-tokens",
+        "64",
+        "--qps",
+        "2,200",
+        "--duration",
+        "10",
+    ]
+    .into_iter()
+    .chain(TINY_SHAPE);
+    let mut args = Cli::try_parse_from(argv).expect("valid options").bench;
+    args.out = out.path().to_path_buf();
+    let report = bench::flow::run(&args).expect("flow bench runs");
+    assert_eq!(report.runs.len(), 3);
+    for run in &report.runs {
+        assert_eq!(
+            run.lost, 0,
+            "{}: every request served or refused",
+            run.label
+        );
+        assert!(run.goodput_tokens_per_s > 0.0, "{}", run.label);
+    }
+    assert_eq!(report.runs[0].tenants.len(), 1, "interactive alone");
+    let interactive = &report.runs[2].tenants[0];
+    assert_eq!(interactive.tenant, "interactive");
+    assert!(
+        interactive.refused.is_empty(),
+        "Critical is never refused here"
+    );
+    let p90 = |run: usize, tenant: usize| {
+        report.runs[run].tenants[tenant]
+            .ttft_p90_s
+            .expect("served requests")
+    };
+    assert!(
+        p90(2, 1) > p90(1, 1),
+        "batch waits in kvgate with flow control"
+    );
+    assert!(p90(2, 0) < p90(2, 1), "Critical is dispatched first");
+    assert!(report.interactive_p90_ratio.is_some());
+    let json = std::fs::read_to_string(out.path().join("flow.json")).expect("flow.json");
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(parsed["runs"].as_array().map(Vec::len), Some(3));
 }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvgate::metrics::flow::{QueueOutcome, ShedReason};
 use kvgate::metrics::relay::SnapshotResult;
 use kvgate::metrics::{
     AdminError, AdminListener, AdminState, IndexSample, Metrics, PodLoad, RequestRecord,
@@ -90,6 +91,15 @@ fn record_known_traffic(m: &Metrics) {
     for _ in 0..4 {
         m.decision_latency(Duration::from_micros(40));
     }
+    // Flow control: two waiting at priority 1, one dispatched after 0.2 s, two shed.
+    m.flow.queue_depth("qwen3", 1, 2);
+    m.flow.waited(
+        "qwen3",
+        QueueOutcome::Dispatched,
+        Duration::from_millis(200),
+    );
+    m.flow.shed("qwen3", ShedReason::Sheddable);
+    m.flow.shed("qwen3", ShedReason::Deadline);
     m.decision_latency(Duration::from_millis(2));
     m.event_batch(addr(POD_A), 10);
     m.event_batch(addr(POD_A), 10);
@@ -454,6 +464,9 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         ),
         ("kvgate_traffic_policy_applied{policy=\"inference-policy\"}".into(), 1.0),
         ("kvgate_traffic_policy_applied{policy=\"estimation-policy\"}".into(), 0.0),
+        ("kvgate_flow_queue_depth{model=\"qwen3\",priority=\"1\"}".into(), 2.0),
+        ("sum(kvgate_flow_queue_wait_seconds_count)".into(), 1.0),
+        ("sum(kvgate_flow_shed_total)".into(), 2.0),
         ("sum(kvgate_relay_peer_up)".into(), 1.0),
         ("kvgate_relay_subscribers".into(), 2.0),
         ("kvgate_relay_batches_sent_total".into(), 3.0),
@@ -510,6 +523,12 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
                 m.relay.received(Some(Duration::from_micros(100 + i % 900)));
                 m.relay.snapshot(SnapshotResult::Applied);
                 m.relay.rejected("slow");
+                m.flow.waited(
+                    "qwen3",
+                    QueueOutcome::Dispatched,
+                    Duration::from_millis(5 + i % 500),
+                );
+                m.flow.shed("qwen3", ShedReason::QueueFull);
                 m.decision_latency(Duration::from_micros(20 + i % 200));
                 m.index_stats(IndexSample {
                     entries: 1000 + i,

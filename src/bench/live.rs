@@ -268,6 +268,7 @@ impl RunState<'_> {
                 let last = streamed.last_token.unwrap_or(first);
                 let tokens = streamed.completion_tokens.unwrap_or(streamed.tokens);
                 self.records.lock().push(RequestRecord {
+                    request: u32::try_from(index).unwrap_or(u32::MAX),
                     stage: request.stage,
                     pod: u32::MAX,
                     ttft_ms: ms(first - sent),

@@ -4,10 +4,13 @@
 use serde::Serialize;
 
 use super::workload::Stage;
+use crate::metrics::flow::ShedReason;
 
 /// One finished request.
 #[derive(Clone, Debug, Default)]
 pub struct RequestRecord {
+    /// Index of the request in its segment.
+    pub request: u32,
     pub stage: u32,
     pub pod: u32,
     pub ttft_ms: f64,
@@ -30,6 +33,8 @@ pub struct RunData {
     pub records: Vec<RequestRecord>,
     /// Requests that failed (live runs: HTTP or stream errors).
     pub failed: u64,
+    /// Requests flow control refused (virtual runs with a flow stage), and why.
+    pub refused: Vec<(u32, ShedReason)>,
     /// Output tokens generated inside each stage's time window.
     pub stage_output_tokens: Vec<u64>,
     /// Per stage: sum and count of (max / mean) router-side in-flight requests over pods,

@@ -7,6 +7,7 @@
 //! same markdown and SVG plots in the output directory.
 
 pub mod demo;
+pub mod flow;
 pub mod live;
 pub mod metrics;
 pub mod policy;
@@ -25,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError, ModelConfig};
 use crate::hash::{BlockHasher, HashConfigError};
-use crate::index::IndexConfig;
 use crate::sim::PodParams;
 
 use self::live::{LiveError, LiveSetup};
@@ -60,6 +60,9 @@ pub enum WorkloadKind {
     /// LoRA adapters of Zipf popularity (virtual time only; with --max-loras, and a config
     /// with a `lora-blind` profile and `lora-affinity` in its default, as conf/bench/lora.yaml).
     Lora,
+    /// Two tenants on W1 past the knee, with and without the model's `flowControl`
+    /// (`--qps <interactive>,<batch burst>`, `--duration <seconds per period>`).
+    Flow,
 }
 
 impl WorkloadKind {
@@ -441,6 +444,12 @@ fn build_workload(args: &BenchArgs, ctx: &Context, live: bool) -> Result<Workloa
                 live,
             )?
         }
+        WorkloadKind::Flow => {
+            return Err(BenchError::Usage(
+                "--workload flow compares flow control in virtual time only: run it without --live"
+                    .into(),
+            ))
+        }
     })
 }
 
@@ -726,6 +735,9 @@ fn report_of(
 
 /// `kvgate bench`: evaluates, writes the report files and prints the markdown table.
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    if args.workload == WorkloadKind::Flow && args.live.is_empty() {
+        return flow::run(args).map(|_| ());
+    }
     let report = evaluate(args)?;
     Steps::new(args.quiet).line(format_args!("writing the report to {}", args.out.display()));
     let written = report::write(&report, &args.out, &report.workload)?;
@@ -748,19 +760,13 @@ fn run_virtual(
     workload: &Workload,
     policies: &[PolicySpec],
 ) -> Result<Vec<Vec<RunData>>, BenchError> {
-    let setup = SimSetup {
+    let setup = SimSetup::for_model(
+        &ctx.config,
+        &ctx.model.name,
         pods,
-        pod_params: ctx.pod_params.clone(),
-        model: ctx.model.name.clone(),
-        scope: crate::scope::scope_id(&ctx.model.name, None),
-        index: IndexConfig {
-            budget_bytes: ctx.config.index.budget_bytes,
-            shards: 64,
-        },
-        scrape_interval_ms: ctx.config.server.scrape_interval_ms as f64,
-        restarts: Vec::new(),
-        seed: args.seed,
-    };
+        ctx.pod_params.clone(),
+        args.seed,
+    );
     let jobs: Vec<(usize, usize)> = (0..workload.segments.len())
         .flat_map(|s| (0..policies.len()).map(move |p| (s, p)))
         .collect();

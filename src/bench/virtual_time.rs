@@ -28,6 +28,11 @@
 //! its in-flight requests (they fail), every replica drops it from its index as the
 //! gateway does on losing the pod, requests go to the next ranked pod while it is down
 //! (the gateway's retry of a refused connection), and it comes back with an empty cache.
+//!
+//! With a flow stage ([`FlowStage`]) an arrival first meets the gateway's flow control:
+//! while every pod is saturated (the same [`has_room`] check, on the first replica's view
+//! of the pods) it waits in the same [`FlowQueue`], and it is dispatched, then routed, when
+//! a request finishes or a scrape shows room; its time to first token includes the wait.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -44,7 +49,9 @@ use super::metrics::{RequestRecord, RunData};
 use super::policy::{IndexFeed, PolicySpec, RELAY_LAG_MS};
 use super::workload::Segment;
 use crate::discovery::PodEndpoint;
+use crate::flow::{has_room, FlowConfig, FlowQueue, Priority, QueueFull, QueueLimits, Ticket};
 use crate::index::{BlockIndex, IndexConfig, PrefixMatch, ScopeId, Tier};
+use crate::metrics::flow::ShedReason;
 use crate::plugins::{PluginContext, PluginError, RequestOutcome, SchedulingRequest};
 use crate::pods::{EventTrust, InFlight, Pod, PodId, PodSet, ScrapedLoad, ScrapedLora};
 use crate::scheduler::Pipeline;
@@ -74,6 +81,32 @@ pub struct SimRestart {
     pub pod: usize,
     pub at_ms: f64,
     pub down_ms: f64,
+}
+
+impl SimSetup {
+    /// `pods` simulated pods of `model` behind a gateway with `config`'s index budget and
+    /// scrape period.
+    pub fn for_model(
+        config: &crate::config::Config,
+        model: &str,
+        pods: usize,
+        pod_params: PodParams,
+        seed: u64,
+    ) -> Self {
+        Self {
+            pods,
+            pod_params,
+            model: model.to_string(),
+            scope: crate::scope::scope_id(model, None),
+            index: IndexConfig {
+                budget_bytes: config.index.budget_bytes,
+                shards: 64,
+            },
+            scrape_interval_ms: config.server.scrape_interval_ms as f64,
+            seed,
+            restarts: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +151,8 @@ enum EventKind {
     PodDown(u32),
     /// A restarted pod is back.
     PodUp(u32),
+    /// A queued request's `queueTimeoutMs` is up.
+    QueueDeadline(u32),
 }
 
 #[derive(Debug)]
@@ -189,6 +224,23 @@ struct Replica {
     index: Arc<BlockIndex>,
     pods: PodSet,
     loss_rng: StdRng,
+}
+
+/// Flow control in front of the routing: its config and each request's class.
+pub struct FlowStage {
+    pub config: FlowConfig,
+    /// Per request of the segment: its priority and tenant.
+    pub classes: Vec<(Priority, String)>,
+}
+
+/// The flow stage's waiting requests during a run.
+struct FlowState<'a> {
+    stage: &'a FlowStage,
+    queue: FlowQueue<u32>,
+    tickets: Vec<Option<Ticket>>,
+    /// When each request arrived (its wait counts in its time to first token).
+    arrived_ms: Vec<f64>,
+    waited_ms: Vec<f64>,
 }
 
 /// A routed request until it finishes.
@@ -279,6 +331,7 @@ struct Run<'a> {
     request_id: String,
     progress: &'a AtomicUsize,
     stage_ends: Vec<f64>,
+    flow: Option<FlowState<'a>>,
 }
 
 impl<'a> Run<'a> {
@@ -287,7 +340,100 @@ impl<'a> Run<'a> {
         (i < self.stage_ends.len()).then_some(i)
     }
 
+    /// Whether the pods (as the first replica sees them) can take one more request now.
+    fn flow_room(&self, flow: &FlowState<'_>, now_ms: f64) -> bool {
+        has_room(
+            &flow.stage.config.saturation,
+            &self.replicas[0].pods.pods,
+            0,
+            now_ms.max(0.0) as u64,
+        )
+    }
+
+    /// Flow control at arrival: true when the request is routed now; otherwise it waits
+    /// (with its deadline scheduled) or is refused.
+    fn admit(&mut self, index: u32, now_ms: f64) -> bool {
+        let Some(flow) = self.flow.as_ref() else {
+            return true;
+        };
+        if flow.queue.is_empty() && self.flow_room(flow, now_ms) {
+            return true;
+        }
+        let Some(flow) = self.flow.as_mut() else {
+            return true;
+        };
+        let config = &flow.stage.config;
+        let (priority, tenant) = &flow.stage.classes[index as usize];
+        if *priority < config.shed_below {
+            self.refuse(index, ShedReason::Sheddable);
+            return false;
+        }
+        let limits = QueueLimits {
+            max_requests: config.max_queued_requests,
+            max_bytes: config.max_queued_bytes,
+        };
+        // A prompt of token ids weighs about 6 bytes a token as JSON.
+        let bytes = self.segment.requests[index as usize].prompt_tokens as usize * 6;
+        match flow.queue.push(*priority, tenant, bytes, index, limits) {
+            Ok(ticket) => {
+                flow.tickets[index as usize] = Some(ticket);
+                flow.arrived_ms[index as usize] = now_ms;
+                let deadline = now_ms + config.queue_timeout_ms as f64;
+                self.queue.push(deadline, EventKind::QueueDeadline(index));
+            }
+            Err(QueueFull::Requests) => self.refuse(index, ShedReason::QueueFull),
+            Err(QueueFull::Bytes) => self.refuse(index, ShedReason::QueueBytes),
+        }
+        false
+    }
+
+    fn refuse(&mut self, index: u32, reason: ShedReason) {
+        self.data.refused.push((index, reason));
+        self.finished += 1;
+        self.progress.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    /// Routes waiting requests, best first, while the pods have room.
+    fn dispatch_waiting(&mut self, now_ms: f64) -> Result<(), SimError> {
+        loop {
+            let Some(flow) = self.flow.as_ref() else {
+                return Ok(());
+            };
+            if flow.queue.is_empty() || !self.flow_room(flow, now_ms) {
+                return Ok(());
+            }
+            let Some(flow) = self.flow.as_mut() else {
+                return Ok(());
+            };
+            let Some((_, index)) = flow.queue.pop() else {
+                return Ok(());
+            };
+            flow.tickets[index as usize] = None;
+            flow.waited_ms[index as usize] = now_ms - flow.arrived_ms[index as usize];
+            self.route(index, now_ms)?;
+        }
+    }
+
+    fn queue_deadline(&mut self, index: u32) {
+        let Some(flow) = self.flow.as_mut() else {
+            return;
+        };
+        let waiting = flow.tickets[index as usize]
+            .take()
+            .is_some_and(|ticket| flow.queue.remove(&ticket).is_some());
+        if waiting {
+            self.refuse(index, ShedReason::Deadline);
+        }
+    }
+
     fn arrive(&mut self, index: u32, now_ms: f64) -> Result<(), SimError> {
+        if self.admit(index, now_ms) {
+            self.route(index, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, index: u32, now_ms: f64) -> Result<(), SimError> {
         let request = &self.segment.requests[index as usize];
         self.request_id.clear();
         let _ = write!(self.request_id, "{index}");
@@ -543,6 +689,7 @@ impl<'a> Run<'a> {
         let pod_arc = Arc::clone(load.pod());
         drop(load);
         let ttft_ms = summary.ttft_ms();
+        let waited_ms = self.flow.as_ref().map_or(0.0, |flow| flow.waited_ms[index]);
         self.replicas[replica].pipeline.completed(&RequestOutcome {
             pod: pod_arc,
             prompt_tokens: summary.prompt_tokens as usize,
@@ -554,11 +701,12 @@ impl<'a> Run<'a> {
         });
         let request = &self.segment.requests[index];
         self.data.records.push(RequestRecord {
+            request: u32::try_from(index).unwrap_or(u32::MAX),
             stage: request.stage,
             pod,
-            ttft_ms,
+            ttft_ms: ttft_ms + waited_ms,
             tpot_ms: summary.tpot_ms(),
-            e2e_ms: summary.e2e_ms(),
+            e2e_ms: summary.e2e_ms() + waited_ms,
             prompt_tokens: summary.prompt_tokens,
             cached_tokens: summary.cached_tokens,
             output_tokens: summary.output_tokens,
@@ -718,6 +866,17 @@ pub fn simulate(
     setup: &SimSetup,
     progress: &AtomicUsize,
 ) -> Result<RunData, SimError> {
+    simulate_with_flow(segment, policy, setup, None, progress)
+}
+
+/// [`simulate`], with flow control in front of the routing when `flow` is given.
+pub fn simulate_with_flow(
+    segment: &Segment,
+    policy: &PolicySpec,
+    setup: &SimSetup,
+    flow: Option<&FlowStage>,
+    progress: &AtomicUsize,
+) -> Result<RunData, SimError> {
     let wall = Instant::now();
     if setup.pods == 0 {
         return Err(SimError::NoPods);
@@ -793,6 +952,13 @@ pub fn simulate(
         request_id: String::new(),
         progress,
         stage_ends: segment.stages.iter().map(|s| s.end_ms).collect(),
+        flow: flow.map(|stage| FlowState {
+            stage,
+            queue: FlowQueue::default(),
+            tickets: vec![None; requests.len()],
+            arrived_ms: vec![0.0; requests.len()],
+            waited_ms: vec![0.0; requests.len()],
+        }),
     };
     // First turns arrive at their times, fed into the queue one at a time.
     let mut next_first = 0;
@@ -833,7 +999,10 @@ pub fn simulate(
                 sim.wake_at = None;
                 run.start_step(pod, now_ms)?;
             }
-            EventKind::StepDone(pod) => run.step_done(pod, now_ms)?,
+            EventKind::StepDone(pod) => {
+                run.step_done(pod, now_ms)?;
+                run.dispatch_waiting(now_ms)?;
+            }
             EventKind::Deliver(pod) => run.deliver(pod),
             EventKind::Relay(pod) => run.relay(pod),
             EventKind::PodDown(pod) => run.pod_down(pod, &setup.pod_params, now_ms)?,
@@ -843,8 +1012,10 @@ pub fn simulate(
                     run.start_step(pod, now_ms)?;
                 }
             }
+            EventKind::QueueDeadline(i) => run.queue_deadline(i),
             EventKind::Scrape => {
                 run.scrape(now_ms);
+                run.dispatch_waiting(now_ms)?;
                 // Only while something else can still happen: a stalled run must end.
                 if run.finished < requests.len() && !run.queue.heap.is_empty() {
                     run.queue.push(now_ms + scrape_every, EventKind::Scrape);

@@ -213,6 +213,7 @@ impl TrafficPoliciesConfig {
                 kubeconfig: self.kubeconfig.clone(),
                 context: self.context.clone(),
             }),
+            flow_control: None,
         })
     }
 }

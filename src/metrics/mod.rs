@@ -45,10 +45,12 @@
 //! | `kvgate_config_last_reload_successful` | gauge | |
 //! | `kvgate_traffic_policy_applied` | gauge | policy |
 //! | `kvgate_relay_*` (see [`relay`]) | | |
+//! | `kvgate_flow_*` (see [`flow`]) | | |
 //! | `kvgate_trace_records_total` | counter | result |
 //! | `kvgate_build_info` | gauge | version, commit |
 
 pub mod admin;
+pub mod flow;
 pub mod relay;
 
 use std::hash::Hash;
@@ -239,6 +241,8 @@ pub struct Metrics {
     traffic_policy_applied: IntGaugeVec,
     /// The replica relay's metrics.
     pub relay: relay::RelayMetrics,
+    /// Flow control's metrics.
+    pub flow: flow::FlowMetrics,
     trace_written: IntCounter,
     trace_dropped: IntCounter,
     trace_failed: IntCounter,
@@ -499,6 +503,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
             .set(1);
         let relay = relay::RelayMetrics::new(&r)?;
+        let flow = flow::FlowMetrics::new(&r)?;
         Ok(Self {
             registry: r,
             downstream_connections,
@@ -547,6 +552,7 @@ impl Metrics {
             last_reload_ok,
             traffic_policy_applied,
             relay,
+            flow,
             pods: CowMap::new(),
             routes: CowMap::new(),
             unrouted_requests: CowMap::new(),

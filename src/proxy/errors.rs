@@ -77,6 +77,24 @@ impl ApiError {
         )
     }
 
+    /// Flow control refused the request without queueing it (429), or it waited too long (503).
+    pub fn flow_refused(
+        status: u16,
+        code: &'static str,
+        message: String,
+        retry_after_secs: u32,
+    ) -> Self {
+        let kind = if status == 429 {
+            "rate_limit_error"
+        } else {
+            "server_error"
+        };
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(status, kind, code, message)
+        }
+    }
+
     pub fn header_too_large(bytes: usize, limit: usize) -> Self {
         Self::new(
             431,

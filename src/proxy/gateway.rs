@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::split::AdapterSplit;
 use crate::config::{Config, ModelConfig};
+use crate::flow::FlowControl;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::index::{BlockIndex, IndexConfig, IndexTargets, ScopeId};
 use crate::plugins::{PluginContext, PluginError};
@@ -97,6 +98,8 @@ pub struct Gateway {
     /// ranks); event ingestion writes it, the kv-cache scorer reads it.
     pub targets: Arc<IndexTargets>,
     pub pods: Arc<PodRegistry>,
+    /// Requests waiting for a saturated model's pods; its queues outlive reloads.
+    pub flow: Arc<FlowControl>,
     state: ArcSwap<GatewayState>,
     epoch: Instant,
     /// The process is handing over to a new one or stopping: responses close their
@@ -126,12 +129,20 @@ impl Gateway {
         ));
         let targets = Arc::new(IndexTargets::default());
         let state = build_state(config, &index, &targets)?;
+        let epoch = Instant::now();
+        let flow = Arc::new(FlowControl::new(
+            &state.config,
+            Arc::clone(&pods),
+            epoch,
+            Arc::clone(crate::metrics::global()),
+        ));
         Ok(Self {
             index,
             targets,
             pods,
+            flow,
             state: ArcSwap::from_pointee(state),
-            epoch: Instant::now(),
+            epoch,
             draining: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
         })
@@ -150,6 +161,7 @@ impl Gateway {
         let changes = self
             .pods
             .set_models(state.config.models.iter().map(|m| m.name.as_str()));
+        self.flow.configure(&state.config);
         self.state.store(Arc::new(state));
         Ok(changes)
     }

@@ -8,6 +8,7 @@
 mod body;
 mod discovery;
 mod errors;
+mod flow;
 mod forward;
 mod gateway;
 mod health;

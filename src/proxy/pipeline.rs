@@ -263,6 +263,14 @@ impl KvGateProxy {
         let upstream_header = upstream_header(session.req_header(), body.len(), &ctx.request_id)
             .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
 
+        // Flow control: while the model's pods are saturated the request waits here,
+        // and is scored and routed only once dispatched.
+        let Some(mut dispatch) = self
+            .wait_for_dispatch(session, ctx, &runtime.name, body.len())
+            .await?
+        else {
+            return Ok(());
+        };
         let pods = self.gateway.pods.pods(&runtime.name).unwrap_or_default();
         let request = SchedulingRequest {
             request_id: &ctx.request_id,
@@ -300,6 +308,7 @@ impl KvGateProxy {
         let report = self
             .forwarder
             .forward(session, &exchange, &targets, &settings, &now_ms, &mut |i| {
+                dispatch.placed();
                 if let Some(chosen) = decision.ranked.get(i) {
                     profile.routed(&request, chosen);
                 }

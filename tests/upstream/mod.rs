@@ -253,6 +253,8 @@ pub struct GatewayConfig {
     pub max_buffered_body_bytes: Option<usize>,
     /// A `profiles:` section (its body, indented two spaces); kvgate's defaults when `None`.
     pub profiles: Option<String>,
+    /// Every model's `flowControl:` (a YAML flow mapping); off when `None`.
+    pub flow_control: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -274,6 +276,7 @@ impl Default for GatewayConfig {
             tls: None,
             max_buffered_body_bytes: None,
             profiles: None,
+            flow_control: None,
         }
     }
 }
@@ -364,6 +367,9 @@ models:
         pods: [{pods}]
 "
             ));
+            if let Some(flow) = &self.flow_control {
+                out.push_str(&format!("    flowControl: {flow}\n"));
+            }
             for (_, adapter) in self.lora_adapters.iter().filter(|(m, _)| m == name) {
                 out.push_str(&format!(
                     "    loraAdapters:\n      - {{name: {adapter}, intId: 1, path: /adapters/{adapter}}}\n"

@@ -43,7 +43,6 @@ use super::workload::{self, Ladder, SharedPrefixShape, TraceReplay, WorkloadErro
 use super::ProgressBar;
 use crate::config::{Config, ConfigError, ModelConfig};
 use crate::hash::{BlockHasher, HashConfigError};
-use crate::index::IndexConfig;
 use crate::sim::PodParams;
 
 /// The question of the chat's second round.
@@ -890,20 +889,11 @@ fn replay(
         &hasher,
         false,
     )?;
-    let setup = SimSetup {
-        pods: args.pods,
-        pod_params: params,
-        model: plan.model.name.clone(),
-        scope: crate::scope::scope_id(&plan.model.name, None),
-        index: IndexConfig {
-            budget_bytes: plan.config.index.budget_bytes,
-            shards: 64,
-        },
-        // The gateways scraped the pods every interval of wall time.
-        scrape_interval_ms: plan.config.server.scrape_interval_ms as f64 / args.time_scale,
-        seed: args.seed,
-        restarts,
-    };
+    let mut setup =
+        SimSetup::for_model(&plan.config, &plan.model.name, args.pods, params, args.seed);
+    // The gateways scraped the pods every interval of wall time.
+    setup.scrape_interval_ms /= args.time_scale;
+    setup.restarts = restarts;
     let mut replayed = Vec::new();
     for ((name, profile, _), row) in plan.profiles.iter().zip(rows) {
         let base = if *profile == plan.model.profile {

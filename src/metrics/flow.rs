@@ -1,0 +1,127 @@
+//! Metrics of flow control (`crate::flow`): how many requests wait, how long, and what
+//! was refused.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `kvgate_flow_queue_depth` | gauge | model, priority |
+//! | `kvgate_flow_queue_wait_seconds` | histogram | model, outcome |
+//! | `kvgate_flow_shed_total` | counter | model, reason |
+
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::{register, MetricsError};
+
+/// From a wake-up on the next finished request (milliseconds) to a queue deadline (tens of s).
+const WAIT_BUCKETS: &[f64] = &[
+    1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Why a request was refused by flow control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedReason {
+    /// Below the model's `shedBelow` priority while its pods were saturated (429).
+    Sheddable,
+    /// The queue held `maxQueuedRequests` (429).
+    QueueFull,
+    /// The body would have taken the queue past `maxQueuedBytes` (429).
+    QueueBytes,
+    /// Waited `queueTimeoutMs` without being dispatched (503).
+    Deadline,
+}
+
+impl ShedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sheddable => "sheddable",
+            Self::QueueFull => "queue_full",
+            Self::QueueBytes => "queue_bytes",
+            Self::Deadline => "deadline",
+        }
+    }
+}
+
+/// How a request's wait in the queue ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueOutcome {
+    Dispatched,
+    Deadline,
+    /// Its client disconnected while it waited.
+    ClientGone,
+}
+
+impl QueueOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Dispatched => "dispatched",
+            Self::Deadline => "deadline",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+pub struct FlowMetrics {
+    depth: IntGaugeVec,
+    wait: HistogramVec,
+    shed: IntCounterVec,
+}
+
+impl FlowMetrics {
+    pub(super) fn new(r: &Registry) -> Result<Self, MetricsError> {
+        Ok(Self {
+            depth: register(
+                r,
+                "kvgate_flow_queue_depth",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kvgate_flow_queue_depth",
+                        "Requests waiting in kvgate for a model's pods to drop below saturation, \
+                         by priority band.",
+                    ),
+                    &["model", "priority"],
+                ),
+            )?,
+            wait: register(
+                r,
+                "kvgate_flow_queue_wait_seconds",
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kvgate_flow_queue_wait_seconds",
+                        "Time requests waited in kvgate's queue, by how the wait ended.",
+                    )
+                    .buckets(WAIT_BUCKETS.to_vec()),
+                    &["model", "outcome"],
+                ),
+            )?,
+            shed: register(
+                r,
+                "kvgate_flow_shed_total",
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvgate_flow_shed_total",
+                        "Requests refused by flow control: sheddable, queue_full, queue_bytes \
+                         (429), deadline (503).",
+                    ),
+                    &["model", "reason"],
+                ),
+            )?,
+        })
+    }
+
+    pub fn queue_depth(&self, model: &str, priority: i32, depth: usize) {
+        self.depth
+            .with_label_values(&[model, &priority.to_string()])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    pub fn waited(&self, model: &str, outcome: QueueOutcome, waited: Duration) {
+        self.wait
+            .with_label_values(&[model, outcome.as_str()])
+            .observe(waited.as_secs_f64());
+    }
+
+    pub fn shed(&self, model: &str, reason: ShedReason) {
+        self.shed.with_label_values(&[model, reason.as_str()]).inc();
+    }
+}
