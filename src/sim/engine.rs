@@ -647,11 +647,6 @@ impl PodEngine {
         })
     }
 
-    /// Adapters loaded on the GPU, least recently used first.
-    pub fn loaded_loras(&self) -> &[Arc<str>] {
-        &self.loaded_loras
-    }
-
     /// Swaps in the adapters of the running requests that are not loaded, evicting the
     /// least recently used ones no running request needs, and marks theirs used.
     /// Returns how many were swapped in.
@@ -1278,7 +1273,7 @@ mod tests {
         assert_eq!(done[0].first_token_ms, second + 1.0 + 4.0 + 100.0);
         // "b" was the least recently used: "c" took its slot.
         assert_eq!(
-            engine.loaded_loras(),
+            &engine.loaded_loras[..],
             [Arc::clone(&names[0]), Arc::clone(&names[2])]
         );
         assert_eq!(engine.metrics().lora_loads, 3);
