@@ -309,6 +309,7 @@ async fn endpointslice_lifecycle() {
             events: Some("tcp://10.0.0.5:5557".into()),
             replay: Some("tcp://10.0.0.5:5558".into()),
             topic_host: "10.0.0.5".into(),
+            role: Default::default(),
         }
     );
 

@@ -194,6 +194,7 @@ impl Shape {
             events: self.events_port.map(zmq),
             replay: self.replay_port.map(zmq),
             topic_host,
+            role: Default::default(),
         }
     }
 }
@@ -931,6 +932,7 @@ mod tests {
                 events: Some("tcp://10.0.0.7:5557".into()),
                 replay: None,
                 topic_host: "10.0.0.7".into(),
+                role: Default::default(),
             }]
         );
         assert!(slice_endpoints(&s, &PortRef::Name("grpc".into()), &shape()).is_empty());

@@ -13,6 +13,7 @@ use pingora::proxy::Session;
 use serde::Deserialize;
 
 use super::body::{self, BodyError, BodyHold};
+use super::disagg::{PrefillInput, PrefillOutcome};
 use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::gateway::{GatewayState, Route};
@@ -233,12 +234,15 @@ impl KvGateProxy {
             })?;
         ctx.policy = Some(profile.name().to_string());
         let affinity = header_str(session.req_header(), SESSION_HEADER).map(str::to_string);
-        let upstream_header = upstream_header(session.req_header(), body.len(), &ctx.request_id)
-            .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
+        let mut upstream_header =
+            upstream_header(session.req_header(), body.len(), &ctx.request_id)
+                .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
 
         let pods = self.gateway.pods.pods(&runtime.name).unwrap_or_default();
+        // The prefill leg records itself in `ctx` while the request is still borrowed.
+        let request_id = ctx.request_id.clone();
         let request = SchedulingRequest {
-            request_id: &ctx.request_id,
+            request_id: &request_id,
             model: &runtime.name,
             scope: route.scope,
             block_keys: &prompt.block_keys,
@@ -261,12 +265,37 @@ impl KvGateProxy {
                 uncached_tokens: c.uncached_tokens(&request) as u64,
             })
             .collect();
+        let settings = ForwardSettings::from(server);
+        let mut body = body.clone();
+        if let Some(stage) = profile.prefill() {
+            let exchange = Exchange {
+                header: &upstream_header,
+                body: &body,
+                request_id: &request_id,
+            };
+            let input = PrefillInput {
+                stage,
+                request: &request,
+                pods: &pods,
+                decode_uncached: decision.ranked[0].uncached_tokens(&request),
+                exchange: &exchange,
+                settings: &settings,
+            };
+            match self.prefill_leg(session, ctx, input).await {
+                PrefillOutcome::Decode(decode_body) => body = decode_body,
+                PrefillOutcome::ClientGone => {
+                    return conclude(session, ctx, ForwardError::ClientGone, false)
+                }
+            }
+            upstream_header
+                .insert_header(header::CONTENT_LENGTH, body.len())
+                .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
+        }
         let exchange = Exchange {
             header: &upstream_header,
-            body,
-            request_id: &ctx.request_id,
+            body: &body,
+            request_id: &request_id,
         };
-        let settings = ForwardSettings::from(server);
         let gateway = &self.gateway;
         let now_ms = || gateway.now().as_millis() as u64;
         let report = self
@@ -304,21 +333,26 @@ impl KvGateProxy {
         }
         match report.error {
             None => Ok(()),
-            Some(ForwardError::ClientGone) => {
-                ctx.error = Some(ForwardError::ClientGone.to_string());
-                session.set_keepalive(None);
-                Ok(())
-            }
-            Some(error) if report.response_started => {
-                ctx.error = Some(error.to_string());
-                Ok(())
-            }
-            Some(error) => {
-                let response = ApiError::from(&error);
-                ctx.error = Some(error.to_string());
-                Err(response)
-            }
+            Some(error) => conclude(session, ctx, error, report.response_started),
         }
+    }
+}
+
+/// How a request whose exchange with a pod failed ends for the client.
+fn conclude(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    error: ForwardError,
+    response_started: bool,
+) -> Result<(), ApiError> {
+    ctx.error = Some(error.to_string());
+    match error {
+        ForwardError::ClientGone => {
+            session.set_keepalive(None);
+            Ok(())
+        }
+        _ if response_started => Ok(()),
+        error => Err(ApiError::from(&error)),
     }
 }
 
