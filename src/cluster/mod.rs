@@ -211,6 +211,7 @@ impl TrafficPoliciesConfig {
                 replay_port: None,
                 kubeconfig: self.kubeconfig.clone(),
                 context: self.context.clone(),
+                role_label: None,
             }),
         })
     }
