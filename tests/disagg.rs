@@ -306,3 +306,34 @@ fn a_client_that_leaves_during_the_prefill_leg_cancels_the_request() {
     });
     assert!(completions(&decode).is_empty());
 }
+
+#[test]
+fn the_legs_bodies_count_against_the_body_budget_and_a_full_budget_serves_decode_alone() {
+    let prefill = FakePod::start();
+    let decode = FakePod::start();
+    // Room for the client's body, not for the two legs' copies of it as well.
+    let config = GatewayConfig {
+        profiles: Some(pd_profile(0)),
+        max_body_bytes: 32 << 10,
+        max_buffered_body_bytes: Some(32 << 10),
+        ..GatewayConfig::default()
+    }
+    .with_model("qwen", &[prefill.addr(), decode.addr()])
+    .with_role(&prefill.addr(), "prefill")
+    .with_role(&decode.addr(), "decode");
+    let gateway = Kvgate::start(&config);
+    let body = chat_body("qwen", &"many words ".repeat(1_000), false);
+    assert_eq!(post(&gateway, "budget-1", &body, &[]), 200);
+    let line = gateway.wait_handled("budget-1");
+    assert_eq!(line["disaggregation"], "prefill_failed");
+    assert!(
+        line["prefill_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("maxBufferedBodyBytes")),
+        "{line}"
+    );
+    assert!(completions(&prefill).is_empty());
+    let d = completions(&decode);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["body_sha256"], sha256(&body).as_str());
+}

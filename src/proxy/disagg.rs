@@ -21,6 +21,7 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use serde_json::{json, Map, Value};
 
+use super::body::BodyHold;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::log::{PrefillLeg, RequestCtx};
 use super::KvGateProxy;
@@ -32,6 +33,9 @@ use crate::scheduler::PrefillStage;
 /// Largest prefill answer read: a one-token completion is well under a kilobyte, plus
 /// `kv_transfer_params` (a list of block ids: a few bytes per 16 prompt tokens).
 const MAX_PREFILL_RESPONSE: usize = 4 << 20;
+/// What the decode leg's body is charged beyond the client's: the transfer params (their
+/// block ids grow with the prompt; this covers a few hundred thousand tokens).
+const MAX_TRANSFER_PARAMS: usize = 64 << 10;
 
 /// How a disaggregated request is served, for the log line and the metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +136,8 @@ pub(super) struct PrefillInput<'a> {
     pub decode_uncached: usize,
     pub exchange: &'a Exchange<'a>,
     pub settings: &'a ForwardSettings,
+    /// The client body's charge to the body budget: the two legs' bodies are charged too.
+    pub hold: &'a mut BodyHold,
 }
 
 impl KvGateProxy {
@@ -160,6 +166,11 @@ impl KvGateProxy {
             ctx.disaggregation = Some(DisaggPath::PrefillFailed);
             PrefillOutcome::Decode(client_body.clone())
         };
+        // The legs' bodies are copies of the client's (the decode leg's grows by the transfer
+        // params): charged up front, so that the budget bounds what all requests hold.
+        if let Err(error) = input.hold.grow(2 * client_body.len() + MAX_TRANSFER_PARAMS) {
+            return fallback(ctx, leg, error.to_string());
+        }
         let body = match prefill_body(client_body) {
             Ok(body) => body,
             Err(error) => return fallback(ctx, leg, error.to_string()),

@@ -106,7 +106,7 @@ impl KvGateProxy {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let (body, _buffered) = self.read_body(session, &state).await?;
+        let (body, mut hold) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
@@ -115,7 +115,7 @@ impl KvGateProxy {
                 let model = model_field(&body).ok_or_else(|| ApiError::from(&error))?;
                 tracing::info!(request_id = %ctx.request_id, %model, %error, "prompt not routable; routing on load alone");
                 return self
-                    .dispatch_on_load(session, ctx, &state, model, routing_since, &body)
+                    .dispatch_on_load(session, ctx, &state, model, routing_since, &body, &mut hold)
                     .await;
             }
             Err(error) => return Err(ApiError::from(&error)),
@@ -143,7 +143,7 @@ impl KvGateProxy {
             }
         };
         let outcome = self
-            .dispatch(session, ctx, &state, route, &prompt, &body)
+            .dispatch(session, ctx, &state, route, &prompt, &body, &mut hold)
             .await;
         ctx.prompt_blocks = prompt.block_keys;
         outcome
@@ -157,7 +157,7 @@ impl KvGateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let (body, _buffered) = self.read_body(session, &state).await?;
+        let (body, mut hold) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let named = is_json(session.req_header())
             .then(|| model_field(&body))
@@ -171,7 +171,7 @@ impl KvGateProxy {
                 )
             })?,
         };
-        self.dispatch_on_load(session, ctx, &state, model, routing_since, &body)
+        self.dispatch_on_load(session, ctx, &state, model, routing_since, &body, &mut hold)
             .await
     }
 
@@ -184,6 +184,7 @@ impl KvGateProxy {
         model: String,
         routing_since: Instant,
         body: &bytes::Bytes,
+        hold: &mut BodyHold,
     ) -> Result<(), ApiError> {
         ctx.model = Some(model.clone());
         let route = resolve(state, &model)?;
@@ -194,11 +195,14 @@ impl KvGateProxy {
             route,
             &Prompt::unknown(routing_since),
             body,
+            hold,
         )
         .await
     }
 
-    /// Schedules the request among the model's pods and forwards it.
+    /// Schedules the request among the model's pods and forwards it. `hold` is the body's
+    /// charge to the body budget, which the legs of a disaggregated request add to.
+    #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
         session: &mut Session,
@@ -207,6 +211,7 @@ impl KvGateProxy {
         route: &Route,
         prompt: &Prompt,
         body: &bytes::Bytes,
+        hold: &mut BodyHold,
     ) -> Result<(), ApiError> {
         let runtime = &route.model;
         ctx.target_model = Some(runtime.name.clone());
@@ -280,6 +285,7 @@ impl KvGateProxy {
                 decode_uncached: decision.ranked[0].uncached_tokens(&request),
                 exchange: &exchange,
                 settings: &settings,
+                hold,
             };
             match self.prefill_leg(session, ctx, input).await {
                 PrefillOutcome::Decode(decode_body) => body = decode_body,
