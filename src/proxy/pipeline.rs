@@ -176,6 +176,7 @@ impl KvGateProxy {
     }
 
     /// Sends the request to a pod of `model` chosen without a prompt to route on.
+    #[allow(clippy::too_many_arguments)]
     async fn dispatch_on_load(
         &self,
         session: &mut Session,
