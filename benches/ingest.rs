@@ -162,6 +162,7 @@ fn fleet(parity_sample: f64, streams: Arc<Vec<Stream>>) -> Fleet {
             events: None,
             replay: None,
             topic_host: format!("10.0.0.{}", i + 1),
+            role: Default::default(),
         })
         .collect();
     registry.apply_snapshot(MODEL, &endpoints);

@@ -20,6 +20,7 @@ pub fn endpoint(i: u32) -> PodEndpoint {
         events: None,
         replay: None,
         topic_host: ip.to_string(),
+        role: Default::default(),
     }
 }
 

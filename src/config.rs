@@ -355,6 +355,58 @@ pub struct ProfileConfig {
     pub scorers: Vec<PluginConfig>,
     #[serde(default = "default_picker")]
     pub picker: PluginConfig,
+    /// Makes the profile disaggregated: the pipeline above picks the decode pod (among
+    /// `decode` and `both` pods), this one the prefill pod (among `prefill` and `both`).
+    #[serde(default)]
+    pub prefill: Option<PrefillConfig>,
+}
+
+/// The prefill leg of a disaggregated profile: its own pipeline, and when to skip it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefillConfig {
+    #[serde(default = "default_prefill_filters")]
+    pub filters: Vec<PluginConfig>,
+    #[serde(default = "default_prefill_scorers")]
+    pub scorers: Vec<PluginConfig>,
+    #[serde(default = "default_picker")]
+    pub picker: PluginConfig,
+    /// The decode pod serves the request alone (no prefill leg) when fewer of the
+    /// prompt's tokens than this are uncached on it.
+    #[serde(default = "default_prefill_threshold")]
+    pub min_uncached_tokens: usize,
+}
+
+impl PrefillConfig {
+    /// The prefill pipeline as a plain (aggregated) profile, for the scheduler to build.
+    pub fn pipeline(&self) -> ProfileConfig {
+        ProfileConfig {
+            filters: self.filters.clone(),
+            scorers: self.scorers.clone(),
+            picker: self.picker.clone(),
+            prefill: None,
+        }
+    }
+}
+
+fn default_prefill_filters() -> Vec<PluginConfig> {
+    vec![plugin("healthy", 1.0)]
+}
+
+fn default_prefill_scorers() -> Vec<PluginConfig> {
+    vec![plugin("kv-cache", 1.0), plugin("load", 1.0)]
+}
+
+fn default_prefill_threshold() -> usize {
+    256
+}
+
+fn plugin(name: &str, weight: f64) -> PluginConfig {
+    PluginConfig {
+        name: name.into(),
+        weight,
+        params: None,
+    }
 }
 
 /// A plugin by registered name, its weight (scorers), and its own parameters,
@@ -425,11 +477,6 @@ fn default_picker() -> PluginConfig {
 }
 
 fn default_profiles() -> BTreeMap<String, ProfileConfig> {
-    let plugin = |name: &str, weight: f64| PluginConfig {
-        name: name.into(),
-        weight,
-        params: None,
-    };
     let mut profiles = BTreeMap::new();
     profiles.insert(
         "default".to_string(),
@@ -437,6 +484,7 @@ fn default_profiles() -> BTreeMap<String, ProfileConfig> {
             filters: vec![plugin("healthy", 1.0)],
             scorers: vec![plugin("kv-cache", 1.0), plugin("load", 1.0)],
             picker: default_picker(),
+            prefill: None,
         },
     );
     profiles
@@ -727,9 +775,11 @@ impl Config {
             }
         }
         for (name, profile) in &self.profiles {
+            let prefill_scorers = profile.prefill.iter().flat_map(|p| &p.scorers);
             if profile
                 .scorers
                 .iter()
+                .chain(prefill_scorers)
                 .any(|s| !s.weight.is_finite() || s.weight < 0.0)
             {
                 return invalid(format!(
@@ -792,6 +842,36 @@ mod tests {
         format!(
             "models:\n  - name: m\n    tokenizer: t.json\n    blockSize: 64\n    discovery: {{static: {{pods: []}}}}\n{extra}"
         )
+    }
+
+    #[test]
+    fn a_disaggregated_profile_is_validated_with_its_prefill_pipeline() {
+        let parse = |profile: &str| {
+            let hash =
+                "    hashAlgo: sha256_cbor\n    hashSeed: \"0\"\n    vllmRelease: \"0.11.0\"\n";
+            Config::parse(&with_model(&format!(
+                "{hash}profiles:\n  default: {profile}\n"
+            )))
+            .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
+        };
+        let config = parse("{prefill: {}}").expect("defaults");
+        let prefill = config.profiles["default"].prefill.as_ref().unwrap();
+        let names = |p: &[PluginConfig]| p.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&prefill.filters), ["healthy"]);
+        assert_eq!(names(&prefill.scorers), ["kv-cache", "load"]);
+        assert_eq!(prefill.picker.name, "max-score");
+        assert_eq!(prefill.min_uncached_tokens, 256);
+        let err = parse("{prefill: {minUncached: 3}}").unwrap_err();
+        assert!(err.contains("unknown field `minUncached`"), "{err}");
+        let err = parse("{prefill: {scorers: [{name: load, weight: -1}]}}").unwrap_err();
+        assert!(err.contains("weights must be finite"), "{err}");
+        let err = Config::parse(
+            "models:\n  - name: m\n    tokenizer: t.json\n    discovery: {static: {pods: [\
+             {http: \"127.0.0.1:1\", role: prefil}]}}\n",
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(err.contains("prefil"), "{err}");
     }
 
     #[test]

@@ -563,6 +563,7 @@ mod tests {
             events: None,
             replay: None,
             topic_host: http.to_string(),
+            role: Default::default(),
         }
     }
 

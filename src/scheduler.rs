@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::config::ProfileConfig;
+use crate::discovery::Leg;
 use crate::plugins::{
     self, Candidate, Filter, Picker, PluginContext, PluginError, RequestOutcome, SchedulingRequest,
     Scorer,
@@ -15,9 +16,20 @@ use crate::pods::PodSet;
 /// A built profile.
 pub struct Pipeline {
     name: String,
+    /// The leg whose pods this pipeline ranks (a disaggregated profile's two pipelines);
+    /// `None`: every pod of the model.
+    leg: Option<Leg>,
     filters: Vec<Arc<dyn Filter>>,
     scorers: Vec<(Arc<dyn Scorer>, f64)>,
     picker: Arc<dyn Picker>,
+    prefill: Option<PrefillStage>,
+}
+
+/// The prefill leg of a disaggregated profile.
+pub struct PrefillStage {
+    pub pipeline: Box<Pipeline>,
+    /// Below this many uncached prompt tokens on the decode pod, it serves the request alone.
+    pub min_uncached_tokens: usize,
 }
 
 /// The outcome of one scheduling pass.
@@ -57,6 +69,24 @@ impl Pipeline {
         cfg: &ProfileConfig,
         ctx: &PluginContext,
     ) -> Result<Self, PluginError> {
+        let mut pipeline = Self::build_stage(name, cfg, ctx)?;
+        if let Some(prefill) = &cfg.prefill {
+            let mut stage = Self::build_stage(name, &prefill.pipeline(), ctx)?;
+            stage.leg = Some(Leg::Prefill);
+            pipeline.leg = Some(Leg::Decode);
+            pipeline.prefill = Some(PrefillStage {
+                pipeline: Box::new(stage),
+                min_uncached_tokens: prefill.min_uncached_tokens,
+            });
+        }
+        Ok(pipeline)
+    }
+
+    fn build_stage(
+        name: &str,
+        cfg: &ProfileConfig,
+        ctx: &PluginContext,
+    ) -> Result<Self, PluginError> {
         let filters = cfg
             .filters
             .iter()
@@ -75,14 +105,21 @@ impl Pipeline {
         let picker = plugins::build_picker(&cfg.picker.name, cfg.picker.params.as_ref(), ctx)?;
         Ok(Self {
             name: name.to_string(),
+            leg: None,
             filters,
             scorers,
             picker,
+            prefill: None,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The prefill leg, when the profile is disaggregated.
+    pub fn prefill(&self) -> Option<&PrefillStage> {
+        self.prefill.as_ref()
     }
 
     /// Whether `schedule` can be asked without changing later decisions.
@@ -92,8 +129,13 @@ impl Pipeline {
 
     /// Ranks the pods for a request. An empty ranking means no pod can take it.
     pub fn schedule(&self, req: &SchedulingRequest<'_>, pods: &PodSet) -> Decision {
-        let mut candidates: Vec<Candidate> =
-            pods.pods.iter().cloned().map(Candidate::new).collect();
+        let mut candidates: Vec<Candidate> = pods
+            .pods
+            .iter()
+            .filter(|pod| self.leg.is_none_or(|leg| pod.endpoint.role.serves(leg)))
+            .cloned()
+            .map(Candidate::new)
+            .collect();
         for filter in &self.filters {
             filter.filter(req, &mut candidates);
         }

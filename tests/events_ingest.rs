@@ -216,6 +216,7 @@ fn endpoint(
         events: events.map(str::to_string),
         replay: replay.map(str::to_string),
         topic_host: topic_host.into(),
+        role: Default::default(),
     }
 }
 

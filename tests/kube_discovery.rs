@@ -20,7 +20,7 @@ mod sim;
 mod upstream;
 
 use kvgate::discovery::{
-    run_discovery, DiscoveryConfig, KubeDiscoveryConfig, PodEndpoint, PortRef, Snapshot,
+    run_discovery, DiscoveryConfig, KubeDiscoveryConfig, PodEndpoint, PodRole, PortRef, Snapshot,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -283,6 +283,7 @@ fn service_config() -> KubeDiscoveryConfig {
         replay_port: Some(5558),
         kubeconfig: None,
         context: None,
+        role_label: None,
     }
 }
 
@@ -324,6 +325,7 @@ async fn endpointslice_lifecycle() {
             events: Some("tcp://10.0.0.5:5557".into()),
             replay: Some("tcp://10.0.0.5:5558".into()),
             topic_host: "10.0.0.5".into(),
+            role: Default::default(),
         }
     );
 
@@ -610,7 +612,13 @@ fn pod_status(ip: &str, ready: bool) -> Value {
 async fn inference_pool_selects_ready_pods() {
     let standin = Standin::start(&[]);
     let created = standin
-        .create(PODS, pod("vllm-0", json!({"app": "vllm", "model": "qwen"})))
+        .create(
+            PODS,
+            pod(
+                "vllm-0",
+                json!({"app": "vllm", "model": "qwen", "llm-d.ai/role": "prefill"}),
+            ),
+        )
         .await;
     let uid0 = created["metadata"]["uid"]
         .as_str()
@@ -672,6 +680,11 @@ async fn inference_pool_selects_ready_pods() {
         snapshot[0].http,
         "10.0.1.1:8000".parse::<SocketAddr>().unwrap()
     );
+    assert_eq!(
+        snapshot[0].role,
+        PodRole::Prefill,
+        "from its llm-d.ai/role label"
+    );
 
     standin
         .patch(
@@ -697,7 +710,9 @@ async fn inference_pool_selects_ready_pods() {
         .await;
     let mut both = [key0.as_str(), key1.as_str()];
     both.sort();
-    discovery.until_keys("the widened pool", &both).await;
+    let widened = discovery.until_keys("the widened pool", &both).await;
+    let unlabelled = widened.iter().find(|e| e.key == key1).expect("vllm-1");
+    assert_eq!(unlabelled.role, PodRole::Both, "no role label");
 
     standin.delete(&format!("{PODS}/vllm-1")).await;
     discovery.until_keys("a deleted pod", &[&key0]).await;
@@ -740,6 +755,22 @@ fn config_shapes() {
     )
     .is_err());
     assert!(yaml_serde::from_str::<DiscoveryConfig>("consul: {}").is_err());
+    let roles: DiscoveryConfig =
+        yaml_serde::from_str("kubernetes: {inferencePool: qwen-pool, roleLabel: example.com/role}")
+            .expect("roleLabel");
+    roles
+        .validate()
+        .expect("a role label with an InferencePool");
+    let roles: DiscoveryConfig =
+        yaml_serde::from_str("kubernetes: {service: x, port: 8000, roleLabel: example.com/role}")
+            .expect("parses");
+    let err = roles
+        .validate()
+        .expect_err("EndpointSlices carry no pod labels");
+    assert!(
+        err.to_string().contains("roleLabel needs inferencePool"),
+        "{err}"
+    );
     let duplicate: DiscoveryConfig =
         yaml_serde::from_str("static: {pods: [{http: '127.0.0.1:1'}, {http: '127.0.0.1:1'}]}")
             .expect("static");

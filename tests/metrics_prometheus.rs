@@ -129,6 +129,17 @@ fn record_known_traffic(m: &Metrics) {
     m.config_reload(true);
     m.traffic_policy("inference-policy", true);
     m.traffic_policy("estimation-policy", false);
+    // Disaggregated requests: two with both legs, one whose prefill leg failed. The prefill
+    // leg is recorded without its pod, so the per-pod cache figures above stay as they are.
+    m.disaggregated("qwen3", "two_legs");
+    m.disaggregated("qwen3", "two_legs");
+    m.disaggregated("qwen3", "prefill_failed");
+    m.prefill_leg_finished(&RequestRecord {
+        pod: None,
+        ttft: None,
+        total: Duration::from_millis(80),
+        ..ok_request(POD_A, 128, 96, Some(64))
+    });
     // The replica relay: two peers (one unreachable), two followers, 3 batches each way.
     m.relay.peer("10.0.0.7:5558", true);
     m.relay.peer("10.0.0.8:5558", false);
@@ -467,6 +478,16 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
         ("kvgate_flow_queue_depth{model=\"qwen3\",priority=\"1\"}".into(), 2.0),
         ("sum(kvgate_flow_queue_wait_seconds_count)".into(), 1.0),
         ("sum(kvgate_flow_shed_total)".into(), 2.0),
+        (
+            "kvgate_disaggregated_requests_total{model=\"qwen3\",path=\"two_legs\"}".into(),
+            2.0,
+        ),
+        (
+            "kvgate_disaggregated_requests_total{model=\"qwen3\",path=\"prefill_failed\"}"
+                .into(),
+            1.0,
+        ),
+        ("kvgate_prefill_leg_duration_seconds_count".into(), 1.0),
         ("sum(kvgate_relay_peer_up)".into(), 1.0),
         ("kvgate_relay_subscribers".into(), 2.0),
         ("kvgate_relay_batches_sent_total".into(), 3.0),
@@ -519,6 +540,8 @@ async fn prometheus_reads_the_recorded_values_and_every_dashboard_query_returns_
                     ..RecordTick::request(POD_B, i)
                 });
                 m.malformed_event(Some(addr(POD_A)), "decode");
+                m.disaggregated("qwen3", "two_legs");
+                m.prefill_leg_finished(&RecordTick::request(POD_A, i));
                 m.relay.sent(2, 2048);
                 m.relay.received(Some(Duration::from_micros(100 + i % 900)));
                 m.relay.snapshot(SnapshotResult::Applied);

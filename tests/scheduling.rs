@@ -32,6 +32,7 @@ fn endpoint(i: u32) -> PodEndpoint {
         events: None,
         replay: None,
         topic_host: ip.to_string(),
+        role: Default::default(),
     }
 }
 
@@ -406,4 +407,59 @@ fn profiles_are_checked_when_built() {
         build("scorers: [{name: load, params: {bogus: 1}}]"),
         Some(PluginError::Params { .. })
     ));
+}
+
+#[test]
+fn a_disaggregated_profile_picks_decode_pods_and_prefill_pods_among_their_roles() {
+    use kvgate::discovery::PodRole;
+    let ctx = context();
+    // Pods 0, 1 prefill; 2 decode; 3 both. The prompt is cached on prefill pod 1.
+    let roles = [
+        PodRole::Prefill,
+        PodRole::Prefill,
+        PodRole::Decode,
+        PodRole::Both,
+    ];
+    let set = PodSet {
+        pods: roles
+            .iter()
+            .enumerate()
+            .map(|(i, &role)| {
+                let pod = Arc::new(Pod::new(
+                    i as u32,
+                    PodEndpoint {
+                        role,
+                        ..endpoint(i as u32)
+                    },
+                ));
+                pod.set_trust(pod.cache_epoch(), EventTrust::Synced);
+                pod
+            })
+            .collect(),
+    };
+    let prompt = blocks(5_000, 32);
+    ctx.index.store(1, 0, Tier::Gpu, &prompt);
+    let pd = pipeline(
+        &format!("{PRECISE}prefill: {{minUncachedTokens: 64}}\n"),
+        &ctx,
+    );
+    let req = request("pd-1", &prompt, 0);
+
+    let decode = pd.schedule(&req, &set);
+    let mut decode_pods: Vec<u32> = decode.ranked.iter().map(|c| c.pod.id).collect();
+    decode_pods.sort_unstable();
+    assert_eq!(decode_pods, [2, 3], "decode pods and both-pods only");
+
+    let stage = pd.prefill().expect("the profile is disaggregated");
+    assert_eq!(stage.min_uncached_tokens, 64);
+    let prefill = stage.pipeline.schedule(&req, &set);
+    assert_eq!(chosen_id(&prefill), 1, "the prefill pod holding the prompt");
+    assert_eq!(prefill.ranked[0].cached_blocks, 32);
+    let mut prefill_pods: Vec<u32> = prefill.ranked.iter().map(|c| c.pod.id).collect();
+    prefill_pods.sort_unstable();
+    assert_eq!(prefill_pods, [0, 1, 3], "prefill pods and both-pods only");
+
+    // An aggregated profile ignores roles.
+    assert_eq!(pipeline(PRECISE, &ctx).schedule(&req, &set).ranked.len(), 4);
+    assert!(pipeline(PRECISE, &ctx).prefill().is_none());
 }

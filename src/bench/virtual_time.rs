@@ -264,6 +264,7 @@ fn sim_pod_endpoint(i: usize) -> PodEndpoint {
         events: None,
         replay: None,
         topic_host: http.to_string(),
+        role: Default::default(),
     }
 }
 

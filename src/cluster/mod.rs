@@ -212,6 +212,7 @@ impl TrafficPoliciesConfig {
                 replay_port: None,
                 kubeconfig: self.kubeconfig.clone(),
                 context: self.context.clone(),
+                role_label: None,
             }),
             flow_control: None,
         })

@@ -31,8 +31,10 @@ use kube::runtime::WatchStreamExt;
 use kube::{Client, Config, Resource, ResourceExt};
 use serde::Deserialize;
 
-use super::{cancelled, DiscoveryError, PodEndpoint, Publisher, Shutdown};
+use super::{cancelled, DiscoveryError, PodEndpoint, PodRole, Publisher, Shutdown};
 
+/// The pod label that gives a pod's prefill/decode role, as llm-d labels its pods.
+pub const DEFAULT_ROLE_LABEL: &str = "llm-d.ai/role";
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The InferencePool API versions, in order of preference when a pool of one name exists
@@ -99,6 +101,11 @@ pub struct KubeDiscoveryConfig {
     pub kubeconfig: Option<PathBuf>,
     /// A kubeconfig context other than the current one.
     pub context: Option<String>,
+    /// The pod label whose value (`prefill`, `decode`, `both`) is the pod's role in
+    /// disaggregated profiles; read where kvgate watches the pods themselves
+    /// (`inferencePool`). Default `llm-d.ai/role`; unlabelled pods are `both`.
+    #[serde(default)]
+    pub role_label: Option<String>,
 }
 
 impl KubeDiscoveryConfig {
@@ -109,9 +116,15 @@ impl KubeDiscoveryConfig {
             || blank(&self.service)
             || blank(&self.label_selector)
             || blank(&self.inference_pool)
+            || blank(&self.role_label)
         {
             return invalid(
-                "namespace, service, labelSelector and inferencePool must not be empty",
+                "namespace, service, labelSelector, inferencePool and roleLabel must not be empty",
+            );
+        }
+        if self.role_label.is_some() && self.inference_pool.is_none() {
+            return invalid(
+                "roleLabel needs inferencePool: EndpointSlices and Endpoints do not carry pod labels",
             );
         }
         let by_endpoints = self.service.is_some() || self.label_selector.is_some();
@@ -169,6 +182,7 @@ impl KubeDiscoveryConfig {
 struct Shape {
     events_port: Option<u16>,
     replay_port: Option<u16>,
+    role_label: String,
 }
 
 impl Shape {
@@ -178,6 +192,7 @@ impl Shape {
         pod: Option<PodRef<'_>>,
         ip: IpAddr,
         port: u16,
+        role: PodRole,
     ) -> PodEndpoint {
         let topic_host = ip.to_string();
         let (name, uid) = match pod {
@@ -194,6 +209,7 @@ impl Shape {
             events: self.events_port.map(zmq),
             replay: self.replay_port.map(zmq),
             topic_host,
+            role,
         }
     }
 }
@@ -250,7 +266,8 @@ fn slice_endpoints(slice: &EndpointSlice, port: &PortRef, shape: &Shape) -> Vec<
                 tracing::warn!(slice = %slice.name_any(), %address, "unparsable endpoint address; skipped");
                 return None;
             };
-            Some(shape.endpoint(&namespace, PodRef::from_target(e.target_ref.as_ref()), ip, port))
+            let pod = PodRef::from_target(e.target_ref.as_ref());
+            Some(shape.endpoint(&namespace, pod, ip, port, PodRole::Both))
         })
         .collect()
 }
@@ -280,7 +297,7 @@ fn core_endpoints(endpoints: &Endpoints, port: &PortRef, shape: &Shape) -> Vec<P
                 continue;
             };
             let pod = PodRef::from_target(address.target_ref.as_ref());
-            out.push(shape.endpoint(&namespace, pod, ip, port));
+            out.push(shape.endpoint(&namespace, pod, ip, port, PodRole::Both));
         }
     }
     out
@@ -314,7 +331,14 @@ fn pod_endpoint(pod: &Pod, port: &PortRef, shape: &Shape) -> Option<PodEndpoint>
     let name = pod.metadata.name.as_deref()?;
     let uid = pod.metadata.uid.as_deref().unwrap_or("");
     let namespace = pod.namespace().unwrap_or_default();
-    Some(shape.endpoint(&namespace, Some(PodRef { name, uid }), ip, port))
+    let role = match pod.labels().get(&shape.role_label) {
+        None => PodRole::Both,
+        Some(value) => PodRole::from_label(value).unwrap_or_else(|| {
+            tracing::warn!(pod = name, label = %shape.role_label, %value, "unknown role (prefill, decode or both); the pod serves both legs");
+            PodRole::Both
+        }),
+    };
+    Some(shape.endpoint(&namespace, Some(PodRef { name, uid }), ip, port, role))
 }
 
 /// The part of an InferencePool (v1) discovery needs.
@@ -509,6 +533,10 @@ pub(super) async fn run(
     let shape = Shape {
         events_port: cfg.events_port,
         replay_port: cfg.replay_port,
+        role_label: cfg
+            .role_label
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ROLE_LABEL.to_string()),
     };
     if let Some(pool) = &cfg.inference_pool {
         tracing::info!(model = %publisher.model, %namespace, %pool, "discovering pods of an InferencePool");
@@ -825,6 +853,7 @@ mod tests {
         Shape {
             events_port: Some(5557),
             replay_port: None,
+            role_label: DEFAULT_ROLE_LABEL.into(),
         }
     }
 
@@ -931,6 +960,7 @@ mod tests {
                 events: Some("tcp://10.0.0.7:5557".into()),
                 replay: None,
                 topic_host: "10.0.0.7".into(),
+                role: Default::default(),
             }]
         );
         assert!(slice_endpoints(&s, &PortRef::Name("grpc".into()), &shape()).is_empty());

@@ -36,6 +36,46 @@ pub struct PodEndpoint {
     pub replay: Option<String>,
     /// What the pod puts in its topic `kv@<topic_host>@<model>`: the pod IP.
     pub topic_host: String,
+    /// Which leg of a disaggregated request the pod serves.
+    pub role: PodRole,
+}
+
+/// A pod's part in prefill/decode disaggregation (llm-d's `llm-d.ai/role` values).
+/// Aggregated profiles use every pod whatever its role; a disaggregated profile picks
+/// its decode pod among `decode` and `both` pods, its prefill pod among `prefill` and `both`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodRole {
+    Prefill,
+    Decode,
+    #[default]
+    Both,
+}
+
+/// The two legs of a disaggregated request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    Prefill,
+    Decode,
+}
+
+impl PodRole {
+    /// The role a `llm-d.ai/role` label value names (`prefill`, `decode`, `both`).
+    pub fn from_label(value: &str) -> Option<Self> {
+        match value {
+            "prefill" => Some(Self::Prefill),
+            "decode" => Some(Self::Decode),
+            "both" => Some(Self::Both),
+            _ => None,
+        }
+    }
+
+    pub fn serves(self, leg: Leg) -> bool {
+        matches!(
+            (self, leg),
+            (Self::Both, _) | (Self::Prefill, Leg::Prefill) | (Self::Decode, Leg::Decode)
+        )
+    }
 }
 
 /// A full snapshot of a model's ready endpoints, sorted by key.
@@ -181,6 +221,7 @@ mod tests {
             events: None,
             replay: None,
             topic_host: "10.0.0.1".into(),
+            role: Default::default(),
         }
     }
 

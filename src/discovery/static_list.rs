@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{cancelled, DiscoveryError, PodEndpoint, Publisher, Shutdown};
+use super::{cancelled, DiscoveryError, PodEndpoint, PodRole, Publisher, Shutdown};
 
 /// One statically configured pod.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -25,6 +25,9 @@ pub struct StaticPod {
     /// The host part of the pod's topic `kv@<host>@<model>`; defaults to the address's IP.
     #[serde(default)]
     pub topic_host: Option<String>,
+    /// `prefill`, `decode` or `both` (the default): which legs of a disaggregated request it serves.
+    #[serde(default)]
+    pub role: PodRole,
 }
 
 impl StaticPod {
@@ -40,6 +43,7 @@ impl StaticPod {
                 .topic_host
                 .clone()
                 .unwrap_or_else(|| self.http.ip().to_string()),
+            role: self.role,
         }
     }
 }

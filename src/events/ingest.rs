@@ -1258,6 +1258,7 @@ mod tests {
             events: None,
             replay: None,
             topic_host: "10.0.0.1".into(),
+            role: Default::default(),
         };
         registry.apply_snapshot(MODEL, &[endpoint]);
         ingest.sync_pods(Instant::now());
@@ -1321,6 +1322,7 @@ models:
             events: None,
             replay: None,
             topic_host: topic_host.into(),
+            role: Default::default(),
         }
     }
 

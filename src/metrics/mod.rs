@@ -44,6 +44,8 @@
 //! | `kvgate_config_reloads_total` | counter | result |
 //! | `kvgate_config_last_reload_successful` | gauge | |
 //! | `kvgate_traffic_policy_applied` | gauge | policy |
+//! | `kvgate_disaggregated_requests_total` | counter | model, path |
+//! | `kvgate_prefill_leg_duration_seconds` | histogram | model |
 //! | `kvgate_relay_*` (see [`relay`]) | | |
 //! | `kvgate_flow_*` (see [`flow`]) | | |
 //! | `kvgate_trace_records_total` | counter | result |
@@ -239,6 +241,8 @@ pub struct Metrics {
     reloads_failed: IntCounter,
     last_reload_ok: IntGauge,
     traffic_policy_applied: IntGaugeVec,
+    disaggregated: IntCounterVec,
+    prefill_leg: HistogramVec,
     /// The replica relay's metrics.
     pub relay: relay::RelayMetrics,
     /// Flow control's metrics.
@@ -486,6 +490,21 @@ impl Metrics {
              (the previous configuration keeps serving).",
             &["policy"],
         )?;
+        let disaggregated = counter_vec(
+            &r,
+            "kvgate_disaggregated_requests_total",
+            "Requests of disaggregated profiles, by path: two_legs (prefill pod, then decode pod), \
+             decode_alone (the decode pod had enough cached), prefill_failed (the prefill leg failed \
+             or timed out; the decode pod computed the prompt itself).",
+            &["model", "path"],
+        )?;
+        let prefill_leg = histogram_vec(
+            &r,
+            "kvgate_prefill_leg_duration_seconds",
+            "Time from sending a disaggregated request's prefill leg to the prefill pod's answer.",
+            TTFT_BUCKETS,
+            &["model"],
+        )?;
         let trace = counter_vec(
             &r,
             "kvgate_trace_records_total",
@@ -551,6 +570,8 @@ impl Metrics {
             pod_in_flight,
             last_reload_ok,
             traffic_policy_applied,
+            disaggregated,
+            prefill_leg,
             relay,
             flow,
             pods: CowMap::new(),
@@ -853,6 +874,22 @@ impl Metrics {
             ClientWait::Header => self.header_timeouts.inc(),
             ClientWait::Idle => self.idle_timeouts.inc(),
             ClientWait::Body => self.body_timeouts.inc(),
+        }
+    }
+
+    /// How a disaggregated profile served a request (`path`: see the family's help).
+    pub fn disaggregated(&self, model: &str, path: &str) {
+        self.disaggregated.with_label_values(&[model, path]).inc();
+    }
+
+    /// A prefill leg that got its answer: its time, and the prefill pod's cache accounting
+    /// (the same per-pod counters the requests a pod serves alone feed).
+    pub fn prefill_leg_finished(&self, rec: &RequestRecord<'_>) {
+        self.prefill_leg
+            .with_label_values(&[rec.model])
+            .observe(rec.total.as_secs_f64());
+        if let Some(pod) = rec.pod {
+            self.with_pod(pod, |series| series.account_cache(rec));
         }
     }
 
@@ -1578,6 +1615,7 @@ mod tests {
             events: None,
             replay: None,
             topic_host: http.into(),
+            role: Default::default(),
         }
     }
 

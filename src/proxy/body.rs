@@ -73,7 +73,7 @@ pub struct BodyHold {
 
 impl BodyHold {
     /// Charges `more` bytes, unless the budget cannot cover them.
-    fn grow(&mut self, more: usize) -> Result<(), BodyError> {
+    pub(super) fn grow(&mut self, more: usize) -> Result<(), BodyError> {
         let limit = self.limit;
         self.budget
             .used

@@ -235,12 +235,14 @@ impl From<&ForwardError> for ApiError {
                  sent to another server, since this one may have processed it."
                     .into(),
             ),
-            ForwardError::BadUpstreamResponse { .. } => Self::new(
-                502,
-                "server_error",
-                "bad_upstream_response",
-                "The model server sent an invalid response.".into(),
-            ),
+            ForwardError::BadUpstreamResponse { .. } | ForwardError::ResponseTooLarge { .. } => {
+                Self::new(
+                    502,
+                    "server_error",
+                    "bad_upstream_response",
+                    "The model server sent an invalid response.".into(),
+                )
+            }
             ForwardError::ClientGone | ForwardError::Interrupted { .. } => Self::new(
                 502,
                 "server_error",

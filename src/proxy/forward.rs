@@ -114,6 +114,8 @@ pub enum ForwardError {
     },
     #[error("the client went away")]
     ClientGone,
+    #[error("pod {pod} sent a response longer than the {max_bytes} bytes expected")]
+    ResponseTooLarge { pod: SocketAddr, max_bytes: usize },
     #[error("pod {pod} broke off the response: {source}")]
     Interrupted {
         pod: SocketAddr,
@@ -136,6 +138,15 @@ pub struct ForwardReport {
     pub usage: Option<Usage>,
     pub time_to_first_byte: Option<Duration>,
     pub error: Option<ForwardError>,
+}
+
+/// A request delivered to a pod, whose response header has arrived.
+struct Delivered {
+    upstream: HttpSession,
+    peer: HttpPeer,
+    /// The pod's load, held until the exchange ends.
+    load: crate::pods::InFlight,
+    sent_at: Instant,
 }
 
 /// Why one attempt did not get a response header.
@@ -180,6 +191,109 @@ impl Forwarder {
         on_sent: &mut (dyn FnMut(usize) + Send),
     ) -> ForwardReport {
         let mut report = ForwardReport::default();
+        let Some(mut delivered) = self
+            .deliver(
+                session,
+                exchange,
+                targets,
+                settings,
+                now_ms,
+                on_sent,
+                &mut report,
+            )
+            .await
+        else {
+            return report;
+        };
+        let streamed = self
+            .stream_response(
+                session,
+                &mut delivered.upstream,
+                exchange,
+                &mut delivered.load,
+                delivered.sent_at,
+                &mut report,
+            )
+            .await;
+        self.finish(delivered, streamed, &mut report).await;
+        report
+    }
+
+    /// Like [`forward`](Self::forward), but reads the response whole (at most
+    /// `max_bytes` of it) instead of streaming it to the client, which is still watched:
+    /// a client that leaves ends the exchange. The prefill leg of a disaggregated request.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch(
+        &self,
+        session: &mut Session,
+        exchange: &Exchange<'_>,
+        targets: &[Target],
+        settings: &ForwardSettings,
+        now_ms: &(dyn Fn() -> u64 + Sync),
+        on_sent: &mut (dyn FnMut(usize) + Send),
+        max_bytes: usize,
+    ) -> (ForwardReport, Bytes) {
+        let mut report = ForwardReport::default();
+        let Some(mut delivered) = self
+            .deliver(
+                session,
+                exchange,
+                targets,
+                settings,
+                now_ms,
+                on_sent,
+                &mut report,
+            )
+            .await
+        else {
+            return (report, Bytes::new());
+        };
+        let mut body = bytes::BytesMut::new();
+        let read = self
+            .read_whole(session, &mut delivered, max_bytes, &mut body, &mut report)
+            .await;
+        self.finish(delivered, read, &mut report).await;
+        let body = body.freeze();
+        let mut usage = UsageTap::for_content_type(b"application/json");
+        usage.feed(&body);
+        report.usage = usage.finish();
+        (report, body)
+    }
+
+    /// Pools the connection after a complete exchange; closes it otherwise, which is
+    /// what tells vLLM to abort.
+    async fn finish(
+        &self,
+        mut delivered: Delivered,
+        outcome: Result<(), ForwardError>,
+        report: &mut ForwardReport,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.connector
+                    .release_http_session(delivered.upstream, &delivered.peer, Some(POOL_IDLE))
+                    .await;
+            }
+            Err(error) => {
+                delivered.upstream.shutdown().await;
+                report.error = Some(error);
+            }
+        }
+    }
+
+    /// Sends the request to the first target that takes it and waits for its response
+    /// header. `None` when the exchange ended (the error is in `report`).
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        session: &mut Session,
+        exchange: &Exchange<'_>,
+        targets: &[Target],
+        settings: &ForwardSettings,
+        now_ms: &(dyn Fn() -> u64 + Sync),
+        on_sent: &mut (dyn FnMut(usize) + Send),
+        report: &mut ForwardReport,
+    ) -> Option<Delivered> {
         let mut stale_retries = STALE_RETRIES;
         let mut next = 0;
         let mut last_failure = None;
@@ -189,10 +303,10 @@ impl Forwarder {
             report.target = Some(next);
             report.attempts += 1;
             report.queued_uncached_tokens = pod.uncached_tokens_in_flight();
-            let mut load = pod.begin_request(target.uncached_tokens);
+            let load = pod.begin_request(target.uncached_tokens);
             let peer = peer_for(pod.addr(), settings);
             let sent_at = Instant::now();
-            let mut upstream = match self
+            let upstream = match self
                 .send(session, &peer, pod, exchange, settings, &mut || {
                     on_sent(next)
                 })
@@ -231,7 +345,7 @@ impl Forwarder {
                         tracing::warn!(request_id = exchange.request_id, pod = %pod.addr(), %error, ejected, "the pod failed a request it received; not retried elsewhere");
                     }
                     report.error = Some(error);
-                    return report;
+                    return None;
                 }
             };
             let status = upstream.get_status().map_or(0, |s| s.as_u16());
@@ -241,29 +355,12 @@ impl Forwarder {
             } else {
                 pod.record_success();
             }
-            let streamed = self
-                .stream_response(
-                    session,
-                    &mut upstream,
-                    exchange,
-                    &mut load,
-                    sent_at,
-                    &mut report,
-                )
-                .await;
-            match streamed {
-                Ok(()) => {
-                    self.connector
-                        .release_http_session(upstream, &peer, Some(POOL_IDLE))
-                        .await;
-                }
-                Err(error) => {
-                    // Closing (not pooling) the connection is what tells vLLM to abort.
-                    upstream.shutdown().await;
-                    report.error = Some(error);
-                }
-            }
-            return report;
+            return Some(Delivered {
+                upstream,
+                peer,
+                load,
+                sent_at,
+            });
         }
         report.error = Some(match last_failure {
             Some((pod, last)) => ForwardError::AllAttemptsFailed {
@@ -273,7 +370,39 @@ impl Forwarder {
             },
             None => ForwardError::NoCandidates,
         });
-        report
+        None
+    }
+
+    /// Reads the response body whole into `body`, watching the client meanwhile.
+    async fn read_whole(
+        &self,
+        session: &mut Session,
+        delivered: &mut Delivered,
+        max_bytes: usize,
+        body: &mut bytes::BytesMut,
+        report: &mut ForwardReport,
+    ) -> Result<(), ForwardError> {
+        let pod = delivered.load.pod().addr();
+        while !delivered.upstream.is_body_done() {
+            let chunk = tokio::select! {
+                biased;
+                chunk = delivered.upstream.read_body_bytes() => chunk,
+                _ = session.downstream_session.read_body_or_idle(true) => {
+                    return Err(ForwardError::ClientGone);
+                }
+            };
+            match chunk {
+                Ok(Some(chunk)) if body.len() + chunk.len() > max_bytes => {
+                    return Err(ForwardError::ResponseTooLarge { pod, max_bytes });
+                }
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(source) => return Err(ForwardError::Interrupted { pod, source }),
+            }
+        }
+        report.time_to_first_byte = Some(delivered.sent_at.elapsed());
+        delivered.load.prefill_finished();
+        Ok(())
     }
 
     /// Connects, sends the request and waits for the final response header, watching the

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pingora::http::RequestHeader;
 
+use super::disagg::DisaggPath;
 use super::gateway::ActiveRequest;
 use super::REQUEST_ID_HEADER;
 use crate::metrics::{Metrics, RequestRecord, UNKNOWN};
@@ -44,8 +45,25 @@ pub struct RequestCtx {
     /// The answering pod's requests in flight once this one was released.
     pub pod_in_flight: Option<u32>,
     pub error: Option<String>,
+    /// How a disaggregated profile served it; `None` for aggregated profiles.
+    pub disaggregation: Option<DisaggPath>,
+    /// The prefill leg, when one ran (the fields above describe the decode leg then).
+    pub prefill: Option<PrefillLeg>,
     /// Counts the request as in progress (drain on shutdown) until the context drops.
     pub active: Option<ActiveRequest>,
+}
+
+/// What the prefill leg of a disaggregated request did.
+#[derive(Debug, Default)]
+pub struct PrefillLeg {
+    /// The prefill pod that answered, or was tried last.
+    pub endpoint: Option<SocketAddr>,
+    pub predicted_cached_tokens: Option<usize>,
+    pub actual_cached_tokens: Option<u64>,
+    pub status: Option<u16>,
+    pub duration: Option<Duration>,
+    pub scores: String,
+    pub error: Option<String>,
 }
 
 impl RequestCtx {
@@ -68,6 +86,7 @@ impl RequestCtx {
             .started
             .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
         let error = error.map(|e| e.to_string()).or_else(|| self.error.clone());
+        let prefill = self.prefill.as_ref();
         tracing::info!(
             request_id = %self.request_id,
             method = %self.method,
@@ -86,6 +105,18 @@ impl RequestCtx {
             upstream_status = self.upstream_status,
             ttfb_ms = self.time_to_first_byte.map(|d| d.as_secs_f64() * 1e3),
             pod_in_flight = self.pod_in_flight,
+            disaggregation = self.disaggregation.map(DisaggPath::as_str),
+            prefill_endpoint = prefill
+                .and_then(|p| p.endpoint)
+                .map(tracing::field::display),
+            prefill_predicted_cached_tokens = prefill.and_then(|p| p.predicted_cached_tokens),
+            prefill_actual_cached_tokens = prefill.and_then(|p| p.actual_cached_tokens),
+            prefill_status = prefill.and_then(|p| p.status),
+            prefill_ms = prefill
+                .and_then(|p| p.duration)
+                .map(|d| d.as_secs_f64() * 1e3),
+            prefill_scores = prefill.map(|p| p.scores.as_str()),
+            prefill_error = prefill.and_then(|p| p.error.as_deref()),
             duration_ms,
             error = error.as_deref(),
             "Request handled"
@@ -119,6 +150,12 @@ impl RequestCtx {
     /// (0 when nothing was written: the client went away first, counted as 499).
     pub fn record_metrics(&self, metrics: &Metrics, status: u16, streamed: bool) {
         let total = self.started.map_or(Duration::ZERO, |s| s.elapsed());
+        if let Some(path) = self.disaggregation {
+            metrics.disaggregated(
+                self.target_model.as_deref().unwrap_or(UNKNOWN),
+                path.as_str(),
+            );
+        }
         metrics.request_finished(&RequestRecord {
             model: self.target_model.as_deref().unwrap_or(UNKNOWN),
             pod: self.endpoint,

@@ -6,6 +6,7 @@
 //! unreachable. This file only dispatches by path and writes the log line.
 
 mod body;
+mod disagg;
 mod discovery;
 mod errors;
 mod flow;

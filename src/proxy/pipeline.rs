@@ -13,6 +13,7 @@ use pingora::proxy::Session;
 use serde::Deserialize;
 
 use super::body::{self, BodyError, BodyHold};
+use super::disagg::{PrefillInput, PrefillOutcome};
 use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::gateway::{GatewayState, Route};
@@ -129,7 +130,7 @@ impl KvGateProxy {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let (mut body, _buffered) = self.read_body(session, &state).await?;
+        let (mut body, mut hold) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let mut request = match tokenize::parse_request(endpoint, &body) {
             Ok(request) => request,
@@ -138,7 +139,7 @@ impl KvGateProxy {
                 let model = model_field(&body).ok_or_else(|| ApiError::from(&error))?;
                 tracing::info!(request_id = %ctx.request_id, %model, %error, "prompt not routable; routing on load alone");
                 return self
-                    .dispatch_on_load(session, ctx, &state, model, routing_since, &body)
+                    .dispatch_on_load(session, ctx, &state, model, routing_since, &body, &mut hold)
                     .await;
             }
             Err(error) => return Err(ApiError::from(&error)),
@@ -167,7 +168,7 @@ impl KvGateProxy {
             }
         };
         let outcome = self
-            .dispatch(session, ctx, &state, route, &prompt, &body)
+            .dispatch(session, ctx, &state, route, &prompt, &body, &mut hold)
             .await;
         ctx.prompt_blocks = prompt.block_keys;
         outcome
@@ -181,7 +182,7 @@ impl KvGateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<(), ApiError> {
         let state = self.gateway.state();
-        let (body, _buffered) = self.read_body(session, &state).await?;
+        let (body, mut hold) = self.read_body(session, &state).await?;
         let routing_since = Instant::now();
         let named = is_json(session.req_header())
             .then(|| model_field(&body))
@@ -195,11 +196,12 @@ impl KvGateProxy {
                 )
             })?,
         };
-        self.dispatch_on_load(session, ctx, &state, model, routing_since, &body)
+        self.dispatch_on_load(session, ctx, &state, model, routing_since, &body, &mut hold)
             .await
     }
 
     /// Sends the request to a pod of `model` chosen without a prompt to route on.
+    #[allow(clippy::too_many_arguments)]
     async fn dispatch_on_load(
         &self,
         session: &mut Session,
@@ -208,6 +210,7 @@ impl KvGateProxy {
         mut model: String,
         routing_since: Instant,
         body: &bytes::Bytes,
+        hold: &mut BodyHold,
     ) -> Result<(), ApiError> {
         ctx.model = Some(model.clone());
         let mut body = body.clone();
@@ -220,11 +223,14 @@ impl KvGateProxy {
             route,
             &Prompt::unknown(routing_since),
             &body,
+            hold,
         )
         .await
     }
 
-    /// Schedules the request among the model's pods and forwards it.
+    /// Schedules the request among the model's pods and forwards it. `hold` is the body's
+    /// charge to the body budget, which the legs of a disaggregated request add to.
+    #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
         session: &mut Session,
@@ -233,6 +239,7 @@ impl KvGateProxy {
         route: &Route,
         prompt: &Prompt,
         body: &bytes::Bytes,
+        hold: &mut BodyHold,
     ) -> Result<(), ApiError> {
         let runtime = &route.model;
         ctx.target_model = Some(runtime.name.clone());
@@ -260,8 +267,9 @@ impl KvGateProxy {
             })?;
         ctx.policy = Some(profile.name().to_string());
         let affinity = header_str(session.req_header(), SESSION_HEADER).map(str::to_string);
-        let upstream_header = upstream_header(session.req_header(), body.len(), &ctx.request_id)
-            .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
+        let mut upstream_header =
+            upstream_header(session.req_header(), body.len(), &ctx.request_id)
+                .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
 
         // Flow control: while the model's pods are saturated the request waits here,
         // and is scored and routed only once dispatched.
@@ -272,8 +280,10 @@ impl KvGateProxy {
             return Ok(());
         };
         let pods = self.gateway.pods.pods(&runtime.name).unwrap_or_default();
+        // The prefill leg records itself in `ctx` while the request is still borrowed.
+        let request_id = ctx.request_id.clone();
         let request = SchedulingRequest {
-            request_id: &ctx.request_id,
+            request_id: &request_id,
             model: &runtime.name,
             scope: route.scope,
             adapter: route.lora.as_ref().map(|lora| lora.name.as_str()),
@@ -297,12 +307,38 @@ impl KvGateProxy {
                 uncached_tokens: c.uncached_tokens(&request) as u64,
             })
             .collect();
+        let settings = ForwardSettings::from(server);
+        let mut body = body.clone();
+        if let Some(stage) = profile.prefill() {
+            let exchange = Exchange {
+                header: &upstream_header,
+                body: &body,
+                request_id: &request_id,
+            };
+            let input = PrefillInput {
+                stage,
+                request: &request,
+                pods: &pods,
+                decode_uncached: decision.ranked[0].uncached_tokens(&request),
+                exchange: &exchange,
+                settings: &settings,
+                hold,
+            };
+            match self.prefill_leg(session, ctx, input).await {
+                PrefillOutcome::Decode(decode_body) => body = decode_body,
+                PrefillOutcome::ClientGone => {
+                    return conclude(session, ctx, ForwardError::ClientGone, false)
+                }
+            }
+            upstream_header
+                .insert_header(header::CONTENT_LENGTH, body.len())
+                .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;
+        }
         let exchange = Exchange {
             header: &upstream_header,
-            body,
-            request_id: &ctx.request_id,
+            body: &body,
+            request_id: &request_id,
         };
-        let settings = ForwardSettings::from(server);
         let gateway = &self.gateway;
         let now_ms = || gateway.now().as_millis() as u64;
         let report = self
@@ -341,21 +377,26 @@ impl KvGateProxy {
         }
         match report.error {
             None => Ok(()),
-            Some(ForwardError::ClientGone) => {
-                ctx.error = Some(ForwardError::ClientGone.to_string());
-                session.set_keepalive(None);
-                Ok(())
-            }
-            Some(error) if report.response_started => {
-                ctx.error = Some(error.to_string());
-                Ok(())
-            }
-            Some(error) => {
-                let response = ApiError::from(&error);
-                ctx.error = Some(error.to_string());
-                Err(response)
-            }
+            Some(error) => conclude(session, ctx, error, report.response_started),
         }
+    }
+}
+
+/// How a request whose exchange with a pod failed ends for the client.
+fn conclude(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    error: ForwardError,
+    response_started: bool,
+) -> Result<(), ApiError> {
+    ctx.error = Some(error.to_string());
+    match error {
+        ForwardError::ClientGone => {
+            session.set_keepalive(None);
+            Ok(())
+        }
+        _ if response_started => Ok(()),
+        error => Err(ApiError::from(&error)),
     }
 }
 

@@ -25,6 +25,14 @@ Per-request behaviour is chosen by request headers (kvgate forwards them):
   x-fake-status: S        answer with this HTTP status and an OpenAI error body
   x-fake-hangup: 1        read the whole request, then close the connection without
                           answering, as a pod that crashes on a prompt does
+  x-fake-prefill-status: S   as x-fake-status, for prefill legs only (see below)
+  x-fake-prefill-delay-ms: D pause before answering a prefill leg
+
+Prefill/decode disaggregation, as vLLM's NixlConnector speaks it: a request whose
+`kv_transfer_params.do_remote_decode` is true is a prefill leg; its answer carries the
+`kv_transfer_params` a decode pod needs to pull the KV (`do_remote_prefill`, this
+pod's engine id, block ids, host and port). The parsed JSON body of every completion
+request is recorded (`json`), so tests can check both legs.
 
 With --zmq-bind-ranks N the pod binds one XPUB per data-parallel rank on consecutive
 ports (rank r on the first port + r, as vLLM does), found by binding and binding anew on a
@@ -186,10 +194,15 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.send_json(400, {"error": {"message": "bad json", "type": "BadRequestError", "code": 400}})
             return update(index, completed=True)
+        update(index, json=request)
         if self.headers.get("x-fake-hangup"):
             self.close_connection = True
             return
+        prefill_leg = bool((request.get("kv_transfer_params") or {}).get("do_remote_decode"))
         status = int(self.headers.get("x-fake-status") or 200)
+        if prefill_leg:
+            time.sleep(int(self.headers.get("x-fake-prefill-delay-ms") or 0) / 1000.0)
+            status = int(self.headers.get("x-fake-prefill-status") or status)
         if status != 200:
             self.send_json(status, {"error": {"message": "fake failure", "type": "InternalServerError", "code": status}})
             return update(index, completed=True)
@@ -206,6 +219,18 @@ class Handler(BaseHTTPRequestHandler):
         }
         rid = self.headers.get("x-request-id", "none")
         model = request.get("model", self.server.model)
+        transfer = None
+        if prefill_leg:
+            port = self.server.server_port
+            transfer = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_engine_id": "fake-engine-%d" % port,
+                "remote_block_ids": list(range((prompt_tokens + 15) // 16)),
+                "remote_host": "127.0.0.1",
+                "remote_port": port,
+                "tp_size": 1,
+            }
         with STATE_LOCK:
             STATE["running"] += 1
         try:
@@ -219,16 +244,21 @@ class Handler(BaseHTTPRequestHandler):
                     choice["message"] = {"role": "assistant", "content": text}
                 else:
                     choice["text"] = text
-                self.send_json(200, {
+                answer = {
                     "id": "cmpl-" + rid,
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
                     "model": model,
                     "choices": [choice],
                     "usage": usage,
-                    "kv_transfer_params": None,
-                })
-                update(index, completed=True)
+                    "kv_transfer_params": transfer,
+                }
+                try:
+                    self.send_json(200, answer)
+                    update(index, completed=True)
+                except (BrokenPipeError, ConnectionResetError):
+                    update(index, client_closed=True)
+                    self.close_connection = True
         finally:
             with STATE_LOCK:
                 STATE["running"] -= 1

@@ -255,6 +255,10 @@ pub struct GatewayConfig {
     pub profiles: Option<String>,
     /// Every model's `flowControl:` (a YAML flow mapping); off when `None`.
     pub flow_control: Option<String>,
+    /// (pod address, `prefill` | `decode` | `both`): the static pods' roles; unlisted: `both`.
+    pub pod_roles: Vec<(String, String)>,
+    /// `server.responseTimeoutMs`.
+    pub response_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -277,6 +281,8 @@ impl Default for GatewayConfig {
             max_buffered_body_bytes: None,
             profiles: None,
             flow_control: None,
+            pod_roles: Vec::new(),
+            response_timeout_ms: 30_000,
         }
     }
 }
@@ -284,6 +290,12 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     pub fn with_model(mut self, name: &str, pods: &[String]) -> Self {
         self.models.push((name.to_string(), pods.to_vec()));
+        self
+    }
+
+    /// Gives the static pod at `addr` a prefill/decode role.
+    pub fn with_role(mut self, addr: &str, role: &str) -> Self {
+        self.pod_roles.push((addr.to_string(), role.to_string()));
         self
     }
 
@@ -326,7 +338,7 @@ impl GatewayConfig {
   maxBodyBytes: {}
   maxAttempts: {}
   connectTimeoutMs: 1000
-  responseTimeoutMs: 30000
+  responseTimeoutMs: {}
   ejectAfterFailures: {}
   ejectMs: 60000
   healthCheckIntervalMs: {}
@@ -343,6 +355,7 @@ models:
 ",
             self.max_body_bytes,
             self.max_attempts,
+            self.response_timeout_ms,
             self.eject_after_failures,
             self.health_check_interval_ms,
             self.scrape_interval_ms,
@@ -351,7 +364,12 @@ models:
         for (name, pods) in &self.models {
             let pods = pods
                 .iter()
-                .map(|p| format!("{{http: \"{p}\"}}"))
+                .map(
+                    |p| match self.pod_roles.iter().find(|(addr, _)| addr == p) {
+                        Some((_, role)) => format!("{{http: \"{p}\", role: {role}}}"),
+                        None => format!("{{http: \"{p}\"}}"),
+                    },
+                )
                 .collect::<Vec<_>>()
                 .join(", ");
             out.push_str(&format!(
