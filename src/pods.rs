@@ -551,10 +551,11 @@ impl PodRegistry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn endpoint(port: u16) -> PodEndpoint {
+    /// A static pod on loopback `port`.
+    pub(crate) fn endpoint(port: u16) -> PodEndpoint {
         let http = SocketAddr::from(([127, 0, 0, 1], port));
         PodEndpoint {
             key: http.to_string(),

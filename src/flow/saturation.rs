@@ -46,26 +46,13 @@ pub fn has_room(
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
     use std::sync::Arc;
 
     use super::*;
-    use crate::discovery::PodEndpoint;
     use crate::pods::ScrapedLoad;
 
     fn pod(id: u32) -> Arc<Pod> {
-        let http = SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16));
-        Arc::new(Pod::new(
-            id,
-            PodEndpoint {
-                key: http.to_string(),
-                name: http.to_string(),
-                http,
-                events: None,
-                replay: None,
-                topic_host: http.to_string(),
-            },
-        ))
+        Arc::new(Pod::new(id, crate::pods::tests::endpoint(9000 + id as u16)))
     }
 
     #[test]
