@@ -328,6 +328,11 @@ async fn every_release_exact_frames_with_replay_connect_mode() {
             if total != base.len() + lora.len() {
                 return Err(format!("{total} blocks indexed"));
             }
+            // A batch's counters move after its blocks are indexed: wait for all three.
+            let checked = gate.counts(pod.id).parity_checked;
+            if checked < 3 {
+                return Err(format!("{checked} batches parity-checked"));
+            }
             match pod.trust() {
                 EventTrust::Synced => Ok(()),
                 other => Err(format!("trust {other:?}")),
