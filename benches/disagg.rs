@@ -10,6 +10,8 @@
 //!
 //! `cargo bench --bench disagg` (a smoke run under `cargo test`).
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/smoke.rs"]
 mod smoke;
 
@@ -104,33 +106,11 @@ models:
 
 /// The `listening` line kvgate prints once its sockets are open: (proxy, admin) ports.
 fn listening(child: &mut Child) -> (u16, u16) {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("kvgate listening within 60 s");
-        let Ok(value) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        let port = |name: &str| {
-            value["listening"][name]
-                .as_str()
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} address in {line}"))
-        };
-        if value["listening"].is_object() {
-            return (port("proxy"), port("admin"));
-        }
-    }
+    let listening = child::json_line(child, "listening");
+    (
+        child::port_of(&listening["proxy"]),
+        child::port_of(&listening["admin"]),
+    )
 }
 
 /// Document text from the LooGLE trace, `chars` long (~4 chars per token).

@@ -7,6 +7,8 @@
 //! cannot, so it gets a port that was free a moment ago and is restarted on another if it
 //! loses that port to someone else.
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/smoke.rs"]
 mod smoke;
 
@@ -54,40 +56,6 @@ fn probed_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
-}
-
-/// The first line of `child`'s stdout that parses as JSON with `key`, within 60 s.
-fn json_line(child: &mut Child, key: &str) -> serde_json::Value {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {key:?} line within 60 s"));
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-            if value.get(key).is_some() {
-                return value[key].clone();
-            }
-        }
-    }
-}
-
-/// The port of an `ip:port` address in a JSON line.
-fn port_of(address: &serde_json::Value) -> u16 {
-    address
-        .as_str()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or_else(|| panic!("not an address: {address}"))
 }
 
 fn gateway_config(pod: u16) -> String {
@@ -393,9 +361,9 @@ async fn run() {
         .stderr(log("sim.err"))
         .spawn()
         .expect("start kvgate sim");
-    let ready = json_line(&mut sim, "ready");
+    let ready = child::json_line(&mut sim, "ready");
     children.0.push(sim);
-    let pod = port_of(&ready["pods"][0]["http"]);
+    let pod = child::port_of(&ready["pods"][0]["http"]);
     std::fs::write(&config, gateway_config(pod)).expect("write kvgate config");
     let mut gateway = Command::new(bin)
         .args(["serve", "--config"])
@@ -408,10 +376,13 @@ async fn run() {
         .stderr(log("kvgate.err"))
         .spawn()
         .expect("start kvgate serve");
-    let listening = json_line(&mut gateway, "listening");
+    let listening = child::json_line(&mut gateway, "listening");
     let gateway_pid = gateway.id();
     children.0.push(gateway);
-    let (listen, admin) = (port_of(&listening["proxy"]), port_of(&listening["admin"]));
+    let (listen, admin) = (
+        child::port_of(&listening["proxy"]),
+        child::port_of(&listening["admin"]),
+    );
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(THROUGHPUT_CONCURRENCY * 2)
