@@ -12,6 +12,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/smoke.rs"]
 mod smoke;
 
@@ -136,28 +138,16 @@ fn loogle_text(chars: usize) -> String {
     text
 }
 
+/// One chat exchange through `profile`, in milliseconds.
 async fn timed_post(client: &reqwest::Client, url: &str, profile: &str, text: String) -> f64 {
     let body = serde_json::to_vec(&json!({
         "model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8,
     }))
     .expect("serialize body");
-    let start = Instant::now();
-    let resp = client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("x-kvgate-profile", profile)
-        .body(body)
-        .send()
+    http::timed_post(client, url, &[("x-kvgate-profile", profile)], body.into())
         .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = resp.status();
-    let answer = resp.bytes().await.expect("read response body");
-    assert!(
-        status.is_success(),
-        "POST {url}: {status} {}",
-        String::from_utf8_lossy(&answer)
-    );
-    start.elapsed().as_secs_f64() * 1e3
+        .as_secs_f64()
+        * 1e3
 }
 
 fn p50(mut values: Vec<f64>) -> f64 {

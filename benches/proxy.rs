@@ -9,6 +9,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/smoke.rs"]
 mod smoke;
 
@@ -170,25 +172,6 @@ fn chat_body(text: &str) -> bytes::Bytes {
     .into()
 }
 
-async fn timed_post(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Duration {
-    let start = Instant::now();
-    let resp = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = resp.status();
-    let answer = resp.bytes().await.expect("read response body");
-    assert!(
-        status.is_success(),
-        "POST {url}: {status} {}",
-        String::from_utf8_lossy(&answer)
-    );
-    start.elapsed()
-}
-
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -220,8 +203,8 @@ async fn added_latency(
 ) -> LatencyRun {
     // Warm both paths (connections, tokenizer caches) before measuring.
     for _ in 0..3 {
-        timed_post(client, direct, chat_body(text)).await;
-        timed_post(client, gateway, chat_body(text)).await;
+        http::timed_post(client, direct, &[], chat_body(text)).await;
+        http::timed_post(client, gateway, &[], chat_body(text)).await;
     }
     let mut added = Vec::with_capacity(latency_rounds());
     let mut directs = Vec::with_capacity(latency_rounds());
@@ -233,16 +216,16 @@ async fn added_latency(
         let direct_body = chat_body(&format!("Round {round} direct. {text}"));
         let gateway_body = chat_body(&format!("Round {round} kvgate. {text}"));
         let (d, g) = if round % 2 == 0 {
-            let d = timed_post(client, direct, direct_body).await;
+            let d = http::timed_post(client, direct, &[], direct_body).await;
             let before = cpu_seconds(gateway_pid);
-            let g = timed_post(client, gateway, gateway_body).await;
+            let g = http::timed_post(client, gateway, &[], gateway_body).await;
             gateway_cpu += cpu_seconds(gateway_pid) - before;
             (d, g)
         } else {
             let before = cpu_seconds(gateway_pid);
-            let g = timed_post(client, gateway, gateway_body).await;
+            let g = http::timed_post(client, gateway, &[], gateway_body).await;
             gateway_cpu += cpu_seconds(gateway_pid) - before;
-            (timed_post(client, direct, direct_body).await, g)
+            (http::timed_post(client, direct, &[], direct_body).await, g)
         };
         added.push((g.as_secs_f64() - d.as_secs_f64()) * 1e3);
         directs.push(d.as_secs_f64() * 1e3);
@@ -273,7 +256,7 @@ async fn throughput(client: &reqwest::Client, url: &str) -> (f64, u64) {
                 (client.clone(), url.to_string(), body.clone(), done.clone());
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    timed_post(&client, &url, body.clone()).await;
+                    http::timed_post(&client, &url, &[], body.clone()).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
