@@ -38,6 +38,7 @@ use crate::pods::Pod;
 
 mod healthy;
 mod kv_cache;
+mod kv_headroom;
 mod least_request;
 mod load;
 mod lora_affinity;
@@ -238,6 +239,7 @@ impl Factory {
 const REGISTRY: &[(&str, Factory)] = &[
     (healthy::NAME, Factory::Filter(healthy::build)),
     (kv_cache::NAME, Factory::Scorer(kv_cache::build)),
+    (kv_headroom::NAME, Factory::Scorer(kv_headroom::build)),
     (prefix::NAME, Factory::Scorer(prefix::build)),
     (load::NAME, Factory::Scorer(load::build)),
     (lora_affinity::NAME, Factory::Scorer(lora_affinity::build)),

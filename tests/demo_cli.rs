@@ -155,13 +155,19 @@ fn demo_runs_the_chat_across_replicas_and_kv_cache_wins_the_comparison() {
         kv_replay["liveHitRate"].as_f64().expect("live"),
     );
     // The replay goes through what the live run went through (each request via the replica
-    // that recorded it, the pod restart when it was asked for). How close it lands is
-    // reported, not bounded: the #13 target (2 points) is not met on every run (README).
+    // that recorded it, the pod restart when it was asked for), and the kv-cache profile
+    // places new prefixes by the room in the pods' caches (`kv-headroom`) rather than by a
+    // tie-break hash whose inputs (pod addresses, salted block ids) differ between the live
+    // run and its replay: #13's target.
     let gap = kv_replay["gapPoints"].as_f64().expect("gap");
     eprintln!("kv-cache hit rate: replayed {replayed:.4}, live {live:.4}, {gap:.1} points apart");
     assert!(
         (gap - (replayed - live).abs() * 100.0).abs() < 1e-9,
         "the gap is the distance between the two: {kv_replay}"
+    );
+    assert!(
+        gap <= 2.0,
+        "the replay reproduces the live kv-cache hit rate within 2 points: {kv_replay}"
     );
     assert!(
         stdout
