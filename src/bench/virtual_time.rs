@@ -56,8 +56,8 @@ use crate::plugins::{PluginContext, PluginError, RequestOutcome, SchedulingReque
 use crate::pods::{EventTrust, InFlight, Pod, PodId, PodSet, ScrapedLoad, ScrapedLora};
 use crate::scheduler::Pipeline;
 use crate::sim::{
-    EngineEvent, KvChange, ParamsError, PodEngine, PodParams, RequestId, SimRequest, StepOutput,
-    SubmitError,
+    EngineEvent, KvChange, KvTransfer, ParamsError, PodEngine, PodParams, RequestId, SimRequest,
+    StepOutput, SubmitError,
 };
 
 /// The simulated cluster and router settings shared by every run of a benchmark.
@@ -520,6 +520,7 @@ impl<'a> Run<'a> {
                     prompt_tokens: request.prompt_tokens,
                     max_tokens: request.output_tokens,
                     lora: request.adapter.clone(),
+                    kv_transfer: KvTransfer::None,
                 },
             )
             .map_err(|source| SimError::Submit {
