@@ -1,7 +1,8 @@
 //! Prefill/decode disaggregation through `kvgate serve` in front of `kvgate sim` pods that
 //! take roles and speak vLLM's NixlConnector protocol: the prefill pods answer the prefill
 //! leg with `kv_transfer_params`, the decode pod pulls the KV instead of computing it, and
-//! every pod publishes KV events over ZeroMQ (the decode pod for the blocks it pulled).
+//! every pod publishes KV events over ZeroMQ (the decode pod for the blocks it pulled). The
+//! traffic trace records each request's prefill pod.
 
 // Shared by the tests that start `kvgate sim` pods, each using part of it.
 #[allow(dead_code)]
@@ -86,6 +87,7 @@ events:
 logging:
   level: info
   format: json
+trace: {{path: trace.jsonl}}
 profiles:
   default:
     filters: [{{name: healthy}}]
@@ -171,6 +173,31 @@ profiles:
         second["predicted_cached_tokens"].as_u64() > Some(1_000),
         "{second}"
     );
+
+    // The traffic trace names the prefill pod of each request, with its leg's accounting.
+    let trace = dir.path().join("trace.jsonl");
+    let lines = wait_for("the three requests in the trace", LIMIT, || {
+        let lines: Vec<Value> = fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (lines.len() == 3).then_some(lines)
+    });
+    for line in &lines {
+        assert_eq!(line["pod"], decode_http, "{line}");
+        assert!(prefill_http.contains(&line["prefill_pod"].as_str().unwrap_or("")));
+    }
+    let warm = lines
+        .iter()
+        .find(|l| l["prefill_actual_cached_tokens"].as_u64() > Some(1_000))
+        .expect("the second document request");
+    assert_eq!(warm["prefill_pod"], warm_prefill.as_str(), "{warm}");
+    assert_eq!(
+        warm["prefill_predicted_cached_tokens"],
+        warm["prefill_actual_cached_tokens"]
+    );
+    assert_eq!(warm["input_length"], second["prompt_tokens"], "{warm}");
 }
 
 #[test]
