@@ -455,8 +455,12 @@ fn the_benchmark_configs_readme_names_exist_and_run() {
         assert!(
             format!("{:?}", config.profiles.get("default"))
                 != format!("{:?}", shipped.profiles.get("default"))
-                || model.flow_control.is_some(),
-            "{path} leaves the precise profile as it is and adds no flow control"
+                || model.flow_control.is_some()
+                || config
+                    .profiles
+                    .keys()
+                    .any(|name| !shipped.profiles.contains_key(name)),
+            "{path} leaves the precise profile as it is and adds no flow control nor profile"
         );
 
         let out = tempfile::tempdir().expect("temp dir");
@@ -550,4 +554,71 @@ fn flow_control_runs_two_tenants_with_and_without_queueing() {
     let json = std::fs::read_to_string(out.path().join("flow.json")).expect("flow.json");
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(parsed["runs"].as_array().map(Vec::len), Some(3));
+}
+
+/// Prefill/decode disaggregation at equal pod count (conf/bench/pd.yaml), W1 scaled down:
+/// 2 prefill + 2 decode pods against 4 aggregated ones. Every request is answered by a
+/// decode pod; choosing the prefill pod by its cache reuses more than choosing it by load.
+#[test]
+fn disaggregated_policies_answer_from_decode_pods_and_report_inter_token_latency() {
+    let mut argv = W1_SMALL.to_vec();
+    let last = argv.len() - 1;
+    argv[last] = "precise,pd-kv-cache,pd-load";
+    argv.extend_from_slice(&["--prefill-pods", "2"]);
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut args = args(&argv);
+    args.config = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/bench/pd.yaml").into();
+    args.out = out.path().to_path_buf();
+    let report = bench::evaluate(&args).expect("benchmark runs");
+    let segment = &report.segments[0];
+    for policy in &segment.policies {
+        let s = &policy.summary;
+        assert_eq!(s.failed, 0, "{}", s.policy);
+        assert_eq!(
+            s.figures.requests,
+            measured_requests(policy),
+            "{}",
+            s.policy
+        );
+        assert!(s.figures.itl_p90_ms.is_some(), "{}: ITL measured", s.policy);
+    }
+    for name in ["pd-kv-cache", "pd-load"] {
+        let pd = policy_summary(segment, name);
+        assert_eq!(
+            &pd.pod_requests[..2],
+            &[0, 0],
+            "{name}: prefill pods answer nobody"
+        );
+        assert_eq!(
+            pd.pod_requests.iter().sum::<u64>(),
+            segment.requests as u64,
+            "{name}"
+        );
+    }
+    let hit = |name: &str| policy_summary(segment, name).figures.hit_rate;
+    assert!(
+        hit("pd-kv-cache") > hit("pd-load"),
+        "kv-cache {} vs load {}",
+        hit("pd-kv-cache"),
+        hit("pd-load")
+    );
+    let markdown = bench::report::markdown(&report);
+    assert!(markdown.contains("| ITL p50 (ms) | ITL p90 (ms) | ITL p99 (ms) |"));
+
+    // A disaggregated profile needs prefill pods and decode pods.
+    args.prefill_pods = Some(4);
+    let err = bench::evaluate(&args)
+        .expect_err("no decode pod")
+        .to_string();
+    assert!(err.contains("1 to 3 prefill pods"), "{err}");
+}
+
+/// Requests of a policy's measured stages.
+fn measured_requests(policy: &bench::report::PolicyReport) -> usize {
+    policy
+        .stages
+        .iter()
+        .filter(|s| s.measured)
+        .map(|s| s.figures.requests)
+        .sum()
 }

@@ -10,7 +10,9 @@ mod closed_loop;
 use std::sync::Arc;
 
 use closed_loop::{closed_loop, keys, random_prompts};
-use kvgate::sim::{EngineEvent, PodEngine, PodParams, RequestId, SimRequest, StepOutput};
+use kvgate::sim::{
+    EngineEvent, KvTransfer, PodEngine, PodParams, RequestId, SimRequest, StepOutput,
+};
 
 fn within(value: f64, target: f64, tolerance: f64) -> bool {
     (value - target).abs() <= tolerance * target
@@ -29,6 +31,7 @@ fn cold_long_prompt_ttft_matches_llm_d() {
                 prompt_tokens: 8_192,
                 max_tokens: 1,
                 lora: None,
+                kv_transfer: KvTransfer::None,
             },
         )
         .unwrap();

@@ -280,6 +280,7 @@ impl RunState<'_> {
                     output_tokens: tokens,
                     missed_tokens: None,
                     preemptions: 0,
+                    itl_ms: Vec::new(),
                 });
             }
             Err(message) => {

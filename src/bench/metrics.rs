@@ -25,6 +25,8 @@ pub struct RequestRecord {
     /// prefill wasted by the routing decision. Known in virtual time only.
     pub missed_tokens: Option<u32>,
     pub preemptions: u32,
+    /// Gaps between consecutive streamed tokens (virtual runs only).
+    pub itl_ms: Vec<f32>,
 }
 
 /// Everything a run of one policy over one segment produced.
@@ -93,6 +95,10 @@ pub struct Figures {
     pub ttft_p99_s: Option<f64>,
     pub tpot_p50_ms: Option<f64>,
     pub tpot_p99_ms: Option<f64>,
+    /// Inter-token latency: every gap between consecutive streamed tokens (virtual runs).
+    pub itl_p50_ms: Option<f64>,
+    pub itl_p90_ms: Option<f64>,
+    pub itl_p99_ms: Option<f64>,
     pub e2e_p99_s: Option<f64>,
     /// Missed reuse: prompt tokens cached on some pod at arrival but recomputed, as a
     /// fraction of prompt tokens (virtual runs only).
@@ -116,6 +122,11 @@ impl Figures {
         }
         let ttft = sorted(records.clone().map(|r| r.ttft_ms / 1e3));
         let tpot = sorted(records.clone().filter_map(|r| r.tpot_ms));
+        let itl = sorted(
+            records
+                .clone()
+                .flat_map(|r| r.itl_ms.iter().map(|&gap| f64::from(gap))),
+        );
         let e2e = sorted(records.map(|r| r.e2e_ms / 1e3));
         let ratio = |a: u64| {
             if prompt == 0 {
@@ -133,6 +144,9 @@ impl Figures {
             ttft_p99_s: percentile(&ttft, 99.0),
             tpot_p50_ms: percentile(&tpot, 50.0),
             tpot_p99_ms: percentile(&tpot, 99.0),
+            itl_p50_ms: percentile(&itl, 50.0),
+            itl_p90_ms: percentile(&itl, 90.0),
+            itl_p99_ms: percentile(&itl, 99.0),
             e2e_p99_s: percentile(&e2e, 99.0),
             wasted_prefill: missed.map(ratio),
             preemptions,

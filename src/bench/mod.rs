@@ -95,6 +95,11 @@ pub struct BenchArgs {
     /// Simulated pods (default: a recorded trace's pods, else 8).
     #[arg(long)]
     pub pods: Option<usize>,
+    /// Disaggregated policies (profiles with a `prefill:` section, as in
+    /// conf/bench/pd.yaml): pods 0..N take prefill legs, the others decode legs
+    /// (default: half the pods). Aggregated policies use every pod.
+    #[arg(long)]
+    pub prefill_pods: Option<usize>,
     /// QPS steps of the ladder (W1, control), comma-separated; default llm-d's 3 → 60
     /// for W1, 2 → 16 for the control.
     #[arg(long, value_delimiter = ',')]
@@ -760,13 +765,16 @@ fn run_virtual(
     workload: &Workload,
     policies: &[PolicySpec],
 ) -> Result<Vec<Vec<RunData>>, BenchError> {
-    let setup = SimSetup::for_model(
-        &ctx.config,
-        &ctx.model.name,
-        pods,
-        ctx.pod_params.clone(),
-        args.seed,
-    );
+    let setup = SimSetup {
+        prefill_pods: args.prefill_pods.unwrap_or(pods / 2),
+        ..SimSetup::for_model(
+            &ctx.config,
+            &ctx.model.name,
+            pods,
+            ctx.pod_params.clone(),
+            args.seed,
+        )
+    };
     let jobs: Vec<(usize, usize)> = (0..workload.segments.len())
         .flat_map(|s| (0..policies.len()).map(move |p| (s, p)))
         .collect();

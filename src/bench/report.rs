@@ -217,11 +217,11 @@ pub fn markdown(report: &BenchReport) -> String {
         );
         // Only comparisons with gateway replicas get the replica columns.
         let replicated = segment.policies.iter().any(|p| p.summary.replicas > 1);
-        out.push_str("| policy | hit rate | of oracle | of ceiling | wasted prefill | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | TPOT p50 (ms) | peak output tok/s | knee QPS | knee output tok/s | balance | preemptions |");
+        out.push_str("| policy | hit rate | of oracle | of ceiling | wasted prefill | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | TPOT p50 (ms) | ITL p50 (ms) | ITL p90 (ms) | ITL p99 (ms) | peak output tok/s | knee QPS | knee output tok/s | balance | preemptions |");
         out.push_str(if replicated {
-            " replicas | same pick |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            " replicas | same pick |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         } else {
-            "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         });
         for policy in &segment.policies {
             let s = &policy.summary;
@@ -229,7 +229,7 @@ pub fn markdown(report: &BenchReport) -> String {
             let (knee_qps, knee_tokens) = knee_text(s);
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.policy,
                 percent(Some(f.hit_rate)),
                 percent(s.hit_vs_oracle),
@@ -239,6 +239,9 @@ pub fn markdown(report: &BenchReport) -> String {
                 seconds(f.ttft_p90_s),
                 seconds(f.ttft_p99_s),
                 f.tpot_p50_ms.map_or("—".into(), |v| format!("{v:.1}")),
+                f.itl_p50_ms.map_or("—".into(), |v| format!("{v:.1}")),
+                f.itl_p90_ms.map_or("—".into(), |v| format!("{v:.1}")),
+                f.itl_p99_ms.map_or("—".into(), |v| format!("{v:.1}")),
                 count(s.peak_output_tokens_per_s),
                 knee_qps,
                 knee_tokens,

@@ -29,6 +29,15 @@
 //! gateway does on losing the pod, requests go to the next ranked pod while it is down
 //! (the gateway's retry of a refused connection), and it comes back with an empty cache.
 //!
+//! A disaggregated profile (one with a `prefill:` section) runs on pods with roles: the
+//! first [`SimSetup::prefill_pods`] take prefill legs, the others decode legs. Its decode
+//! pod is picked at arrival; unless that pod has all but `minUncachedTokens` of the prompt
+//! cached, the prefill stage picks a prefill pod, which runs the prompt as a one-token
+//! prefill leg; when it ends, the decode leg goes to the decode pod, which pulls the KV (its
+//! engine models the transfer) and streams the answer. The request's time to first token
+//! runs from its arrival to the decode pod's first token, and its hit rate is the prefill
+//! leg's. Inter-token latencies are the gaps between a request's streamed tokens.
+//!
 //! With a flow stage ([`FlowStage`]) an arrival first meets the gateway's flow control:
 //! while every pod is saturated (the same [`has_room`] check, on the first replica's view
 //! of the pods) it waits in the same [`FlowQueue`], and it is dispatched, then routed, when
@@ -48,7 +57,7 @@ use rand::{Rng, SeedableRng};
 use super::metrics::{RequestRecord, RunData};
 use super::policy::{IndexFeed, PolicySpec, RELAY_LAG_MS};
 use super::workload::Segment;
-use crate::discovery::PodEndpoint;
+use crate::discovery::{PodEndpoint, PodRole};
 use crate::flow::{has_room, FlowConfig, FlowQueue, Priority, QueueFull, QueueLimits, Ticket};
 use crate::index::{BlockIndex, IndexConfig, PrefixMatch, ScopeId, Tier};
 use crate::metrics::flow::ShedReason;
@@ -56,8 +65,8 @@ use crate::plugins::{PluginContext, PluginError, RequestOutcome, SchedulingReque
 use crate::pods::{EventTrust, InFlight, Pod, PodId, PodSet, ScrapedLoad, ScrapedLora};
 use crate::scheduler::Pipeline;
 use crate::sim::{
-    EngineEvent, KvChange, ParamsError, PodEngine, PodParams, RequestId, SimRequest, StepOutput,
-    SubmitError,
+    EngineEvent, KvChange, KvTransfer, ParamsError, PodEngine, PodParams, RequestId, SimRequest,
+    StepOutput, SubmitError,
 };
 
 /// The simulated cluster and router settings shared by every run of a benchmark.
@@ -73,6 +82,9 @@ pub struct SimSetup {
     pub seed: u64,
     /// Pods restarted during each run.
     pub restarts: Vec<SimRestart>,
+    /// Disaggregated profiles: pods `0..prefill_pods` take prefill legs, the rest decode
+    /// legs. Aggregated profiles use every pod for everything.
+    pub prefill_pods: usize,
 }
 
 /// A pod that dies at `at_ms` and is back, with an empty cache, `down_ms` later.
@@ -105,6 +117,7 @@ impl SimSetup {
             scrape_interval_ms: config.server.scrape_interval_ms as f64,
             seed,
             restarts: Vec::new(),
+            prefill_pods: 0,
         }
     }
 }
@@ -120,6 +133,12 @@ pub enum SimError {
     },
     #[error("the cluster needs at least one pod")]
     NoPods,
+    #[error("profile {profile:?} is disaggregated: it needs 1 to {most} prefill pods of the {pods}, not {prefill_pods}", most = pods.saturating_sub(1))]
+    PrefillPods {
+        profile: String,
+        prefill_pods: usize,
+        pods: usize,
+    },
     #[error("restart of pod {pod}: the cluster has {pods} pods")]
     RestartPod { pod: usize, pods: usize },
     #[error("profile {profile:?} ranked no pod for request {request}")]
@@ -247,14 +266,30 @@ struct FlowState<'a> {
 struct Routed {
     load: InFlight,
     replica: usize,
+    /// The pod that streams the answer (a disaggregated request's decode pod).
     pod: u32,
     queued_uncached_tokens: u64,
     predicted_cached_tokens: usize,
     /// Prompt tokens the best pod held at arrival (what an ideal router could reuse).
     available_tokens: u32,
+    arrival_ms: f64,
+    /// A disaggregated request's prefill leg, while it runs.
+    prefill: Option<PrefillLeg>,
+    /// Prompt tokens the prefill leg found cached, once it ended.
+    prefill_cached_tokens: Option<u32>,
+    last_token_ms: f64,
+    itl_ms: Vec<f32>,
 }
 
-fn sim_pod_endpoint(i: usize) -> PodEndpoint {
+/// A prefill leg in flight.
+struct PrefillLeg {
+    load: InFlight,
+    pod: u32,
+    queued_uncached_tokens: u64,
+    predicted_cached_tokens: usize,
+}
+
+fn sim_pod_endpoint(i: usize, role: PodRole) -> PodEndpoint {
     let port = u16::try_from(8001 + i).unwrap_or(u16::MAX);
     let http = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
     PodEndpoint {
@@ -264,7 +299,7 @@ fn sim_pod_endpoint(i: usize) -> PodEndpoint {
         events: None,
         replay: None,
         topic_host: http.to_string(),
-        role: Default::default(),
+        role,
     }
 }
 
@@ -510,23 +545,35 @@ impl<'a> Run<'a> {
             }
         }
 
-        let sim = &mut self.pods[pod as usize];
-        sim.engine
-            .submit(
-                now_ms,
-                SimRequest {
-                    id: RequestId(u64::from(index)),
-                    block_keys: Arc::clone(&request.block_keys),
-                    prompt_tokens: request.prompt_tokens,
-                    max_tokens: request.output_tokens,
-                    lora: request.adapter.clone(),
-                },
-            )
-            .map_err(|source| SimError::Submit {
-                pod,
-                request: index,
-                source,
-            })?;
+        // A disaggregated profile: a prefill pod computes the prompt first, unless the
+        // decode pod holds enough of it (or no prefill pod is up: the decode pod computes it).
+        let replica = &self.replicas[replica_index];
+        let prefill = replica.pipeline.prefill().and_then(|stage| {
+            if (uncached as usize) < stage.min_uncached_tokens {
+                return None;
+            }
+            let decision = stage.pipeline.schedule(&scheduling, &replica.pods);
+            let chosen = decision
+                .ranked
+                .iter()
+                .find(|c| pods.get(c.pod.id as usize).is_some_and(|p| p.up))?;
+            let leg = PrefillLeg {
+                queued_uncached_tokens: chosen.pod.uncached_tokens_in_flight(),
+                load: chosen
+                    .pod
+                    .begin_request(chosen.uncached_tokens(&scheduling) as u64),
+                pod: chosen.pod.id,
+                predicted_cached_tokens: (chosen.cached_blocks as usize * block_size)
+                    .min(request.prompt_tokens as usize),
+            };
+            stage.pipeline.routed(&scheduling, chosen);
+            Some(leg)
+        });
+        let (target, kv_transfer, max_tokens) = match &prefill {
+            Some(leg) => (leg.pod, KvTransfer::KeepForRemoteDecode, 1),
+            None => (pod, KvTransfer::None, request.output_tokens),
+        };
+        self.submit(target, index, now_ms, kv_transfer, max_tokens)?;
         if let Some(count) = self.data.pod_requests.get_mut(pod as usize) {
             *count += 1;
         }
@@ -537,7 +584,43 @@ impl<'a> Run<'a> {
             queued_uncached_tokens,
             predicted_cached_tokens,
             available_tokens: u32::try_from(best * block_size).unwrap_or(u32::MAX),
+            arrival_ms: now_ms,
+            prefill,
+            prefill_cached_tokens: None,
+            last_token_ms: now_ms,
+            itl_ms: Vec::new(),
         });
+        Ok(())
+    }
+
+    /// Hands request `index` (or one of its legs) to a pod's engine, and wakes the pod.
+    fn submit(
+        &mut self,
+        pod: u32,
+        index: u32,
+        now_ms: f64,
+        kv_transfer: KvTransfer,
+        max_tokens: u32,
+    ) -> Result<(), SimError> {
+        let request = &self.segment.requests[index as usize];
+        let sim = &mut self.pods[pod as usize];
+        sim.engine
+            .submit(
+                now_ms,
+                SimRequest {
+                    id: RequestId(u64::from(index)),
+                    block_keys: Arc::clone(&request.block_keys),
+                    prompt_tokens: request.prompt_tokens,
+                    max_tokens,
+                    lora: request.adapter.clone(),
+                    kv_transfer,
+                },
+            )
+            .map_err(|source| SimError::Submit {
+                pod,
+                request: index,
+                source,
+            })?;
         if !sim.stepping {
             if let Some(wake) = sim.engine.next_wakeup() {
                 if sim.wake_at.is_none_or(|w| wake < w) {
@@ -596,19 +679,32 @@ impl<'a> Run<'a> {
         for event in out.events.drain(..) {
             match event {
                 EngineEvent::Token { id, index } => {
+                    let mut routed = self.routed.get_mut(id.0 as usize).and_then(Option::as_mut);
+                    if let Some(leg) = routed
+                        .as_mut()
+                        .and_then(|r| r.prefill.as_mut())
+                        .filter(|leg| leg.pod == pod)
+                    {
+                        // A prefill leg's token never reaches the client.
+                        leg.load.prefill_finished();
+                        continue;
+                    }
                     if let Some(tokens) =
                         stage.and_then(|s| self.data.stage_output_tokens.get_mut(s))
                     {
                         *tokens += 1;
                     }
-                    if index == 0 {
-                        if let Some(Some(routed)) = self.routed.get_mut(id.0 as usize) {
+                    if let Some(routed) = routed.filter(|r| r.pod == pod) {
+                        if index == 0 {
                             routed.load.prefill_finished();
+                        } else {
+                            routed.itl_ms.push((now_ms - routed.last_token_ms) as f32);
                         }
+                        routed.last_token_ms = now_ms;
                     }
                 }
                 EngineEvent::Preempted { .. } => {}
-                EngineEvent::Finished(summary) => self.finish(summary, now_ms),
+                EngineEvent::Finished(summary) => self.finish(summary, pod, now_ms)?,
             }
         }
         match self.feed {
@@ -674,10 +770,52 @@ impl<'a> Run<'a> {
         self.start_step(pod, now_ms)
     }
 
-    fn finish(&mut self, summary: crate::sim::RequestSummary, now_ms: f64) {
+    /// A request or a prefill leg finished on `pod`.
+    fn finish(
+        &mut self,
+        summary: crate::sim::RequestSummary,
+        pod: u32,
+        now_ms: f64,
+    ) -> Result<(), SimError> {
         let index = summary.id.0 as usize;
+        let leg = self
+            .routed
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .filter(|r| r.prefill.as_ref().is_some_and(|leg| leg.pod == pod))
+            .and_then(|r| {
+                r.prefill_cached_tokens = Some(summary.cached_tokens);
+                r.prefill.take().map(|leg| (leg, r.replica, r.pod))
+            });
+        if let Some((leg, replica, decode_pod)) = leg {
+            // The prefill leg ended: the decode leg goes to its pod, which pulls the KV.
+            let pod_arc = Arc::clone(leg.load.pod());
+            drop(leg.load);
+            if let Some(stage) = self.replicas[replica].pipeline.prefill() {
+                stage.pipeline.completed(&RequestOutcome {
+                    pod: pod_arc,
+                    prompt_tokens: summary.prompt_tokens as usize,
+                    queued_uncached_tokens: leg.queued_uncached_tokens,
+                    predicted_cached_tokens: leg.predicted_cached_tokens,
+                    actual_cached_tokens: Some(summary.cached_tokens as usize),
+                    time_to_first_token: Some(Duration::from_secs_f64(
+                        summary.ttft_ms().max(0.0) / 1e3,
+                    )),
+                    success: true,
+                });
+            }
+            let output_tokens = self.segment.requests[index].output_tokens;
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            return self.submit(
+                decode_pod,
+                index,
+                now_ms,
+                KvTransfer::PullFromRemote,
+                output_tokens,
+            );
+        }
         let Some(routed) = self.routed.get_mut(index).and_then(Option::take) else {
-            return;
+            return Ok(());
         };
         let Routed {
             load,
@@ -686,10 +824,15 @@ impl<'a> Run<'a> {
             queued_uncached_tokens,
             predicted_cached_tokens,
             available_tokens,
+            arrival_ms,
+            prefill: _,
+            prefill_cached_tokens,
+            last_token_ms: _,
+            itl_ms,
         } = routed;
         let pod_arc = Arc::clone(load.pod());
         drop(load);
-        let ttft_ms = summary.ttft_ms();
+        let ttft_ms = summary.first_token_ms - arrival_ms;
         let waited_ms = self.flow.as_ref().map_or(0.0, |flow| flow.waited_ms[index]);
         self.replicas[replica].pipeline.completed(&RequestOutcome {
             pod: pod_arc,
@@ -701,20 +844,24 @@ impl<'a> Run<'a> {
             success: true,
         });
         let request = &self.segment.requests[index];
+        // What the prompt's computation reused: the prefill leg's cache, when there was one.
+        let cached_tokens = prefill_cached_tokens.unwrap_or(summary.cached_tokens);
         self.data.records.push(RequestRecord {
             request: u32::try_from(index).unwrap_or(u32::MAX),
             stage: request.stage,
             pod,
             ttft_ms: ttft_ms + waited_ms,
             tpot_ms: summary.tpot_ms(),
-            e2e_ms: summary.e2e_ms() + waited_ms,
+            e2e_ms: summary.finish_ms - arrival_ms + waited_ms,
             prompt_tokens: summary.prompt_tokens,
-            cached_tokens: summary.cached_tokens,
+            cached_tokens,
             output_tokens: summary.output_tokens,
-            missed_tokens: Some(available_tokens.saturating_sub(summary.cached_tokens)),
+            missed_tokens: Some(available_tokens.saturating_sub(cached_tokens)),
             preemptions: summary.preemptions,
+            itl_ms,
         });
         self.ended(index, now_ms);
+        Ok(())
     }
 
     /// Request `index` finished or failed: its session's next turn follows after its think time.
@@ -773,7 +920,9 @@ impl<'a> Run<'a> {
         sim.deliveries.clear();
         sim.relayed.clear();
         for index in 0..self.routed.len() {
-            if self.routed[index].as_ref().is_some_and(|r| r.pod == pod) {
+            let on_pod =
+                |r: &Routed| r.pod == pod || r.prefill.as_ref().is_some_and(|leg| leg.pod == pod);
+            if self.routed[index].as_ref().is_some_and(on_pod) {
                 self.routed[index] = None;
                 self.data.failed += 1;
                 self.ended(index, now_ms);
@@ -840,11 +989,24 @@ fn replica(setup: &SimSetup, policy: &PolicySpec, seed: u64) -> Result<Replica, 
                 source,
             }
         })?;
+    let disaggregated = policy.profile.prefill.is_some();
+    if disaggregated && !(1..setup.pods).contains(&setup.prefill_pods) {
+        return Err(SimError::PrefillPods {
+            profile: policy.profile_name.clone(),
+            prefill_pods: setup.prefill_pods,
+            pods: setup.pods,
+        });
+    }
     let pods = (0..setup.pods)
         .map(|i| {
+            let role = match (disaggregated, i < setup.prefill_pods) {
+                (false, _) => PodRole::Both,
+                (true, true) => PodRole::Prefill,
+                (true, false) => PodRole::Decode,
+            };
             let pod = Arc::new(Pod::new(
                 PodId::try_from(i).unwrap_or(PodId::MAX),
-                sim_pod_endpoint(i),
+                sim_pod_endpoint(i, role),
             ));
             if policy.feed != IndexFeed::None {
                 pod.set_trust(pod.cache_epoch(), EventTrust::Synced);
@@ -1105,6 +1267,7 @@ mod tests {
             scrape_interval_ms: 0.0,
             seed: 1,
             restarts,
+            prefill_pods: 0,
         }
     }
 

@@ -937,8 +937,9 @@ pub fn mooncake(
 }
 
 /// How many pods and gateway replicas a recorded trace saw at once: the most distinct
-/// `pod` (`replica`) values whose first-to-last spans overlap, so a pod replaced in a
-/// rollout is not counted twice. `None` when the lines do not say (Mooncake traces).
+/// `pod` and `prefill_pod` (`replica`) values whose first-to-last spans overlap, so a pod
+/// replaced in a rollout is not counted twice. `None` when the lines do not say (Mooncake
+/// traces).
 pub fn trace_fleet(records: &[TraceRecord]) -> (Option<usize>, Option<usize>) {
     fn most_at_once<'a>(spans: impl Iterator<Item = (&'a str, u64)>) -> Option<usize> {
         let mut by_id: HashMap<&str, (u64, u64)> = HashMap::new();
@@ -960,11 +961,12 @@ pub fn trace_fleet(records: &[TraceRecord]) -> (Option<usize>, Option<usize>) {
         }
         usize::try_from(most).ok().filter(|&n| n > 0)
     }
-    let pods = most_at_once(
-        records
-            .iter()
-            .filter_map(|r| Some((r.pod.as_deref()?, r.timestamp))),
-    );
+    let pods = most_at_once(records.iter().flat_map(|r| {
+        [r.pod.as_deref(), r.prefill_pod.as_deref()]
+            .into_iter()
+            .flatten()
+            .map(|pod| (pod, r.timestamp))
+    }));
     let replicas = most_at_once(
         records
             .iter()
@@ -1327,6 +1329,28 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_fleet_counts_prefill_pods_with_the_decode_pods() {
+        let line = |timestamp: u64, pod: &str, prefill: Option<&str>| {
+            let mut record: TraceRecord = serde_json::from_value(serde_json::json!({
+                "timestamp": timestamp, "input_length": 128, "output_length": 8,
+                "hash_ids": [1, 2], "block_size": 64, "pod": pod, "replica": "r",
+            }))
+            .unwrap();
+            record.prefill_pod = prefill.map(str::to_string);
+            record
+        };
+        // Two decode pods, and two prefill pods that only ever ran prefill legs.
+        let records = [
+            line(10, "d1:8000", Some("p1:8000")),
+            line(20, "d2:8000", Some("p2:8000")),
+            line(30, "d1:8000", None),
+            line(40, "d2:8000", Some("p1:8000")),
+        ];
+        assert_eq!(trace_fleet(&records), (Some(4), Some(1)));
+        assert_eq!(trace_fleet(&records[2..3]), (Some(1), Some(1)));
+    }
+
+    #[test]
     fn recorded_requests_keep_the_replica_that_handled_them() {
         let record = |timestamp: u64, replica: Option<&str>| TraceRecord {
             timestamp,
@@ -1341,6 +1365,9 @@ mod tests {
             predicted_cached_tokens: None,
             actual_cached_tokens: None,
             status: None,
+            prefill_pod: None,
+            prefill_predicted_cached_tokens: None,
+            prefill_actual_cached_tokens: None,
         };
         // Out of order, as two replicas' files merge: numbered by first arrival.
         let records = vec![

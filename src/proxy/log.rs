@@ -143,6 +143,15 @@ impl RequestCtx {
             predicted_cached_tokens: self.predicted_cached_tokens,
             actual_cached_tokens: self.actual_cached_tokens,
             status: self.upstream_status,
+            prefill_pod: self.prefill.as_ref().and_then(|p| p.endpoint),
+            prefill_predicted_cached_tokens: self
+                .prefill
+                .as_ref()
+                .and_then(|p| p.predicted_cached_tokens),
+            prefill_actual_cached_tokens: self
+                .prefill
+                .as_ref()
+                .and_then(|p| p.actual_cached_tokens),
         })
     }
 

@@ -23,6 +23,7 @@ use super::pod::{self, PodControl, PodLaunch, PodStartError, WireForm};
 use super::publisher::{PubEndpoint, PublisherConfig};
 use super::server::{self, SimModel};
 use crate::config::{Config, ConfigError, ModelConfig};
+use crate::discovery::PodRole;
 use crate::events::EventEncoder;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};
 use crate::tokenize::{ModelTokenizer, TokenizerLoadError};
@@ -84,6 +85,13 @@ pub struct SimArgs {
     /// max_tokens of chat requests that set none (the simulator has no EOS).
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u32,
+    /// Which legs of disaggregated requests the pods take: prefill, decode or both
+    /// (both also serve plain requests, as every role does).
+    #[arg(long, default_value = "both", value_parser = parse_role)]
+    pub role: PodRole,
+    /// Gigabits per second a decode pod pulls KV at. Overrides `kvTransferGbps` of --pod-params.
+    #[arg(long)]
+    pub kv_transfer_gbps: Option<f64>,
     /// Serve the control API (`/sim/pods/...`, reaches pods that are down) on this port.
     #[arg(long)]
     pub control_port: Option<u16>,
@@ -192,6 +200,9 @@ fn pod_params(args: &SimArgs, model: &ModelConfig) -> Result<PodParams, SimError
     if let Some(lora_load_ms) = args.lora_load_ms {
         params.lora_load_ms = lora_load_ms;
     }
+    if let Some(gbps) = args.kv_transfer_gbps {
+        params.kv_transfer_gbps = gbps;
+    }
     if params.block_size != block_size {
         return Err(SimError::Args(format!(
             "pod blockSize {} differs from the model's blockSize {block_size}: hashes would not match",
@@ -246,7 +257,12 @@ fn sim_model(
         release,
         max_model_len: params.max_model_len,
         default_max_tokens: args.default_max_tokens.max(1),
+        role: args.role,
     })
+}
+
+fn parse_role(value: &str) -> Result<PodRole, String> {
+    PodRole::from_label(value).ok_or_else(|| format!("{value:?} is not prefill, decode or both"))
 }
 
 fn port_of(base: u16, index: usize) -> Result<u16, SimError> {

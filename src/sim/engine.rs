@@ -16,6 +16,14 @@
 //! budget with chunked prefill, recompute preemption of the newest running
 //! request, and vLLM's block-pool events.
 //!
+//! Prefill/decode disaggregation, as vLLM's NixlConnector runs it: a request marked
+//! [`KvTransfer::KeepForRemoteDecode`] (a prefill leg) runs as usual and its summary lists
+//! the blocks holding its prompt's KV; one marked [`KvTransfer::PullFromRemote`] (a decode
+//! leg) is admitted by allocating blocks for its whole prompt, pulls the part it does not
+//! hold from the prefill pod instead of computing it (waiting, outside the batch, for
+//! `kvBytesPerToken` × tokens over `kvTransferGbps`, one transfer at a time on the pod's
+//! link), caches the pulled blocks, then recomputes only the prompt's last token.
+//!
 //! LoRA adapters, when `maxLoras` is set: the GPU holds at most `maxLoras` adapters, kept
 //! as an LRU; a step whose batch uses an adapter not loaded first swaps it in
 //! (`loraLoadMs` each, stalling the whole step, as vLLM's worker loads adapters before the
@@ -83,6 +91,11 @@ pub struct PodParams {
     pub max_loras: u32,
     /// Time to swap in an adapter that is not loaded, added to the step that needs it.
     pub lora_load_ms: f64,
+    /// KV-cache bytes of one token, all layers (what a decode pod pulls per prompt token):
+    /// 2 (K and V) × layers × KV heads × head size × bytes per value.
+    pub kv_bytes_per_token: f64,
+    /// Gigabits per second a decode pod pulls KV at from prefill pods (NIXL over RDMA).
+    pub kv_transfer_gbps: f64,
 }
 
 impl Default for PodParams {
@@ -101,6 +114,9 @@ impl Default for PodParams {
             request_overhead_ms: 80.0,
             max_loras: 0,
             lora_load_ms: 200.0,
+            // Qwen3-32B: 2 × 64 layers × 8 KV heads × 128 × 2 bytes (bf16).
+            kv_bytes_per_token: 262_144.0,
+            kv_transfer_gbps: 200.0,
         }
     }
 }
@@ -115,6 +131,8 @@ pub enum ParamsError {
     BadCost { field: &'static str, value: f64 },
     #[error("pod parameter stepBaseMs = {0} must be > 0 so that every step takes time")]
     ZeroStepBase(f64),
+    #[error("pod parameter kvTransferGbps = {0} must be a finite number > 0")]
+    BadBandwidth(f64),
     #[error("maxModelLen {max_model_len} exceeds the KV pool ({kv_tokens} tokens): such a request could never run")]
     ModelLenExceedsKv { max_model_len: u32, kv_tokens: u64 },
 }
@@ -146,6 +164,7 @@ impl PodParams {
             ("decodeMsPerSeq", self.decode_ms_per_seq),
             ("requestOverheadMs", self.request_overhead_ms),
             ("loraLoadMs", self.lora_load_ms),
+            ("kvBytesPerToken", self.kv_bytes_per_token),
         ] {
             if !value.is_finite() || value < 0.0 {
                 return Err(ParamsError::BadCost { field, value });
@@ -153,6 +172,9 @@ impl PodParams {
         }
         if self.step_base_ms <= 0.0 {
             return Err(ParamsError::ZeroStepBase(self.step_base_ms));
+        }
+        if !(self.kv_transfer_gbps.is_finite() && self.kv_transfer_gbps > 0.0) {
+            return Err(ParamsError::BadBandwidth(self.kv_transfer_gbps));
         }
         let kv_tokens = u64::from(self.kv_blocks) * u64::from(self.block_size);
         if u64::from(self.max_model_len) > kv_tokens {
@@ -178,6 +200,22 @@ pub struct SimRequest {
     pub max_tokens: u32,
     /// The LoRA adapter it runs with, by name.
     pub lora: Option<Arc<str>>,
+    /// Its part in a disaggregated request, if any.
+    pub kv_transfer: KvTransfer,
+}
+
+/// A request's part in prefill/decode disaggregation (vLLM's `kv_transfer_params`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvTransfer {
+    /// An ordinary request.
+    #[default]
+    None,
+    /// A prefill leg (`do_remote_decode`): computed as usual; its summary names the
+    /// blocks a decode pod pulls.
+    KeepForRemoteDecode,
+    /// A decode leg (`do_remote_prefill`): the prompt's KV the pod lacks is pulled, not
+    /// computed.
+    PullFromRemote,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -250,6 +288,10 @@ pub struct RequestSummary {
     /// (vLLM's `usage.prompt_tokens_details.cached_tokens`).
     pub cached_tokens: u32,
     pub preemptions: u32,
+    /// Prompt tokens whose KV was pulled from a prefill pod (a decode leg).
+    pub pulled_tokens: u32,
+    /// A prefill leg's full prompt blocks, in order: vLLM's `remote_block_ids`.
+    pub kept_blocks: Option<Arc<[u32]>>,
 }
 
 impl RequestSummary {
@@ -366,6 +408,9 @@ enum Phase {
     /// In the request overhead, not yet visible to the scheduler.
     Arriving,
     Waiting,
+    /// Holding blocks while its prompt's KV is pulled from a prefill pod (vLLM's
+    /// `WAITING_FOR_REMOTE_KVS`); `ready_ms` is when the pull ends.
+    Pulling,
     Running,
     /// Slot free for reuse.
     Vacant,
@@ -396,6 +441,11 @@ struct Request {
     cached_tokens: Option<u32>,
     preemptions: u32,
     lora: Option<Arc<str>>,
+    kv_transfer: KvTransfer,
+    /// Its prompt's KV was pulled: the next admission schedules what is left, with the
+    /// blocks it holds.
+    kv_pulled: bool,
+    pulled_tokens: u32,
 }
 
 impl Request {
@@ -424,6 +474,10 @@ pub struct PodEngine {
     waiting: VecDeque<u32>,
     /// In admission order: the last one is the first to be preempted.
     running: Vec<u32>,
+    /// Pulling their prompt's KV, in pull order (which is end order: one link).
+    pulling: VecDeque<u32>,
+    /// When the pod's link finishes the pulls already started.
+    link_free_ms: f64,
     scheduled: Vec<Scheduled>,
     hit_scratch: Vec<u32>,
     spare_block_lists: Vec<Vec<u32>>,
@@ -448,6 +502,8 @@ impl PodEngine {
             arriving: VecDeque::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pulling: VecDeque::new(),
+            link_free_ms: f64::NEG_INFINITY,
             scheduled: Vec::new(),
             hit_scratch: Vec::new(),
             spare_block_lists: Vec::new(),
@@ -472,6 +528,7 @@ impl PodEngine {
             prompt_tokens,
             max_tokens,
             lora,
+            kv_transfer,
         } = req;
         if self.by_id.contains_key(&id) {
             return Err(SubmitError::DuplicateId(id));
@@ -521,6 +578,9 @@ impl PodEngine {
             cached_tokens: None,
             preemptions: 0,
             lora,
+            kv_transfer,
+            kv_pulled: false,
+            pulled_tokens: 0,
         };
         let slot = match self.vacant.pop() {
             Some(slot) => {
@@ -552,6 +612,7 @@ impl PodEngine {
         match self.requests[slot as usize].phase {
             Phase::Arriving => self.arriving.retain(|&s| s != slot),
             Phase::Waiting => self.waiting.retain(|&s| s != slot),
+            Phase::Pulling => self.pulling.retain(|&s| s != slot),
             Phase::Running => self.running.retain(|&s| s != slot),
             Phase::Vacant => {}
         }
@@ -567,17 +628,27 @@ impl PodEngine {
         out.clear();
         let start_ms = now_ms.max(self.busy_until_ms);
         self.admit_arrivals(start_ms);
+        self.admit_pulled(start_ms, out);
         if self.running.is_empty() && self.waiting.is_empty() {
             return None;
         }
         self.scheduled.clear();
         let mut budget = self.params.max_num_batched_tokens;
+        let pulls_before = self.pulling.len();
         // As vLLM v1: a step that had to preempt admits nobody new.
         if !self.schedule_running(&mut budget, out) {
-            self.schedule_waiting(&mut budget, out);
+            self.schedule_waiting(start_ms, &mut budget, out);
         }
         if self.scheduled.is_empty() {
-            return None;
+            if out.kv_events.is_empty() && self.pulling.len() == pulls_before {
+                return None;
+            }
+            // Pulls started or ended, but nothing computes: the scheduler ran without a
+            // forward pass. Its cache changes still belong to this instant.
+            self.busy_until_ms = start_ms;
+            out.start_ms = start_ms;
+            out.end_ms = start_ms;
+            return Some(start_ms);
         }
         let lora_loads = self.load_batch_loras();
         let mut batch = self.batch_stats();
@@ -594,12 +665,20 @@ impl PodEngine {
     /// When `step` next has work: right after the current step if requests
     /// are queued or running, else when the next arrival clears its overhead.
     pub fn next_wakeup(&self) -> Option<f64> {
-        if !self.running.is_empty() || !self.waiting.is_empty() {
+        // With nothing running, requests still waiting after a step wait for the blocks
+        // that pulls hold: they can go on when a pull ends.
+        if !self.running.is_empty() || (!self.waiting.is_empty() && self.pulling.is_empty()) {
             return Some(self.busy_until_ms);
         }
-        self.arriving
-            .front()
-            .map(|&slot| self.requests[slot as usize].ready_ms)
+        let ready = |queue: &VecDeque<u32>| {
+            queue
+                .front()
+                .map(|&slot| self.requests[slot as usize].ready_ms)
+        };
+        match (ready(&self.arriving), ready(&self.pulling)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -610,7 +689,8 @@ impl PodEngine {
         let num_blocks = self.pool.num_blocks();
         PodMetrics {
             running: count_u32(self.running.len()),
-            waiting: count_u32(self.waiting.len()),
+            // vLLM keeps requests pulling KV in its waiting queue.
+            waiting: count_u32(self.waiting.len() + self.pulling.len()),
             arriving: count_u32(self.arriving.len()),
             kv_cache_usage: 1.0 - f64::from(self.pool.num_free()) / f64::from(num_blocks),
             cached_blocks: self.pool.num_cached() as u64,
@@ -719,6 +799,32 @@ impl PodEngine {
         }
     }
 
+    /// Pulls that ended by `now_ms`: the pulled blocks are cached (vLLM caches them when
+    /// the pull ends) and the request waits at the front, to recompute its last token.
+    fn admit_pulled(&mut self, now_ms: f64, out: &mut StepOutput) {
+        let block_size = self.params.block_size;
+        let ended = self
+            .pulling
+            .iter()
+            .take_while(|&&slot| self.requests[slot as usize].ready_ms <= now_ms)
+            .count();
+        for slot in self.pulling.drain(..ended).rev() {
+            let request = &mut self.requests[slot as usize];
+            let computed = request.total_tokens() - 1;
+            request.computed_tokens = computed;
+            request.kv_pulled = true;
+            request.phase = Phase::Waiting;
+            cache_computed_blocks(
+                request,
+                computed,
+                block_size,
+                &mut self.pool,
+                &mut out.kv_events,
+            );
+            self.waiting.push_front(slot);
+        }
+    }
+
     /// Schedules running requests in order: the rest of their prefill (within
     /// the budget) or one decode token, preempting from the back when KV runs
     /// out. Returns whether anything was preempted.
@@ -791,13 +897,15 @@ impl PodEngine {
     /// and free KV allow; the first that does not fit blocks the rest. A request
     /// whose adapter would exceed `max_loras` distinct adapters in the batch is
     /// skipped and keeps its place.
-    fn schedule_waiting(&mut self, budget: &mut u32, out: &mut StepOutput) {
+    fn schedule_waiting(&mut self, now_ms: f64, budget: &mut u32, out: &mut StepOutput) {
         let Self {
             params,
             pool,
             requests,
             running,
             waiting,
+            pulling,
+            link_free_ms,
             scheduled,
             hit_scratch,
             counters,
@@ -822,7 +930,37 @@ impl PodEngine {
                 break;
             };
             let request = &mut requests[slot as usize];
-            if max_loras > 0 {
+            if request.kv_pulled {
+                // Its blocks are allocated and its KV pulled: only the rest is computed.
+                let start = request.computed_tokens;
+                let tokens = (request.total_tokens() - start).min(*budget);
+                let needed = blocks_for(start + tokens, block_size)
+                    .saturating_sub(count_u32(request.blocks.len()));
+                if needed > pool.num_free() {
+                    break;
+                }
+                allocate(pool, &mut request.blocks, needed, &mut out.kv_events);
+                request.kv_pulled = false;
+                request.cached_tokens.get_or_insert(start);
+                request.phase = Phase::Running;
+                cache_computed_blocks(
+                    request,
+                    start + tokens,
+                    block_size,
+                    pool,
+                    &mut out.kv_events,
+                );
+                waiting.remove(position);
+                running.push(slot);
+                scheduled.push(Scheduled {
+                    slot,
+                    start,
+                    tokens,
+                });
+                *budget -= tokens;
+                continue;
+            }
+            if max_loras > 0 && request.kv_transfer != KvTransfer::PullFromRemote {
                 if let Some(lora) = &request.lora {
                     if !batch_loras.contains(lora) {
                         if batch_loras.len() >= max_loras {
@@ -855,6 +993,13 @@ impl PodEngine {
                     .filter(|&&block| pool.is_free(block))
                     .count(),
             );
+            let pull = request.kv_transfer == KvTransfer::PullFromRemote;
+            // A pull takes blocks for the whole prompt at once (NixlConnector).
+            let needed = if pull {
+                blocks_for(total, block_size) - hit_blocks
+            } else {
+                needed
+            };
             if needed + revived > pool.num_free() {
                 break;
             }
@@ -866,10 +1011,24 @@ impl PodEngine {
             request.computed_tokens = hit_tokens;
             request.cached_blocks = hit_blocks;
             request.prefill_end = total;
-            request.cached_tokens.get_or_insert(hit_tokens);
-            request.phase = Phase::Running;
             counters.prefix_cache_queries += u64::from(total);
             counters.prefix_cache_hits += u64::from(hit_tokens);
+            if pull {
+                // The pod's own prefix is kept; the rest comes over its link, which
+                // carries one pull at a time.
+                let pulled = total - hit_tokens;
+                let bits = f64::from(pulled) * params.kv_bytes_per_token * 8.0;
+                let start = now_ms.max(*link_free_ms);
+                request.ready_ms = start + bits / (params.kv_transfer_gbps * 1e6);
+                *link_free_ms = request.ready_ms;
+                request.pulled_tokens = pulled;
+                request.phase = Phase::Pulling;
+                waiting.remove(position);
+                pulling.push_back(slot);
+                continue;
+            }
+            request.cached_tokens.get_or_insert(hit_tokens);
+            request.phase = Phase::Running;
             cache_computed_blocks(
                 request,
                 hit_tokens + tokens,
@@ -935,6 +1094,10 @@ impl PodEngine {
             if request.output_tokens < request.max_tokens {
                 continue;
             }
+            let kept_blocks = (request.kv_transfer == KvTransfer::KeepForRemoteDecode).then(|| {
+                let full = (request.prompt_tokens / self.params.block_size) as usize;
+                Arc::from(&request.blocks[..full.min(request.blocks.len())])
+            });
             out.events.push(EngineEvent::Finished(RequestSummary {
                 id: request.id,
                 arrival_ms: request.arrival_ms,
@@ -944,6 +1107,8 @@ impl PodEngine {
                 output_tokens: request.output_tokens,
                 cached_tokens: request.cached_tokens.unwrap_or(0),
                 preemptions: request.preemptions,
+                pulled_tokens: request.pulled_tokens,
+                kept_blocks,
             }));
             self.counters.finished_requests += 1;
             self.vacate(s.slot);
@@ -1052,6 +1217,10 @@ fn preempt(request: &mut Request, pool: &mut BlockPool) {
     request.computed_tokens = 0;
     request.cached_blocks = 0;
     request.preemptions += 1;
+    // As NixlConnector: the KV is pulled once; a preempted decode leg recomputes.
+    if request.kv_transfer == KvTransfer::PullFromRemote {
+        request.kv_transfer = KvTransfer::None;
+    }
     request.phase = Phase::Waiting;
 }
 
@@ -1090,6 +1259,7 @@ mod tests {
             prompt_tokens,
             max_tokens,
             lora: None,
+            kv_transfer: KvTransfer::None,
         }
     }
 
@@ -1164,6 +1334,155 @@ mod tests {
             PodEngine::new(bad),
             Err(ParamsError::BadCost { .. })
         ));
+    }
+
+    fn leg(
+        id: u64,
+        keys: &[u64],
+        prompt_tokens: u32,
+        max_tokens: u32,
+        kv_transfer: KvTransfer,
+    ) -> SimRequest {
+        SimRequest {
+            kv_transfer,
+            ..request(id, keys, prompt_tokens, max_tokens)
+        }
+    }
+
+    fn stored(steps: &[StepOutput]) -> Vec<(usize, usize)> {
+        steps
+            .iter()
+            .flat_map(|s| &s.kv_events)
+            .filter_map(|e| match e {
+                KvChange::BlockStored {
+                    first_block,
+                    blocks,
+                    ..
+                } => Some((*first_block, *blocks)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_prefill_leg_is_computed_as_usual_and_names_its_prompt_blocks() {
+        let mut engine = PodEngine::new(tiny(16)).unwrap();
+        // A warm first block: the prefill leg reuses it like any request.
+        assert_eq!(
+            cached_tokens_of(&mut engine, 0.0, request(1, &[11], 6, 1)),
+            0
+        );
+        engine
+            .submit(
+                100.0,
+                leg(2, &[11, 12, 13], 14, 1, KvTransfer::KeepForRemoteDecode),
+            )
+            .unwrap();
+        let steps = run(&mut engine, 100.0);
+        let done = summaries(&steps);
+        assert_eq!(done[0].cached_tokens, 4);
+        // Its three full blocks, in prompt order, the reused one first.
+        let kept = done[0].kept_blocks.as_deref().unwrap();
+        assert_eq!(kept.len(), 3);
+        assert_eq!(engine.cached_prefix_blocks(&[11, 12, 13]), 3);
+        assert_eq!(stored(&steps), vec![(1, 2)]);
+        // Ordinary requests name none.
+        assert_eq!(
+            summaries(&{
+                engine.submit(200.0, request(3, &[11], 6, 1)).unwrap();
+                run(&mut engine, 200.0)
+            })[0]
+                .kept_blocks,
+            None
+        );
+    }
+
+    #[test]
+    fn a_decode_leg_pulls_the_blocks_it_lacks_then_computes_only_the_last_token() {
+        // 125,000 bytes a token at 1 Gbit/s: 1 ms per pulled token.
+        let params = PodParams {
+            kv_bytes_per_token: 125_000.0,
+            kv_transfer_gbps: 1.0,
+            ..tiny(16)
+        };
+        let mut engine = PodEngine::new(params).unwrap();
+        assert_eq!(
+            cached_tokens_of(&mut engine, 0.0, request(1, &[21], 6, 1)),
+            0
+        );
+        let keys = [21, 22, 23, 24];
+        engine
+            .submit(100.0, leg(2, &keys, 16, 3, KvTransfer::PullFromRemote))
+            .unwrap();
+        let mut out = StepOutput::default();
+        // The scheduler allocates the whole prompt and starts the pull of the 12 tokens
+        // the pod lacks; nothing computes meanwhile, and vLLM counts it as waiting.
+        assert_eq!(engine.step(100.0, &mut out), Some(100.0));
+        assert_eq!(out.batch, BatchStats::default());
+        assert_eq!(engine.metrics().waiting, 1);
+        assert_eq!(engine.next_wakeup(), Some(112.0));
+        // The pulled blocks are cached when the pull ends; only the last token computes.
+        let end = engine.step(112.0, &mut out).unwrap();
+        assert_eq!(out.batch.prefill_tokens, 1);
+        assert_eq!(end, 114.0);
+        assert_eq!(stored(std::slice::from_ref(&out)), vec![(1, 2), (3, 1)]);
+        let steps = run(&mut engine, end);
+        let done = summaries(&steps);
+        assert_eq!(
+            (
+                done[0].first_token_ms,
+                done[0].cached_tokens,
+                done[0].pulled_tokens
+            ),
+            (114.0, 15, 12)
+        );
+        assert_eq!(engine.cached_prefix_blocks(&keys), 4);
+    }
+
+    #[test]
+    fn pulls_share_the_link_one_at_a_time_and_a_preempted_decode_leg_recomputes() {
+        let params = PodParams {
+            kv_bytes_per_token: 125_000.0,
+            kv_transfer_gbps: 1.0,
+            ..tiny(16)
+        };
+        let mut engine = PodEngine::new(params.clone()).unwrap();
+        engine
+            .submit(0.0, leg(1, &[1, 2], 8, 1, KvTransfer::PullFromRemote))
+            .unwrap();
+        engine
+            .submit(0.0, leg(2, &[3, 4], 8, 1, KvTransfer::PullFromRemote))
+            .unwrap();
+        let done = summaries(&run(&mut engine, 0.0));
+        let first = |id| {
+            done.iter()
+                .find(|s| s.id == RequestId(id))
+                .unwrap()
+                .first_token_ms
+        };
+        // 8 ms each on one link: the second pull ends at 16 ms, not 8.
+        assert_eq!((first(1), first(2)), (10.0, 18.0));
+
+        // A pool too small for a pulled decode leg and a growing request: the leg, admitted
+        // last, is preempted and recomputes its prompt instead of pulling it again.
+        let mut engine = PodEngine::new(PodParams {
+            kv_blocks: 5,
+            max_model_len: 20,
+            ..params
+        })
+        .unwrap();
+        engine.submit(0.0, request(1, &[], 4, 12)).unwrap();
+        engine
+            .submit(0.0, leg(2, &[5, 6], 8, 6, KvTransfer::PullFromRemote))
+            .unwrap();
+        let steps = run(&mut engine, 0.0);
+        let done = summaries(&steps);
+        let leg_summary = done.iter().find(|s| s.id == RequestId(2)).unwrap();
+        assert!(leg_summary.preemptions >= 1, "{done:?}");
+        // Pulled once; computed: request 1's prompt, the leg's last token, then its recompute.
+        let computed: u32 = steps.iter().map(|s| s.batch.prefill_tokens).sum();
+        assert!(computed > 4 + 1, "{computed}");
+        assert_eq!(leg_summary.pulled_tokens, 8);
     }
 
     #[test]

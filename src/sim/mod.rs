@@ -19,6 +19,6 @@ pub mod server;
 
 pub use cli::{run, SimArgs, SimError};
 pub use engine::{
-    BatchStats, EngineEvent, KvChange, ParamsError, PodEngine, PodMetrics, PodParams, RequestId,
-    RequestSummary, SimRequest, StepOutput, SubmitError,
+    BatchStats, EngineEvent, KvChange, KvTransfer, ParamsError, PodEngine, PodMetrics, PodParams,
+    RequestId, RequestSummary, SimRequest, StepOutput, SubmitError,
 };

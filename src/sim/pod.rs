@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::engine::{
-    EngineEvent, KvChange, PodEngine, PodMetrics, PodParams, RequestId, RequestSummary, SimRequest,
-    StepOutput, SubmitError,
+    EngineEvent, KvChange, KvTransfer, PodEngine, PodMetrics, PodParams, RequestId, RequestSummary,
+    SimRequest, StepOutput, SubmitError,
 };
 use super::publisher::{
     EventFaults, PubEndpoint, Publisher, PublisherConfig, PublisherError, PublisherStats,
@@ -117,6 +117,7 @@ pub struct PodRequest {
     pub max_tokens: u32,
     pub lora: Option<EventLora>,
     pub cache_salt: Option<Arc<str>>,
+    pub kv_transfer: KvTransfer,
 }
 
 /// What a request's stream carries, in order.
@@ -500,6 +501,7 @@ impl Driver {
                     prompt_tokens: u32::try_from(request.tokens.len()).unwrap_or(u32::MAX),
                     max_tokens: request.max_tokens,
                     lora: request.lora.as_ref().map(|lora| Arc::clone(&lora.name)),
+                    kv_transfer: request.kv_transfer,
                 };
                 let result = self.engine.submit(self.clock.now_ms(), sim_request);
                 if result.is_ok() {
@@ -1183,6 +1185,8 @@ async fn incarnation_main(
             commands: lifecycle,
         },
         started_unix_s: clock.unix_at(0.0) as u64,
+        http: launch.http,
+        engine_id: uuid::Uuid::new_v4().to_string(),
     });
     let app = server::pod_router(context);
     if ready
@@ -1268,6 +1272,7 @@ mod tests {
             max_tokens,
             lora: None,
             cache_salt: None,
+            kv_transfer: KvTransfer::None,
         }
     }
 

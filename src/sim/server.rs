@@ -15,6 +15,7 @@
 //!   index on a separate port, which also reaches pods that are down.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,12 +29,13 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::engine::{PodParams, RequestSummary, SubmitError};
+use super::engine::{KvTransfer, PodParams, RequestSummary, SubmitError};
 use super::pod::{
     EventLora, PodControl, PodError, PodHandle, PodLifecycle, PodRequest, StreamItem, Submission,
     WireForm, TTFT_BUCKETS,
 };
 use super::publisher::{EventFaults, PublisherCounts, PublisherStats};
+use crate::discovery::{Leg, PodRole};
 use crate::hash::{BlockHasher, ExtraKeys, LoraKey};
 use crate::tokenize::{parse_request, ApiError, Endpoint, ModelTokenizer};
 use crate::vllm::VllmRelease;
@@ -104,6 +106,9 @@ pub struct SimModel {
     /// `max_tokens` of a chat request that sets none (vLLM would run to the
     /// context limit or EOS; the simulator has no EOS).
     pub default_max_tokens: u32,
+    /// Which legs of disaggregated requests the pods take (`both`: either, and plain
+    /// requests in every case).
+    pub role: PodRole,
 }
 
 impl std::fmt::Debug for SimModel {
@@ -127,6 +132,11 @@ pub struct PodContext {
     pub params: PodParams,
     pub lifecycle: PodLifecycle,
     pub started_unix_s: u64,
+    /// Where a decode pod pulls this pod's KV from (the sim has no NIXL side channel: its
+    /// HTTP address stands for it).
+    pub http: SocketAddr,
+    /// vLLM's per-start engine id, named in the `kv_transfer_params` of prefill legs.
+    pub engine_id: String,
 }
 
 /// The routes of one pod.
@@ -222,6 +232,67 @@ struct GenerationOptions {
     n: Option<u32>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    kv_transfer_params: Option<KvTransferParams>,
+}
+
+/// The request's `kv_transfer_params`, as vLLM's NixlConnector reads them (the
+/// reference proxy sends nulls for what a leg does not set).
+#[derive(Debug, Default, Deserialize)]
+struct KvTransferParams {
+    #[serde(default)]
+    do_remote_decode: Option<bool>,
+    #[serde(default)]
+    do_remote_prefill: Option<bool>,
+    #[serde(default)]
+    remote_engine_id: Option<String>,
+    #[serde(default)]
+    remote_block_ids: Option<Vec<u64>>,
+}
+
+/// The leg a request's `kv_transfer_params` make it, refused where the pod's role does
+/// not take it or where vLLM's connector could not run it.
+fn kv_transfer(
+    params: Option<&KvTransferParams>,
+    role: PodRole,
+) -> Result<KvTransfer, (String, &'static str)> {
+    const PARAM: &str = "kv_transfer_params";
+    let Some(params) = params else {
+        return Ok(KvTransfer::None);
+    };
+    let transfer = match (
+        params.do_remote_decode.unwrap_or(false),
+        params.do_remote_prefill.unwrap_or(false),
+    ) {
+        (false, false) => return Ok(KvTransfer::None),
+        (true, true) => {
+            return Err((
+                "do_remote_decode and do_remote_prefill cannot both be true".into(),
+                PARAM,
+            ))
+        }
+        (true, false) => KvTransfer::KeepForRemoteDecode,
+        (false, true) => {
+            if params.remote_engine_id.is_none() || params.remote_block_ids.is_none() {
+                return Err((
+                    "do_remote_prefill needs remote_engine_id and remote_block_ids".into(),
+                    PARAM,
+                ));
+            }
+            KvTransfer::PullFromRemote
+        }
+    };
+    let leg = match transfer {
+        KvTransfer::PullFromRemote => Leg::Decode,
+        _ => Leg::Prefill,
+    };
+    if !role.serves(leg) {
+        return Err((
+            format!("this pod's role is {role:?}: it takes no {leg:?} legs").to_lowercase(),
+            PARAM,
+        ));
+    }
+    Ok(transfer)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,6 +326,12 @@ async fn generate(pod: &PodContext, endpoint: Endpoint, body: &[u8]) -> Response
             Some("n"),
         );
     }
+    let kv_transfer = match kv_transfer(options.kv_transfer_params.as_ref(), model.role) {
+        Ok(transfer) => transfer,
+        Err((message, param)) => {
+            return error_response(StatusCode::BAD_REQUEST, message, Some(param))
+        }
+    };
     if request.prompt_count > 1 {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -310,6 +387,7 @@ async fn generate(pod: &PodContext, endpoint: Endpoint, body: &[u8]) -> Response
             name: lora.name.into(),
         }),
         cache_salt: request.cache_salt.map(Into::into),
+        kv_transfer,
     };
     let submission = match pod.engine.submit(pod_request).await {
         Ok(submission) => submission,
@@ -325,6 +403,10 @@ async fn generate(pod: &PodContext, endpoint: Endpoint, body: &[u8]) -> Response
         model: request.model,
         max_tokens,
         word_offset: submission.id.0 as usize,
+        kv_source: (kv_transfer == KvTransfer::KeepForRemoteDecode).then(|| KvSource {
+            engine_id: pod.engine_id.clone(),
+            http: pod.http,
+        }),
     };
     if request.stream {
         let include_usage = options
@@ -345,6 +427,26 @@ struct Reply {
     model: String,
     max_tokens: u32,
     word_offset: usize,
+    /// A prefill leg's pod: named in its answer's `kv_transfer_params`.
+    kv_source: Option<KvSource>,
+}
+
+struct KvSource {
+    engine_id: String,
+    http: SocketAddr,
+}
+
+/// A prefill leg's answer's `kv_transfer_params`: where a decode pod pulls the KV, the
+/// fields NixlConnector's `request_finished` returns.
+#[derive(Serialize)]
+struct TransferReply<'a> {
+    do_remote_prefill: bool,
+    do_remote_decode: bool,
+    remote_block_ids: &'a [u32],
+    remote_engine_id: &'a str,
+    remote_host: String,
+    remote_port: u16,
+    tp_size: u32,
 }
 
 /// `null` in a response, where vLLM has a field it does not fill here.
@@ -396,6 +498,7 @@ struct ChatCompletion<'a> {
     choices: [ChatChoice<'a>; 1],
     usage: Usage,
     prompt_logprobs: Null,
+    kv_transfer_params: Option<TransferReply<'a>>,
 }
 
 #[derive(Serialize)]
@@ -427,6 +530,7 @@ struct TextCompletion<'a> {
     model: &'a str,
     choices: [TextChoice<'a>; 1],
     usage: Usage,
+    kv_transfer_params: Option<TransferReply<'a>>,
 }
 
 #[derive(Serialize)]
@@ -542,6 +646,15 @@ impl Reply {
         let text: String = (0..summary.output_tokens)
             .map(|index| self.token_text(index))
             .collect();
+        let kv_transfer_params = self.kv_source.as_ref().map(|source| TransferReply {
+            do_remote_prefill: true,
+            do_remote_decode: false,
+            remote_block_ids: summary.kept_blocks.as_deref().unwrap_or_default(),
+            remote_engine_id: &source.engine_id,
+            remote_host: source.http.ip().to_string(),
+            remote_port: source.http.port(),
+            tp_size: 1,
+        });
         match self.endpoint {
             Endpoint::ChatCompletions => Json(ChatCompletion {
                 id: &self.id,
@@ -566,6 +679,7 @@ impl Reply {
                 }],
                 usage: Usage::of(summary),
                 prompt_logprobs: None,
+                kv_transfer_params,
             })
             .into_response(),
             Endpoint::Completions => Json(TextCompletion {
@@ -582,6 +696,7 @@ impl Reply {
                     prompt_logprobs: Some(None),
                 }],
                 usage: Usage::of(summary),
+                kv_transfer_params,
             })
             .into_response(),
         }

@@ -11,6 +11,10 @@
 //!  "predicted_cached_tokens":3968,"actual_cached_tokens":3968,"status":200}
 //! ```
 //!
+//! A disaggregated request also names its prefill pod and that leg's cache accounting
+//! (`prefill_pod`, `prefill_predicted_cached_tokens`, `prefill_actual_cached_tokens`); a
+//! replay counts prefill pods in the fleet it sizes and otherwise replays the request as any.
+//!
 //! `hash_ids` is the prompt's chain of full-block hashes as vLLM computes them, each passed
 //! through a keyed hash (SHA-256 over the trace's salt and the block hash, cut to 53 bits so
 //! every JSON reader keeps it exact). Equal ids at the same position still mean an identical
@@ -60,6 +64,15 @@ pub struct TraceRecord {
     /// HTTP status the pod answered with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// A disaggregated request's prefill pod (`pod` is then its decode pod, and the cached
+    /// tokens above the decode leg's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_predicted_cached_tokens: Option<u64>,
+    /// The prefill pod's `usage.prompt_tokens_details.cached_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_actual_cached_tokens: Option<u64>,
 }
 
 impl TraceRecord {

@@ -50,6 +50,10 @@ pub struct TraceEntry {
     pub predicted_cached_tokens: Option<usize>,
     pub actual_cached_tokens: Option<u64>,
     pub status: Option<u16>,
+    /// A disaggregated request's prefill leg: its pod and cache accounting.
+    pub prefill_pod: Option<SocketAddr>,
+    pub prefill_predicted_cached_tokens: Option<usize>,
+    pub prefill_actual_cached_tokens: Option<u64>,
 }
 
 impl TraceEntry {
@@ -193,6 +197,11 @@ impl Writer {
             predicted_cached_tokens: entry.predicted_cached_tokens.map(|n| n as u64),
             actual_cached_tokens: entry.actual_cached_tokens,
             status: entry.status,
+            prefill_pod: entry.prefill_pod.map(|p| p.to_string()),
+            prefill_predicted_cached_tokens: entry
+                .prefill_predicted_cached_tokens
+                .map(|n| n as u64),
+            prefill_actual_cached_tokens: entry.prefill_actual_cached_tokens,
         };
         self.line.clear();
         if serde_json::to_writer(&mut self.line, &record).is_err() {
@@ -339,6 +348,7 @@ mod tests {
             predicted_cached_tokens: Some(64),
             actual_cached_tokens: Some(64),
             status: Some(200),
+            ..TraceEntry::default()
         }
     }
 
@@ -358,6 +368,41 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_disaggregated_request_names_its_prefill_pod_after_the_mooncake_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.jsonl");
+        let config = Some(settings(&path, MIN_TRACE_BYTES_FOR_TESTS, None));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let recorder = TraceRecorder::start(Box::new(move || config.clone()), metrics).unwrap();
+        recorder.record(TraceEntry {
+            prefill_pod: Some("127.0.0.1:8002".parse().unwrap()),
+            prefill_predicted_cached_tokens: Some(128),
+            prefill_actual_cached_tokens: Some(192),
+            ..entry(&[1, 2, 3])
+        });
+        recorder.record(entry(&[4]));
+        wait_for("both lines", || lines(&path).len() == 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.starts_with(
+                r#"{"timestamp":1765000000000,"input_length":202,"output_length":5,"hash_ids":["#
+            ),
+            "{first}"
+        );
+        assert!(
+            first.ends_with(r#","status":200,"prefill_pod":"127.0.0.1:8002","prefill_predicted_cached_tokens":128,"prefill_actual_cached_tokens":192}"#),
+            "{first}"
+        );
+        let written = lines(&path);
+        assert_eq!(written[0].pod.as_deref(), Some("127.0.0.1:8001"));
+        assert_eq!(written[0].prefill_pod.as_deref(), Some("127.0.0.1:8002"));
+        // An aggregated request's line has no prefill fields at all.
+        assert!(!text.lines().nth(1).unwrap().contains("prefill"));
+        assert_eq!(written[1].prefill_actual_cached_tokens, None);
     }
 
     #[test]

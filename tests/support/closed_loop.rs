@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 use kvgate::sim::{
-    EngineEvent, PodEngine, PodParams, RequestId, RequestSummary, SimRequest, StepOutput,
+    EngineEvent, KvTransfer, PodEngine, PodParams, RequestId, RequestSummary, SimRequest,
+    StepOutput,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -118,6 +119,7 @@ pub fn closed_loop(params: PodParams, cfg: &ClosedLoop) -> Run {
                 prompt_tokens,
                 max_tokens: cfg.output_tokens,
                 lora: None,
+                kv_transfer: KvTransfer::None,
             };
             engine.submit(send_at, request).unwrap();
             owner.insert(RequestId(next_id), client);
