@@ -21,7 +21,7 @@ use pingora::services::background::BackgroundService;
 use pingora::services::ServiceReadyNotifier;
 use tokio::time::Instant;
 
-use super::gateway::Gateway;
+use crate::gateway::Gateway;
 use crate::pods::{Pod, PodId, ScrapedLoad, ScrapedLora};
 
 /// Upper bound on one probe, whatever the interval.
