@@ -27,30 +27,27 @@ pub trait Family: Collector + Clone + Sized + 'static {
     fn build(spec: &FamilySpec) -> prometheus::Result<Self>;
 }
 
-fn refuse(spec: &FamilySpec, why: &str) -> prometheus::Error {
-    prometheus::Error::Msg(format!("{}: {why}", spec.name))
-}
-
 /// Refuses a spec that does not fit its type: labels exactly when `labelled`, buckets
 /// exactly when `bucketed`.
 fn check(spec: &FamilySpec, labelled: bool, bucketed: bool) -> prometheus::Result<()> {
-    if labelled == spec.labels.is_empty() {
-        let why = if labelled {
-            "a labelled type needs labels"
-        } else {
-            "an unlabelled type takes no labels"
-        };
-        return Err(refuse(spec, why));
+    if labelled != spec.labels.is_empty() && bucketed != spec.buckets.is_empty() {
+        return Ok(());
     }
-    if bucketed == spec.buckets.is_empty() {
-        let why = if bucketed {
-            "a histogram needs buckets"
+    let takes = |yes: bool, what: &str| {
+        if yes {
+            what.to_string()
         } else {
-            "only a histogram takes buckets"
-        };
-        return Err(refuse(spec, why));
-    }
-    Ok(())
+            format!("no {what}")
+        }
+    };
+    Err(prometheus::Error::Msg(format!(
+        "{}: declared with {} labels and {} buckets, but its type takes {} and {}",
+        spec.name,
+        spec.labels.len(),
+        spec.buckets.len(),
+        takes(labelled, "labels"),
+        takes(bucketed, "buckets"),
+    )))
 }
 
 fn opts(spec: &FamilySpec) -> Opts {
