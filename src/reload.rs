@@ -39,12 +39,12 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cluster::{ClusterLink, Outcome, PolicyRefused};
 use crate::config::{Config, ConfigError};
-use crate::discovery::DiscoveryError;
+use crate::discovery::{DiscoveryError, DiscoveryFeed};
 use crate::events::{KvEventService, ModelEvents};
+use crate::gateway::{Gateway, GatewayError};
 use crate::hash::HashConfigError;
 use crate::logging::{self, LogControl, LoggingError};
 use crate::metrics::Metrics;
-use crate::proxy::{DiscoveryFeed, Gateway, GatewayError};
 
 /// Quiet time after a file event before reading the file: an editor's save, a Secret
 /// update or a `cp cert key` is several events, and a half-written file must not be read.

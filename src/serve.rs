@@ -26,13 +26,13 @@ use serde_json::json;
 
 use crate::cluster::{self, PolicyWatcher, StartupError};
 use crate::config::{Config, ConfigError, EventsMode};
-use crate::discovery::DiscoveryConfig;
+use crate::discovery::{DiscoveryConfig, DiscoveryFeed};
 use crate::events::{EventServiceError, KvEventService, ParityVerdict};
+use crate::gateway::{Gateway, GatewayError};
+use crate::health::HealthChecker;
 use crate::logging::{self, LoggingError};
 use crate::metrics::{self, AdminListener, AdminState, EventTotals, IndexSample, Metrics};
-use crate::proxy::{
-    DiscoveryFeed, Gateway, GatewayError, HealthChecker, KvGateProxy, LimitedListener,
-};
+use crate::proxy::{KvGateProxy, LimitedListener};
 use crate::reload::Reloader;
 use crate::tls::{ListenerTls, TlsError};
 use crate::trace::TraceRecorder;

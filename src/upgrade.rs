@@ -48,8 +48,8 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::events::{KvEventService, PodHandover};
+use crate::gateway::Gateway;
 use crate::index::{BlockIndex, SnapshotStats};
-use crate::proxy::Gateway;
 
 /// First bytes of a handover: the format and its version.
 const MAGIC: &[u8; 8] = b"KVGHOV01";

@@ -8,6 +8,7 @@
 //! Errors talking to the apiserver never empty the snapshot: the last known list stays until a
 //! fresh list or watch event says otherwise.
 
+mod feed;
 mod kube;
 mod static_list;
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+pub use self::feed::DiscoveryFeed;
 pub use self::kube::{client as kube_client, KubeDiscoveryConfig, PortRef};
 pub use self::static_list::StaticPod;
 

@@ -3,24 +3,20 @@
 //! (the process answers), `/readyz` (the gateway can route) and `/debug/pods`.
 //!
 //! It is a small axum server rather than a Pingora HTTP service: four fixed
-//! routes and a JSON body need a router, not a proxy pipeline. [`AdminService`]
-//! runs it as a Pingora background service, so it shares the server's lifecycle
-//! and shutdown but not the proxy's worker threads: a saturated proxy does not
-//! delay health probes or scrapes.
+//! routes and a JSON body need a router, not a proxy pipeline. `kvgate serve` runs
+//! it as a Pingora service of its own, so it shares the server's lifecycle and
+//! shutdown but not the proxy's worker threads: a saturated proxy does not delay
+//! health probes or scrapes.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use parking_lot::Mutex;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use prometheus::TEXT_FORMAT;
 
 use super::Metrics;
@@ -104,47 +100,6 @@ impl AdminListener {
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(serve_err)
-    }
-}
-
-/// Binds `addr` and serves the admin routes until `shutdown` completes.
-pub async fn serve_admin(
-    addr: SocketAddr,
-    state: AdminState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AdminError> {
-    AdminListener::bind(addr)?.serve(state, shutdown).await
-}
-
-/// The admin listener as a Pingora background service.
-pub struct AdminService {
-    listener: Mutex<Option<AdminListener>>,
-    state: AdminState,
-}
-
-impl AdminService {
-    pub fn new(listener: AdminListener, state: AdminState) -> Self {
-        Self {
-            listener: Mutex::new(Some(listener)),
-            state,
-        }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for AdminService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(listener) = self.listener.lock().take() else {
-            tracing::warn!("admin service started twice; its listener is already serving");
-            return;
-        };
-        let stop = async move {
-            // An Err means the server dropped its sender: it is going away too.
-            let _ = shutdown.wait_for(|&stopping| stopping).await;
-        };
-        if let Err(e) = listener.serve(self.state.clone(), stop).await {
-            tracing::error!(error = %e, "admin listener stopped");
-        }
     }
 }
 

@@ -1,17 +1,13 @@
 //! Metrics of flow control (`crate::flow`): how many requests wait, how long, and what
 //! was refused.
 //!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `kvgate_flow_queue_depth` | gauge | model, priority |
-//! | `kvgate_flow_queue_wait_seconds` | histogram | model, outcome |
-//! | `kvgate_flow_shed_total` | counter | model, reason |
+//! The families are declared in [`FlowMetrics`].
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 
-use super::{register, MetricsError};
+use super::family::metric_families;
 
 /// From a wake-up on the next finished request (milliseconds) to a queue deadline (tens of s).
 const WAIT_BUCKETS: &[f64] = &[
@@ -61,54 +57,31 @@ impl QueueOutcome {
     }
 }
 
-pub struct FlowMetrics {
-    depth: IntGaugeVec,
-    wait: HistogramVec,
-    shed: IntCounterVec,
+metric_families! {
+    /// Flow control's families, and what records them.
+    pub struct FlowMetrics {
+        depth: IntGaugeVec {
+            name: kvgate_flow_queue_depth,
+            help: "Requests waiting in kvgate for a model's pods to drop below saturation, \
+                   by priority band.",
+            labels: [model, priority],
+        },
+        wait: HistogramVec {
+            name: kvgate_flow_queue_wait_seconds,
+            help: "Time requests waited in kvgate's queue, by how the wait ended.",
+            labels: [model, outcome],
+            buckets: WAIT_BUCKETS,
+        },
+        shed: IntCounterVec {
+            name: kvgate_flow_shed_total,
+            help: "Requests refused by flow control: sheddable, queue_full, queue_bytes \
+                   (429), deadline (503).",
+            labels: [model, reason],
+        },
+    }
 }
 
 impl FlowMetrics {
-    pub(super) fn new(r: &Registry) -> Result<Self, MetricsError> {
-        Ok(Self {
-            depth: register(
-                r,
-                "kvgate_flow_queue_depth",
-                IntGaugeVec::new(
-                    Opts::new(
-                        "kvgate_flow_queue_depth",
-                        "Requests waiting in kvgate for a model's pods to drop below saturation, \
-                         by priority band.",
-                    ),
-                    &["model", "priority"],
-                ),
-            )?,
-            wait: register(
-                r,
-                "kvgate_flow_queue_wait_seconds",
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "kvgate_flow_queue_wait_seconds",
-                        "Time requests waited in kvgate's queue, by how the wait ended.",
-                    )
-                    .buckets(WAIT_BUCKETS.to_vec()),
-                    &["model", "outcome"],
-                ),
-            )?,
-            shed: register(
-                r,
-                "kvgate_flow_shed_total",
-                IntCounterVec::new(
-                    Opts::new(
-                        "kvgate_flow_shed_total",
-                        "Requests refused by flow control: sheddable, queue_full, queue_bytes \
-                         (429), deadline (503).",
-                    ),
-                    &["model", "reason"],
-                ),
-            )?,
-        })
-    }
-
     pub fn queue_depth(&self, model: &str, priority: i32, depth: usize) {
         self.depth
             .with_label_values(&[model, &priority.to_string()])

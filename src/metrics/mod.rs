@@ -14,44 +14,13 @@
 //! are PromQL over the counters (see `deploy/grafana/kvgate-dashboard.json`),
 //! which keeps them correct over any window and across kvgate replicas.
 //!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `kvgate_requests_total` | counter | model, pod, policy, status |
-//! | `kvgate_request_duration_seconds` | histogram | model, policy |
-//! | `kvgate_time_to_first_token_seconds` | histogram | model, policy |
-//! | `kvgate_prompt_tokens_total` | counter | pod |
-//! | `kvgate_predicted_cached_tokens_total` | counter | pod |
-//! | `kvgate_actual_cached_tokens_total` | counter | pod |
-//! | `kvgate_cached_tokens_mispredicted_total` | counter | pod, direction |
-//! | `kvgate_cache_unreported_requests_total` | counter | pod |
-//! | `kvgate_schedule_duration_seconds` | histogram | |
-//! | `kvgate_index_entries`, `_blocks`, `_bytes`, `_budget_bytes` | gauge | |
-//! | `kvgate_index_evicted_blocks_total`, `kvgate_index_rejected_stores_total` | counter | |
-//! | `kvgate_kv_events_total`, `kvgate_kv_event_batches_total` | counter | pod |
-//! | `kvgate_kv_event_sequence_gaps_total`, `kvgate_kv_event_batches_missed_total` | counter | pod |
-//! | `kvgate_kv_event_replays_total` | counter | pod, result |
-//! | `kvgate_kv_events_malformed_total` | counter | pod, reason |
-//! | `kvgate_hash_parity` | gauge | pod |
-//! | `kvgate_pod_healthy`, `kvgate_pod_events_synced` | gauge | pod |
-//! | `kvgate_pod_requests_running`, `_waiting`, `kvgate_pod_kv_usage_ratio`, `kvgate_pod_in_flight` | gauge | pod |
-//! | `kvgate_downstream_connections` | gauge | |
-//! | `kvgate_downstream_connections_refused_total` | counter | |
-//! | `kvgate_downstream_timeouts_total` | counter | phase |
-//! | `kvgate_downstream_tls_handshake_failures_total` | counter | |
-//! | `kvgate_tls_certificate_reloads_total` | counter | result |
-//! | `kvgate_request_body_buffered_bytes` | gauge | |
-//! | `kvgate_request_body_buffer_full_total` | counter | |
-//! | `kvgate_config_reloads_total` | counter | result |
-//! | `kvgate_config_last_reload_successful` | gauge | |
-//! | `kvgate_traffic_policy_applied` | gauge | policy |
-//! | `kvgate_disaggregated_requests_total` | counter | model, path |
-//! | `kvgate_prefill_leg_duration_seconds` | histogram | model |
-//! | `kvgate_relay_*` (see [`relay`]) | | |
-//! | `kvgate_flow_*` (see [`flow`]) | | |
-//! | `kvgate_trace_records_total` | counter | result |
-//! | `kvgate_build_info` | gauge | version, commit |
+//! Every family is declared once, in a `metric_families!` table (`family.rs`): name,
+//! type, labels, buckets and help. The table makes the handles recording goes
+//! through, registers them, and writes the family list into its struct's docs:
+//! [`Families`] here, [`relay::RelayMetrics`] and [`flow::FlowMetrics`].
 
 pub mod admin;
+mod family;
 pub mod flow;
 pub mod relay;
 
@@ -64,18 +33,16 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hashbrown::{Equivalent, HashMap};
 use parking_lot::Mutex;
-use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry, TextEncoder,
 };
 
+use self::family::metric_families;
 use crate::pods::{EventTrust, PodChanges, PodRegistry, ScrapedLoad};
 
-pub use admin::{
-    serve_admin, AdminError, AdminListener, AdminService, AdminState, PodsView, ReadyCheck,
-    ScrapeHook,
-};
+pub use admin::{AdminError, AdminListener, AdminState, PodsView, ReadyCheck, ScrapeHook};
 
 /// `pod` label of requests answered before any pod was chosen (400, 404, 413, no pod left).
 pub const NO_POD: &str = "none";
@@ -196,60 +163,249 @@ pub struct RequestRecord<'a> {
     pub actual_cached: Option<usize>,
 }
 
+metric_families! {
+    /// The families of kvgate's core (the relay's and flow control's are beside it).
+    pub struct Families {
+        requests: IntCounterVec {
+            name: kvgate_requests_total,
+            help: "Requests answered, by model, pod, scheduling profile and HTTP status.",
+            labels: [model, pod, policy, status],
+        },
+        request_duration: HistogramVec {
+            name: kvgate_request_duration_seconds,
+            help: "Time from receiving a request to the end of its response.",
+            labels: [model, policy],
+            buckets: REQUEST_DURATION_BUCKETS,
+        },
+        ttft: HistogramVec {
+            name: kvgate_time_to_first_token_seconds,
+            help: "Time from receiving a streaming request to its first token.",
+            labels: [model, policy],
+            buckets: TTFT_BUCKETS,
+        },
+        prompt_tokens: IntCounterVec {
+            name: kvgate_prompt_tokens_total,
+            help: "Prompt tokens of requests whose pod reported cached tokens (hit ratio \
+                   denominator).",
+            labels: [pod],
+        },
+        predicted_cached: IntCounterVec {
+            name: kvgate_predicted_cached_tokens_total,
+            help: "Prompt tokens kvgate predicted cached, over the requests of \
+                   kvgate_prompt_tokens_total.",
+            labels: [pod],
+        },
+        actual_cached: IntCounterVec {
+            name: kvgate_actual_cached_tokens_total,
+            help: "Prompt tokens the pod reported cached \
+                   (usage.prompt_tokens_details.cached_tokens).",
+            labels: [pod],
+        },
+        mispredicted: IntCounterVec {
+            name: kvgate_cached_tokens_mispredicted_total,
+            help: "Cached-token prediction error: over = predicted above actual, under = below.",
+            labels: [pod, direction],
+        },
+        cache_unreported: IntCounterVec {
+            name: kvgate_cache_unreported_requests_total,
+            help: "Successful responses without a cached-token count (left out of the cache \
+                   accounting).",
+            labels: [pod],
+        },
+        schedule: Histogram {
+            name: kvgate_schedule_duration_seconds,
+            help: "Time to choose a pod: tokenize, hash, index lookup, filters, scorers, picker.",
+            buckets: SCHEDULE_BUCKETS,
+        },
+        index_entries: IntGauge {
+            name: kvgate_index_entries,
+            help: "(block, pod) pairs in the KV block index.",
+        },
+        index_blocks: IntGauge {
+            name: kvgate_index_blocks,
+            help: "Distinct block hashes in the KV block index.",
+        },
+        index_bytes: IntGauge {
+            name: kvgate_index_bytes,
+            help: "Bytes of block storage in the KV block index.",
+        },
+        index_budget_bytes: IntGauge {
+            name: kvgate_index_budget_bytes,
+            help: "Configured memory budget of the KV block index.",
+        },
+        index_evicted_blocks: IntCounter {
+            name: kvgate_index_evicted_blocks_total,
+            help: "Blocks evicted from the index to stay within its budget.",
+        },
+        index_rejected_stores: IntCounter {
+            name: kvgate_index_rejected_stores_total,
+            help: "Block stores dropped because nothing could be evicted to make room.",
+        },
+        kv_events: IntCounterVec {
+            name: kvgate_kv_events_total,
+            help: "KV-cache events applied to the index.",
+            labels: [pod],
+        },
+        kv_event_batches: IntCounterVec {
+            name: kvgate_kv_event_batches_total,
+            help: "KV-cache event batches received.",
+            labels: [pod],
+        },
+        seq_gaps: IntCounterVec {
+            name: kvgate_kv_event_sequence_gaps_total,
+            help: "Gaps in a pod's event batch sequence numbers.",
+            labels: [pod],
+        },
+        missed_batches: IntCounterVec {
+            name: kvgate_kv_event_batches_missed_total,
+            help: "Event batches the sequence gaps skipped.",
+            labels: [pod],
+        },
+        replays: IntCounterVec {
+            name: kvgate_kv_event_replays_total,
+            help: "Replay requests after a gap, by result (ok: the gap was filled).",
+            labels: [pod, result],
+        },
+        malformed: IntCounterVec {
+            name: kvgate_kv_events_malformed_total,
+            help: "Event messages that could not be decoded, by reason.",
+            labels: [pod, reason],
+        },
+        hash_parity: IntGaugeVec {
+            name: kvgate_hash_parity,
+            help: "1 when the pod's announced block hashes match kvgate's, 0 on a mismatch.",
+            labels: [pod],
+        },
+        pod_healthy: IntGaugeVec {
+            name: kvgate_pod_healthy,
+            help: "1 when the pod passes health checks and is not ejected.",
+            labels: [pod],
+        },
+        pod_events_synced: IntGaugeVec {
+            name: kvgate_pod_events_synced,
+            help: "1 when the pod's KV events describe its cache (contiguous and hash-compatible).",
+            labels: [pod],
+        },
+        pod_running: GaugeVec {
+            name: kvgate_pod_requests_running,
+            help: "Requests running on the pod (vLLM's own metrics).",
+            labels: [pod],
+        },
+        pod_waiting: GaugeVec {
+            name: kvgate_pod_requests_waiting,
+            help: "Requests waiting on the pod (vLLM's own metrics).",
+            labels: [pod],
+        },
+        pod_kv_usage: GaugeVec {
+            name: kvgate_pod_kv_usage_ratio,
+            help: "The pod's KV-cache usage, 0 to 1 (vLLM's own metrics).",
+            labels: [pod],
+        },
+        pod_in_flight: IntGaugeVec {
+            name: kvgate_pod_in_flight,
+            help: "Requests kvgate has in flight to the pod.",
+            labels: [pod],
+        },
+        downstream_connections: IntGauge {
+            name: kvgate_downstream_connections,
+            help: "Client connections open on the public listener.",
+        },
+        connections_refused: IntCounter {
+            name: kvgate_downstream_connections_refused_total,
+            help: "Client connections refused with 503 because server.maxConnections were open.",
+        },
+        body_buffered: IntGauge {
+            name: kvgate_request_body_buffered_bytes,
+            help: "Request-body bytes held in memory across all connections (bounded by \
+                   server.maxBufferedBodyBytes).",
+        },
+        body_buffer_full: IntCounter {
+            name: kvgate_request_body_buffer_full_total,
+            help: "Requests refused with 503 because their body would have exceeded \
+                   server.maxBufferedBodyBytes.",
+        },
+        timeouts: IntCounterVec {
+            name: kvgate_downstream_timeouts_total,
+            help: "Client connections closed for waiting too long: header (a request header not \
+                   complete within server.headerTimeoutMs), body (a request body not complete \
+                   within server.bodyTimeoutMs, answered 408) or idle (keep-alive expired).",
+            labels: [phase],
+        },
+        tls_handshake_failures: IntCounter {
+            name: kvgate_downstream_tls_handshake_failures_total,
+            help: "Client connections closed because their TLS handshake failed (a stalled one \
+                   counts as a header timeout).",
+        },
+        tls_reloads: IntCounterVec {
+            name: kvgate_tls_certificate_reloads_total,
+            help: "Reloads of the public listener's certificate and key after their files changed, \
+                   by result (failed: the old pair stays in use).",
+            labels: [result],
+        },
+        reloads: IntCounterVec {
+            name: kvgate_config_reloads_total,
+            help: "Configuration reloads, by result.",
+            labels: [result],
+        },
+        last_reload_ok: IntGauge {
+            name: kvgate_config_last_reload_successful,
+            help: "1 when the last configuration reload was applied, 0 when it was refused.",
+        },
+        traffic_policy_applied: IntGaugeVec {
+            name: kvgate_traffic_policy_applied,
+            help: "1 when the InferenceTrafficPolicy's current version is applied, 0 when it was \
+                   refused (the previous configuration keeps serving).",
+            labels: [policy],
+        },
+        disaggregated: IntCounterVec {
+            name: kvgate_disaggregated_requests_total,
+            help: "Requests of disaggregated profiles, by path: two_legs (prefill pod, then decode \
+                   pod), decode_alone (the decode pod had enough cached), prefill_failed (the \
+                   prefill leg failed or timed out; the decode pod computed the prompt itself).",
+            labels: [model, path],
+        },
+        prefill_leg: HistogramVec {
+            name: kvgate_prefill_leg_duration_seconds,
+            help: "Time from sending a disaggregated request's prefill leg to the prefill pod's \
+                   answer.",
+            labels: [model],
+            buckets: TTFT_BUCKETS,
+        },
+        trace: IntCounterVec {
+            name: kvgate_trace_records_total,
+            help: "Traffic trace records: written, dropped (the writer's queue was full) or failed \
+                   (the trace file could not be written).",
+            labels: [result],
+        },
+        build_info: IntGaugeVec {
+            name: kvgate_build_info,
+            help: "Always 1; labelled with the running kvgate version and the git commit it was \
+                   built from.",
+            labels: [version, commit],
+        },
+    }
+}
+
 /// Every collector kvgate exports.
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    request_duration: HistogramVec,
-    ttft: HistogramVec,
-    prompt_tokens: IntCounterVec,
-    predicted_cached: IntCounterVec,
-    actual_cached: IntCounterVec,
-    mispredicted: IntCounterVec,
-    cache_unreported: IntCounterVec,
-    schedule: Histogram,
-    index_entries: IntGauge,
-    index_blocks: IntGauge,
-    index_bytes: IntGauge,
-    index_budget_bytes: IntGauge,
+    families: Families,
     index_evicted_blocks: MirroredCounter,
     index_rejected_stores: MirroredCounter,
-    kv_events: IntCounterVec,
-    kv_event_batches: IntCounterVec,
-    seq_gaps: IntCounterVec,
-    missed_batches: IntCounterVec,
-    replays: IntCounterVec,
-    malformed: IntCounterVec,
-    hash_parity: IntGaugeVec,
-    pod_healthy: IntGaugeVec,
-    pod_events_synced: IntGaugeVec,
-    pod_running: GaugeVec,
-    pod_waiting: GaugeVec,
-    pod_kv_usage: GaugeVec,
-    pod_in_flight: IntGaugeVec,
-    downstream_connections: IntGauge,
-    connections_refused: IntCounter,
-    body_buffered: IntGauge,
-    body_buffer_full: IntCounter,
     header_timeouts: IntCounter,
     idle_timeouts: IntCounter,
     body_timeouts: IntCounter,
-    tls_handshake_failures: IntCounter,
     tls_reloads_ok: IntCounter,
     tls_reloads_failed: IntCounter,
     reloads_ok: IntCounter,
     reloads_failed: IntCounter,
-    last_reload_ok: IntGauge,
-    traffic_policy_applied: IntGaugeVec,
-    disaggregated: IntCounterVec,
-    prefill_leg: HistogramVec,
+    trace_written: IntCounter,
+    trace_dropped: IntCounter,
+    trace_failed: IntCounter,
     /// The replica relay's metrics.
     pub relay: relay::RelayMetrics,
     /// Flow control's metrics.
     pub flow: flow::FlowMetrics,
-    trace_written: IntCounter,
-    trace_dropped: IntCounter,
-    trace_failed: IntCounter,
     pods: CowMap<SocketAddr, Arc<PodSeries>>,
     routes: CowMap<RouteKey, Arc<RouteSeries>>,
     unrouted_requests: CowMap<RequestKey, IntCounter>,
@@ -258,326 +414,34 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
-        let r = Registry::new();
-        let pod = &["pod"];
-        let requests = counter_vec(
-            &r,
-            "kvgate_requests_total",
-            "Requests answered, by model, pod, scheduling profile and HTTP status.",
-            &["model", "pod", "policy", "status"],
-        )?;
-        let request_duration = histogram_vec(
-            &r,
-            "kvgate_request_duration_seconds",
-            "Time from receiving a request to the end of its response.",
-            REQUEST_DURATION_BUCKETS,
-            &["model", "policy"],
-        )?;
-        let ttft = histogram_vec(
-            &r,
-            "kvgate_time_to_first_token_seconds",
-            "Time from receiving a streaming request to its first token.",
-            TTFT_BUCKETS,
-            &["model", "policy"],
-        )?;
-        let prompt_tokens = counter_vec(
-            &r,
-            "kvgate_prompt_tokens_total",
-            "Prompt tokens of requests whose pod reported cached tokens (hit ratio denominator).",
-            pod,
-        )?;
-        let predicted_cached = counter_vec(
-            &r,
-            "kvgate_predicted_cached_tokens_total",
-            "Prompt tokens kvgate predicted cached, over the requests of kvgate_prompt_tokens_total.",
-            pod,
-        )?;
-        let actual_cached = counter_vec(
-            &r,
-            "kvgate_actual_cached_tokens_total",
-            "Prompt tokens the pod reported cached (usage.prompt_tokens_details.cached_tokens).",
-            pod,
-        )?;
-        let mispredicted = counter_vec(
-            &r,
-            "kvgate_cached_tokens_mispredicted_total",
-            "Cached-token prediction error: over = predicted above actual, under = below.",
-            &["pod", "direction"],
-        )?;
-        let cache_unreported = counter_vec(
-            &r,
-            "kvgate_cache_unreported_requests_total",
-            "Successful responses without a cached-token count (left out of the cache accounting).",
-            pod,
-        )?;
-        let schedule = register(
-            &r,
-            "kvgate_schedule_duration_seconds",
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "kvgate_schedule_duration_seconds",
-                    "Time to choose a pod: tokenize, hash, index lookup, filters, scorers, picker.",
-                )
-                .buckets(SCHEDULE_BUCKETS.to_vec()),
-            ),
-        )?;
-        let index_entries = gauge(
-            &r,
-            "kvgate_index_entries",
-            "(block, pod) pairs in the KV block index.",
-        )?;
-        let index_blocks = gauge(
-            &r,
-            "kvgate_index_blocks",
-            "Distinct block hashes in the KV block index.",
-        )?;
-        let index_bytes = gauge(
-            &r,
-            "kvgate_index_bytes",
-            "Bytes of block storage in the KV block index.",
-        )?;
-        let index_budget_bytes = gauge(
-            &r,
-            "kvgate_index_budget_bytes",
-            "Configured memory budget of the KV block index.",
-        )?;
-        let index_evicted_blocks = MirroredCounter::new(counter(
-            &r,
-            "kvgate_index_evicted_blocks_total",
-            "Blocks evicted from the index to stay within its budget.",
-        )?);
-        let index_rejected_stores = MirroredCounter::new(counter(
-            &r,
-            "kvgate_index_rejected_stores_total",
-            "Block stores dropped because nothing could be evicted to make room.",
-        )?);
-        let kv_events = counter_vec(
-            &r,
-            "kvgate_kv_events_total",
-            "KV-cache events applied to the index.",
-            pod,
-        )?;
-        let kv_event_batches = counter_vec(
-            &r,
-            "kvgate_kv_event_batches_total",
-            "KV-cache event batches received.",
-            pod,
-        )?;
-        let seq_gaps = counter_vec(
-            &r,
-            "kvgate_kv_event_sequence_gaps_total",
-            "Gaps in a pod's event batch sequence numbers.",
-            pod,
-        )?;
-        let missed_batches = counter_vec(
-            &r,
-            "kvgate_kv_event_batches_missed_total",
-            "Event batches the sequence gaps skipped.",
-            pod,
-        )?;
-        let replays = counter_vec(
-            &r,
-            "kvgate_kv_event_replays_total",
-            "Replay requests after a gap, by result (ok: the gap was filled).",
-            &["pod", "result"],
-        )?;
-        let malformed = counter_vec(
-            &r,
-            "kvgate_kv_events_malformed_total",
-            "Event messages that could not be decoded, by reason.",
-            &["pod", "reason"],
-        )?;
-        let hash_parity = int_gauge_vec(
-            &r,
-            "kvgate_hash_parity",
-            "1 when the pod's announced block hashes match kvgate's, 0 on a mismatch.",
-            pod,
-        )?;
-        let pod_healthy = int_gauge_vec(
-            &r,
-            "kvgate_pod_healthy",
-            "1 when the pod passes health checks and is not ejected.",
-            pod,
-        )?;
-        let pod_events_synced = int_gauge_vec(
-            &r,
-            "kvgate_pod_events_synced",
-            "1 when the pod's KV events describe its cache (contiguous and hash-compatible).",
-            pod,
-        )?;
-        let pod_running = float_gauge_vec(
-            &r,
-            "kvgate_pod_requests_running",
-            "Requests running on the pod (vLLM's own metrics).",
-            pod,
-        )?;
-        let pod_waiting = float_gauge_vec(
-            &r,
-            "kvgate_pod_requests_waiting",
-            "Requests waiting on the pod (vLLM's own metrics).",
-            pod,
-        )?;
-        let pod_kv_usage = float_gauge_vec(
-            &r,
-            "kvgate_pod_kv_usage_ratio",
-            "The pod's KV-cache usage, 0 to 1 (vLLM's own metrics).",
-            pod,
-        )?;
-        let pod_in_flight = int_gauge_vec(
-            &r,
-            "kvgate_pod_in_flight",
-            "Requests kvgate has in flight to the pod.",
-            pod,
-        )?;
-        let downstream_connections = gauge(
-            &r,
-            "kvgate_downstream_connections",
-            "Client connections open on the public listener.",
-        )?;
-        let connections_refused = counter(
-            &r,
-            "kvgate_downstream_connections_refused_total",
-            "Client connections refused with 503 because server.maxConnections were open.",
-        )?;
-        let body_buffered = gauge(
-            &r,
-            "kvgate_request_body_buffered_bytes",
-            "Request-body bytes held in memory across all connections (bounded by \
-             server.maxBufferedBodyBytes).",
-        )?;
-        let body_buffer_full = counter(
-            &r,
-            "kvgate_request_body_buffer_full_total",
-            "Requests refused with 503 because their body would have exceeded \
-             server.maxBufferedBodyBytes.",
-        )?;
-        let timeouts = counter_vec(
-            &r,
-            "kvgate_downstream_timeouts_total",
-            "Client connections closed for waiting too long: header (a request header not \
-             complete within server.headerTimeoutMs), body (a request body not complete \
-             within server.bodyTimeoutMs, answered 408) or idle (keep-alive expired).",
-            &["phase"],
-        )?;
-        let tls_handshake_failures = counter(
-            &r,
-            "kvgate_downstream_tls_handshake_failures_total",
-            "Client connections closed because their TLS handshake failed (a stalled one \
-             counts as a header timeout).",
-        )?;
-        let tls_reloads = counter_vec(
-            &r,
-            "kvgate_tls_certificate_reloads_total",
-            "Reloads of the public listener's certificate and key after their files changed, \
-             by result (failed: the old pair stays in use).",
-            &["result"],
-        )?;
-        let reloads = counter_vec(
-            &r,
-            "kvgate_config_reloads_total",
-            "Configuration reloads, by result.",
-            &["result"],
-        )?;
-        let last_reload_ok = gauge(
-            &r,
-            "kvgate_config_last_reload_successful",
-            "1 when the last configuration reload was applied, 0 when it was refused.",
-        )?;
-        let traffic_policy_applied = int_gauge_vec(
-            &r,
-            "kvgate_traffic_policy_applied",
-            "1 when the InferenceTrafficPolicy's current version is applied, 0 when it was refused \
-             (the previous configuration keeps serving).",
-            &["policy"],
-        )?;
-        let disaggregated = counter_vec(
-            &r,
-            "kvgate_disaggregated_requests_total",
-            "Requests of disaggregated profiles, by path: two_legs (prefill pod, then decode pod), \
-             decode_alone (the decode pod had enough cached), prefill_failed (the prefill leg failed \
-             or timed out; the decode pod computed the prompt itself).",
-            &["model", "path"],
-        )?;
-        let prefill_leg = histogram_vec(
-            &r,
-            "kvgate_prefill_leg_duration_seconds",
-            "Time from sending a disaggregated request's prefill leg to the prefill pod's answer.",
-            TTFT_BUCKETS,
-            &["model"],
-        )?;
-        let trace = counter_vec(
-            &r,
-            "kvgate_trace_records_total",
-            "Traffic trace records: written, dropped (the writer's queue was full) or failed \
-             (the trace file could not be written).",
-            &["result"],
-        )?;
-        let build_info = int_gauge_vec(
-            &r,
-            "kvgate_build_info",
-            "Always 1; labelled with the running kvgate version and the git commit it was built from.",
-            &["version", "commit"],
-        )?;
-        build_info
+        let registry = Registry::new();
+        let families = Families::register(&registry)?;
+        families
+            .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
             .set(1);
-        let relay = relay::RelayMetrics::new(&r)?;
-        let flow = flow::FlowMetrics::new(&r)?;
+        let f = &families;
         Ok(Self {
-            registry: r,
-            downstream_connections,
-            connections_refused,
-            body_buffered,
-            body_buffer_full,
-            header_timeouts: timeouts.with_label_values(&["header"]),
-            idle_timeouts: timeouts.with_label_values(&["idle"]),
-            body_timeouts: timeouts.with_label_values(&["body"]),
-            tls_handshake_failures,
-            tls_reloads_ok: tls_reloads.with_label_values(&["ok"]),
-            tls_reloads_failed: tls_reloads.with_label_values(&["failed"]),
-            reloads_ok: reloads.with_label_values(&["ok"]),
-            reloads_failed: reloads.with_label_values(&["failed"]),
-            trace_written: trace.with_label_values(&["written"]),
-            trace_dropped: trace.with_label_values(&["dropped"]),
-            trace_failed: trace.with_label_values(&["failed"]),
-            requests,
-            request_duration,
-            ttft,
-            prompt_tokens,
-            predicted_cached,
-            actual_cached,
-            mispredicted,
-            cache_unreported,
-            schedule,
-            index_entries,
-            index_blocks,
-            index_bytes,
-            index_budget_bytes,
-            index_evicted_blocks,
-            index_rejected_stores,
-            kv_events,
-            kv_event_batches,
-            seq_gaps,
-            missed_batches,
-            replays,
-            malformed,
-            hash_parity,
-            pod_healthy,
-            pod_events_synced,
-            pod_running,
-            pod_waiting,
-            pod_kv_usage,
-            pod_in_flight,
-            last_reload_ok,
-            traffic_policy_applied,
-            disaggregated,
-            prefill_leg,
-            relay,
-            flow,
+            index_evicted_blocks: MirroredCounter::new(f.index_evicted_blocks.clone()),
+            index_rejected_stores: MirroredCounter::new(f.index_rejected_stores.clone()),
+            header_timeouts: f.timeouts.with_label_values(&["header"]),
+            idle_timeouts: f.timeouts.with_label_values(&["idle"]),
+            body_timeouts: f.timeouts.with_label_values(&["body"]),
+            tls_reloads_ok: f.tls_reloads.with_label_values(&["ok"]),
+            tls_reloads_failed: f.tls_reloads.with_label_values(&["failed"]),
+            reloads_ok: f.reloads.with_label_values(&["ok"]),
+            reloads_failed: f.reloads.with_label_values(&["failed"]),
+            trace_written: f.trace.with_label_values(&["written"]),
+            trace_dropped: f.trace.with_label_values(&["dropped"]),
+            trace_failed: f.trace.with_label_values(&["failed"]),
+            relay: relay::RelayMetrics::register(&registry)?,
+            flow: flow::FlowMetrics::register(&registry)?,
             pods: CowMap::new(),
             routes: CowMap::new(),
             unrouted_requests: CowMap::new(),
             unknown_malformed: CowMap::new(),
+            families,
+            registry,
         })
     }
 
@@ -686,12 +550,13 @@ impl Metrics {
 
     fn request_counter(&self, key: &RequestKeyRef<'_>, pod: &str) -> IntCounter {
         let status = key.status.to_string();
-        self.requests
+        self.families
+            .requests
             .with_label_values(&[key.model, pod, key.policy, &status])
     }
 
     pub fn decision_latency(&self, elapsed: Duration) {
-        self.schedule.observe(elapsed.as_secs_f64());
+        self.families.schedule.observe(elapsed.as_secs_f64());
     }
 
     /// A batch of `events` KV events from `pod` was applied.
@@ -745,7 +610,14 @@ impl Metrics {
         let Some(pod) = pod else {
             self.unknown_malformed.with(
                 &reason,
-                || Some((reason, self.malformed.with_label_values(&[UNKNOWN, reason]))),
+                || {
+                    Some((
+                        reason,
+                        self.families
+                            .malformed
+                            .with_label_values(&[UNKNOWN, reason]),
+                    ))
+                },
                 IntCounter::inc,
             );
             return;
@@ -758,7 +630,9 @@ impl Metrics {
                     (!*retired).then(|| {
                         (
                             reason,
-                            self.malformed.with_label_values(&[&s.label, reason]),
+                            self.families
+                                .malformed
+                                .with_label_values(&[&s.label, reason]),
                         )
                     })
                 },
@@ -770,7 +644,7 @@ impl Metrics {
     /// Result of re-hashing a sampled `BlockStored` run from `pod`.
     pub fn parity(&self, pod: SocketAddr, ok: bool) {
         self.with_pod(pod, |s| {
-            if let Some(g) = s.gauge(&s.parity, &self.hash_parity) {
+            if let Some(g) = s.gauge(&s.parity, &self.families.hash_parity) {
                 g.set(ok as i64);
             }
         });
@@ -778,7 +652,7 @@ impl Metrics {
 
     pub fn pod_health(&self, pod: SocketAddr, healthy: bool) {
         self.with_pod(pod, |s| {
-            if let Some(g) = s.gauge(&s.healthy, &self.pod_healthy) {
+            if let Some(g) = s.gauge(&s.healthy, &self.families.pod_healthy) {
                 g.set(healthy as i64);
             }
         });
@@ -786,7 +660,7 @@ impl Metrics {
 
     pub fn pod_events_synced(&self, pod: SocketAddr, synced: bool) {
         self.with_pod(pod, |s| {
-            if let Some(g) = s.gauge(&s.events_synced, &self.pod_events_synced) {
+            if let Some(g) = s.gauge(&s.events_synced, &self.families.pod_events_synced) {
                 g.set(synced as i64);
             }
         });
@@ -794,16 +668,16 @@ impl Metrics {
 
     pub fn pod_load(&self, pod: SocketAddr, load: PodLoad) {
         self.with_pod(pod, |s| {
-            if let Some(g) = s.gauge(&s.running, &self.pod_running) {
+            if let Some(g) = s.gauge(&s.running, &self.families.pod_running) {
                 g.set(load.scraped.running);
             }
-            if let Some(g) = s.gauge(&s.waiting, &self.pod_waiting) {
+            if let Some(g) = s.gauge(&s.waiting, &self.families.pod_waiting) {
                 g.set(load.scraped.waiting);
             }
-            if let Some(g) = s.gauge(&s.kv_usage, &self.pod_kv_usage) {
+            if let Some(g) = s.gauge(&s.kv_usage, &self.families.pod_kv_usage) {
                 g.set(load.scraped.kv_usage);
             }
-            if let Some(g) = s.gauge(&s.in_flight, &self.pod_in_flight) {
+            if let Some(g) = s.gauge(&s.in_flight, &self.families.pod_in_flight) {
                 g.set(i64::from(load.in_flight));
             }
         });
@@ -833,10 +707,15 @@ impl Metrics {
     }
 
     pub fn index_stats(&self, sample: IndexSample) {
-        self.index_entries.set(saturating_i64(sample.entries));
-        self.index_blocks.set(saturating_i64(sample.blocks));
-        self.index_bytes.set(saturating_i64(sample.bytes));
-        self.index_budget_bytes
+        self.families
+            .index_entries
+            .set(saturating_i64(sample.entries));
+        self.families
+            .index_blocks
+            .set(saturating_i64(sample.blocks));
+        self.families.index_bytes.set(saturating_i64(sample.bytes));
+        self.families
+            .index_budget_bytes
             .set(saturating_i64(sample.budget_bytes));
         self.index_evicted_blocks
             .mirror(sample.evicted_blocks_total);
@@ -846,27 +725,28 @@ impl Metrics {
 
     /// A client connection was accepted on the public listener.
     pub fn connection_opened(&self) {
-        self.downstream_connections.inc();
+        self.families.downstream_connections.inc();
     }
 
     pub fn connection_closed(&self) {
-        self.downstream_connections.dec();
+        self.families.downstream_connections.dec();
     }
 
     /// A client connection was turned away at `server.maxConnections`.
     pub fn connection_refused(&self) {
-        self.connections_refused.inc();
+        self.families.connections_refused.inc();
     }
 
     /// Request-body bytes held right now, across all connections.
     pub fn body_bytes_buffered(&self, bytes: usize) {
-        self.body_buffered
+        self.families
+            .body_buffered
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// A request was refused because its body would not fit the body budget.
     pub fn body_buffer_full(&self) {
-        self.body_buffer_full.inc();
+        self.families.body_buffer_full.inc();
     }
 
     pub fn connection_timed_out(&self, waiting_for: ClientWait) {
@@ -879,13 +759,17 @@ impl Metrics {
 
     /// How a disaggregated profile served a request (`path`: see the family's help).
     pub fn disaggregated(&self, model: &str, path: &str) {
-        self.disaggregated.with_label_values(&[model, path]).inc();
+        self.families
+            .disaggregated
+            .with_label_values(&[model, path])
+            .inc();
     }
 
     /// A prefill leg that got its answer: its time, and the prefill pod's cache accounting
     /// (the same per-pod counters the requests a pod serves alone feed).
     pub fn prefill_leg_finished(&self, rec: &RequestRecord<'_>) {
-        self.prefill_leg
+        self.families
+            .prefill_leg
             .with_label_values(&[rec.model])
             .observe(rec.total.as_secs_f64());
         if let Some(pod) = rec.pod {
@@ -895,13 +779,14 @@ impl Metrics {
 
     /// Whether a configured InferenceTrafficPolicy's current version was applied.
     pub fn traffic_policy(&self, policy: &str, applied: bool) {
-        self.traffic_policy_applied
+        self.families
+            .traffic_policy_applied
             .with_label_values(&[policy])
             .set(i64::from(applied));
     }
 
     pub fn tls_handshake_failed(&self) {
-        self.tls_handshake_failures.inc();
+        self.families.tls_handshake_failures.inc();
     }
 
     pub fn tls_certificate_reload(&self, ok: bool) {
@@ -918,7 +803,7 @@ impl Metrics {
         } else {
             self.reloads_failed.inc();
         }
-        self.last_reload_ok.set(ok as i64);
+        self.families.last_reload_ok.set(ok as i64);
     }
 
     /// Counts traffic trace records by what became of them.
@@ -943,61 +828,6 @@ pub enum TraceOutcome {
 
 fn saturating_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn register<C: Collector + Clone + 'static>(
-    registry: &Registry,
-    name: &'static str,
-    made: prometheus::Result<C>,
-) -> Result<C, MetricsError> {
-    made.and_then(|c| registry.register(Box::new(c.clone())).map(|()| c))
-        .map_err(|source| MetricsError::Register { name, source })
-}
-
-fn counter_vec(
-    r: &Registry,
-    name: &'static str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, MetricsError> {
-    register(r, name, IntCounterVec::new(Opts::new(name, help), labels))
-}
-
-fn int_gauge_vec(
-    r: &Registry,
-    name: &'static str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntGaugeVec, MetricsError> {
-    register(r, name, IntGaugeVec::new(Opts::new(name, help), labels))
-}
-
-fn float_gauge_vec(
-    r: &Registry,
-    name: &'static str,
-    help: &str,
-    labels: &[&str],
-) -> Result<GaugeVec, MetricsError> {
-    register(r, name, GaugeVec::new(Opts::new(name, help), labels))
-}
-
-fn gauge(r: &Registry, name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
-    register(r, name, IntGauge::new(name, help))
-}
-
-fn counter(r: &Registry, name: &'static str, help: &str) -> Result<IntCounter, MetricsError> {
-    register(r, name, IntCounter::new(name, help))
-}
-
-fn histogram_vec(
-    r: &Registry,
-    name: &'static str,
-    help: &str,
-    buckets: &[f64],
-    labels: &[&str],
-) -> Result<HistogramVec, MetricsError> {
-    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    register(r, name, HistogramVec::new(opts, labels))
 }
 
 /// A counter that mirrors a cumulative total kept elsewhere (the index's own
@@ -1142,8 +972,8 @@ impl RouteSeries {
     fn new(m: &Metrics, key: &RouteKeyRef<'_>) -> Self {
         let labels = [key.model, key.policy];
         Self {
-            duration: m.request_duration.with_label_values(&labels),
-            ttft: m.ttft.with_label_values(&labels),
+            duration: m.families.request_duration.with_label_values(&labels),
+            ttft: m.families.ttft.with_label_values(&labels),
         }
     }
 }
@@ -1184,22 +1014,23 @@ struct PodSeries {
 
 impl PodSeries {
     fn new(m: &Metrics, label: String) -> Self {
+        let f = &m.families;
         let l = [label.as_str()];
         Self {
             registrations: AtomicUsize::new(1),
             retired: Mutex::new(false),
-            prompt_tokens: m.prompt_tokens.with_label_values(&l),
-            predicted_cached: m.predicted_cached.with_label_values(&l),
-            actual_cached: m.actual_cached.with_label_values(&l),
-            overpredicted: m.mispredicted.with_label_values(&[label.as_str(), "over"]),
-            underpredicted: m.mispredicted.with_label_values(&[label.as_str(), "under"]),
-            cache_unreported: m.cache_unreported.with_label_values(&l),
-            events: m.kv_events.with_label_values(&l),
-            event_batches: m.kv_event_batches.with_label_values(&l),
-            seq_gaps: m.seq_gaps.with_label_values(&l),
-            missed_batches: m.missed_batches.with_label_values(&l),
-            replays_ok: m.replays.with_label_values(&[label.as_str(), "ok"]),
-            replays_failed: m.replays.with_label_values(&[label.as_str(), "failed"]),
+            prompt_tokens: f.prompt_tokens.with_label_values(&l),
+            predicted_cached: f.predicted_cached.with_label_values(&l),
+            actual_cached: f.actual_cached.with_label_values(&l),
+            overpredicted: f.mispredicted.with_label_values(&[label.as_str(), "over"]),
+            underpredicted: f.mispredicted.with_label_values(&[label.as_str(), "under"]),
+            cache_unreported: f.cache_unreported.with_label_values(&l),
+            events: f.kv_events.with_label_values(&l),
+            event_batches: f.kv_event_batches.with_label_values(&l),
+            seq_gaps: f.seq_gaps.with_label_values(&l),
+            missed_batches: f.missed_batches.with_label_values(&l),
+            replays_ok: f.replays.with_label_values(&[label.as_str(), "ok"]),
+            replays_failed: f.replays.with_label_values(&[label.as_str(), "failed"]),
             parity: OnceLock::new(),
             healthy: OnceLock::new(),
             events_synced: OnceLock::new(),
@@ -1256,44 +1087,45 @@ impl PodSeries {
         *self.retired.lock() = true;
         // From here on no series of this pod can be created; `settled` waits for
         // an insertion that passed the check just before.
+        let f = &m.families;
         let label = &*self.label;
         for key in self.requests.settled().keys() {
             let status = key.status.to_string();
-            let _ = m
+            let _ = f
                 .requests
                 .remove_label_values(&[&*key.model, label, &*key.policy, &status]);
         }
         for reason in self.malformed.settled().keys() {
-            let _ = m.malformed.remove_label_values(&[label, reason]);
+            let _ = f.malformed.remove_label_values(&[label, reason]);
         }
         for direction in ["over", "under"] {
-            let _ = m.mispredicted.remove_label_values(&[label, direction]);
+            let _ = f.mispredicted.remove_label_values(&[label, direction]);
         }
         for result in ["ok", "failed"] {
-            let _ = m.replays.remove_label_values(&[label, result]);
+            let _ = f.replays.remove_label_values(&[label, result]);
         }
         // Gauges that were never set have no series: NotFound is expected there.
         for vec in [
-            &m.prompt_tokens,
-            &m.predicted_cached,
-            &m.actual_cached,
-            &m.cache_unreported,
-            &m.kv_events,
-            &m.kv_event_batches,
-            &m.seq_gaps,
-            &m.missed_batches,
+            &f.prompt_tokens,
+            &f.predicted_cached,
+            &f.actual_cached,
+            &f.cache_unreported,
+            &f.kv_events,
+            &f.kv_event_batches,
+            &f.seq_gaps,
+            &f.missed_batches,
         ] {
             let _ = vec.remove_label_values(&[label]);
         }
         for vec in [
-            &m.hash_parity,
-            &m.pod_healthy,
-            &m.pod_events_synced,
-            &m.pod_in_flight,
+            &f.hash_parity,
+            &f.pod_healthy,
+            &f.pod_events_synced,
+            &f.pod_in_flight,
         ] {
             let _ = vec.remove_label_values(&[label]);
         }
-        for vec in [&m.pod_running, &m.pod_waiting, &m.pod_kv_usage] {
+        for vec in [&f.pod_running, &f.pod_waiting, &f.pod_kv_usage] {
             let _ = vec.remove_label_values(&[label]);
         }
     }

@@ -50,8 +50,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::errors::ApiError;
-use super::gateway::Gateway;
 use crate::config::ServerConfig;
+use crate::gateway::Gateway;
 use crate::metrics::{ClientWait, Metrics};
 use crate::tls::{HandshakeError, ListenerTls};
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pingora::http::RequestHeader;
 
 use super::disagg::DisaggPath;
-use super::gateway::ActiveRequest;
 use super::REQUEST_ID_HEADER;
+use crate::gateway::ActiveRequest;
 use crate::metrics::{Metrics, RequestRecord, UNKNOWN};
 use crate::trace::TraceEntry;
 

@@ -7,16 +7,12 @@
 
 mod body;
 mod disagg;
-mod discovery;
 mod errors;
 mod flow;
 mod forward;
-mod gateway;
-mod health;
 mod limits;
 mod log;
 mod pipeline;
-mod split;
 mod usage;
 
 use std::sync::Arc;
@@ -30,15 +26,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use body::BodyBudget;
-pub use discovery::DiscoveryFeed;
 pub use errors::ApiError;
 pub use forward::{ForwardError, ForwardReport, ForwardSettings, Forwarder};
-pub use gateway::{ActiveRequest, Gateway, GatewayError, GatewayState, ModelRuntime, Route};
-pub use health::HealthChecker;
 pub use limits::LimitedListener;
 pub use log::RequestCtx;
 pub use usage::{Usage, UsageTap};
 
+use crate::gateway::Gateway;
 use crate::tokenize::Endpoint;
 use crate::trace::TraceRecorder;
 

@@ -4,7 +4,7 @@
 //!
 //! Health fails safe: every discovered pod is probed before kvgate reports ready, a pod
 //! discovery adds is probed at once, and a pod failing its check is probed again every
-//! [`FAILING_RECHECK`] (or the interval, when shorter) so that it is admitted as soon as
+//! `FAILING_RECHECK` (or the interval, when shorter) so that it is admitted as soon as
 //! it recovers rather than a whole interval later. A refused connection on either check
 //! means no process listens on the pod any more: what kvgate believed about its cache
 //! is dropped ([`Pod::connection_refused`]).
@@ -21,7 +21,7 @@ use pingora::services::background::BackgroundService;
 use pingora::services::ServiceReadyNotifier;
 use tokio::time::Instant;
 
-use super::gateway::Gateway;
+use crate::gateway::Gateway;
 use crate::pods::{Pod, PodId, ScrapedLoad, ScrapedLora};
 
 /// Upper bound on one probe, whatever the interval.

@@ -3,6 +3,8 @@
 //! `ArcSwap`, swapped whole; what must outlive a reload (the block index, the pods and
 //! their load accounting, index scopes) sits beside it.
 
+pub mod split;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::split::AdapterSplit;
+use self::split::AdapterSplit;
 use crate::config::{Config, ModelConfig};
 use crate::flow::FlowControl;
 use crate::hash::{BlockHasher, HashConfigError, LoraKey};

@@ -22,9 +22,9 @@ use pingora::services::ServiceReadyNotifier;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::gateway::Gateway;
+use super::{run_discovery, DiscoveryConfig, Snapshot};
 use crate::config::Config;
-use crate::discovery::{run_discovery, DiscoveryConfig, Snapshot};
+use crate::gateway::Gateway;
 
 /// Longest wait for first snapshots before the proxy starts anyway (an unreachable
 /// apiserver must not keep the gateway down; requests get 503 until pods appear).
