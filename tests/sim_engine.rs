@@ -29,6 +29,7 @@ fn cold_long_prompt_ttft_matches_llm_d() {
                 prompt_tokens: 8_192,
                 max_tokens: 1,
                 lora: None,
+                priority: 0,
             },
         )
         .unwrap();

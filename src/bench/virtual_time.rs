@@ -376,11 +376,17 @@ impl<'a> Run<'a> {
         // A prompt of token ids weighs about 6 bytes a token as JSON.
         let bytes = self.segment.requests[index as usize].prompt_tokens as usize * 6;
         match flow.queue.push(*priority, tenant, bytes, index, limits) {
-            Ok(ticket) => {
-                flow.tickets[index as usize] = Some(ticket);
+            Ok(pushed) => {
+                flow.tickets[index as usize] = Some(pushed.ticket);
                 flow.arrived_ms[index as usize] = now_ms;
                 let deadline = now_ms + config.queue_timeout_ms as f64;
                 self.queue.push(deadline, EventKind::QueueDeadline(index));
+                for (_, displaced) in &pushed.displaced {
+                    flow.tickets[*displaced as usize] = None;
+                }
+                for (_, displaced) in pushed.displaced {
+                    self.refuse(displaced, ShedReason::Displaced);
+                }
             }
             Err(QueueFull::Requests) => self.refuse(index, ShedReason::QueueFull),
             Err(QueueFull::Bytes) => self.refuse(index, ShedReason::QueueBytes),
@@ -510,6 +516,12 @@ impl<'a> Run<'a> {
             }
         }
 
+        // What the gateway adds to the body with `forwardPriority`.
+        let priority = self
+            .flow
+            .as_ref()
+            .filter(|flow| flow.stage.config.forward_priority)
+            .map_or(0, |flow| flow.stage.classes[index as usize].0.to_vllm());
         let sim = &mut self.pods[pod as usize];
         sim.engine
             .submit(
@@ -520,6 +532,7 @@ impl<'a> Run<'a> {
                     prompt_tokens: request.prompt_tokens,
                     max_tokens: request.output_tokens,
                     lora: request.adapter.clone(),
+                    priority,
                 },
             )
             .map_err(|source| SimError::Submit {

@@ -16,6 +16,7 @@ mod health;
 mod limits;
 mod log;
 mod pipeline;
+mod priority;
 mod split;
 mod usage;
 

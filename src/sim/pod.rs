@@ -117,6 +117,8 @@ pub struct PodRequest {
     pub max_tokens: u32,
     pub lora: Option<EventLora>,
     pub cache_salt: Option<Arc<str>>,
+    /// The body's `priority` (vLLM: lower is served first; 0 when absent).
+    pub priority: i32,
 }
 
 /// What a request's stream carries, in order.
@@ -500,6 +502,7 @@ impl Driver {
                     prompt_tokens: u32::try_from(request.tokens.len()).unwrap_or(u32::MAX),
                     max_tokens: request.max_tokens,
                     lora: request.lora.as_ref().map(|lora| Arc::clone(&lora.name)),
+                    priority: request.priority,
                 };
                 let result = self.engine.submit(self.clock.now_ms(), sim_request);
                 if result.is_ok() {
@@ -1268,6 +1271,7 @@ mod tests {
             max_tokens,
             lora: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 

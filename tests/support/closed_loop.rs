@@ -118,6 +118,7 @@ pub fn closed_loop(params: PodParams, cfg: &ClosedLoop) -> Run {
                 prompt_tokens,
                 max_tokens: cfg.output_tokens,
                 lora: None,
+                priority: 0,
             };
             engine.submit(send_at, request).unwrap();
             owner.insert(RequestId(next_id), client);
