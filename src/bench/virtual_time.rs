@@ -421,6 +421,13 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Whether request `index` waits in the flow queue.
+    fn waits(&self, index: u32) -> bool {
+        self.flow
+            .as_ref()
+            .is_some_and(|flow| flow.tickets[index as usize].is_some())
+    }
+
     fn queue_deadline(&mut self, index: u32) {
         let Some(flow) = self.flow.as_mut() else {
             return;
@@ -997,6 +1004,11 @@ pub fn simulate_with_flow(
     }
     let mut now_ms = 0.0;
     while let Some(event) = run.queue.heap.pop() {
+        // The deadline of a request no longer waiting is no event: it must not stretch the
+        // run's span (the goodput's denominator).
+        if matches!(event.kind, EventKind::QueueDeadline(i) if !run.waits(i)) {
+            continue;
+        }
         now_ms = event.at_ms;
         match event.kind {
             EventKind::Arrival(i) => {

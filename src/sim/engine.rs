@@ -606,11 +606,20 @@ impl PodEngine {
         if self.running.is_empty() && self.waiting.is_empty() {
             return None;
         }
-        self.scheduled.clear();
-        let mut budget = self.params.max_num_batched_tokens;
-        // As vLLM v1: a step that had to preempt admits nobody new.
-        if !self.schedule_running(&mut budget, out) {
-            self.schedule_waiting(&mut budget, out);
+        loop {
+            self.scheduled.clear();
+            let mut budget = self.params.max_num_batched_tokens;
+            // As vLLM v1: a step that had to preempt admits nobody new.
+            let preempted = self.schedule_running(&mut budget, out);
+            if !preempted {
+                self.schedule_waiting(&mut budget, out);
+            }
+            // Under `priority` the first running request can be its own victim: vLLM's
+            // scheduler then returns an empty step and plans again at once. Each such pass
+            // takes one request out of `running`, so this ends.
+            if !self.scheduled.is_empty() || !preempted {
+                break;
+            }
         }
         if self.scheduled.is_empty() {
             return None;
@@ -1618,6 +1627,28 @@ mod tests {
         assert!(steps
             .iter()
             .all(|s| s.batch.prefill_tokens + s.batch.decode_seqs <= 64));
+    }
+
+    #[test]
+    fn a_first_running_request_preempting_itself_does_not_stall_the_pod() {
+        // The low-priority request runs first, so it leads `running`; when KV runs out it is
+        // its own victim, and the pod goes on with the Critical one in the same step.
+        let params = PodParams {
+            scheduling_policy: SchedulingPolicy::Priority,
+            ..tiny(8)
+        };
+        let mut engine = PodEngine::new(params).unwrap();
+        engine
+            .submit(0.0, prioritized(1, &[1, 2], (8, 20), 5))
+            .unwrap();
+        let mut out = StepOutput::default();
+        let end = engine.step(0.0, &mut out).unwrap();
+        engine
+            .submit(end, prioritized(2, &[3, 4], (8, 20), 0))
+            .unwrap();
+        let steps = run(&mut engine, end);
+        assert_eq!(finish_order(&steps), [2, 1]);
+        assert!(engine.is_idle());
     }
 
     #[test]
