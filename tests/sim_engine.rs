@@ -32,6 +32,7 @@ fn cold_long_prompt_ttft_matches_llm_d() {
                 max_tokens: 1,
                 lora: None,
                 kv_transfer: KvTransfer::None,
+                priority: 0,
             },
         )
         .unwrap();

@@ -5,7 +5,9 @@
 //! the batch tenant (Sheddable) bursts during the middle one, taking the offered load to
 //! about twice the fleet's knee. Three runs of the same policy from cold pods: the
 //! interactive tenant alone (its unloaded TTFT), both tenants without flow control, and
-//! both with the model's `flowControl`. Each run reports TTFT p50/p90/p99 per tenant,
+//! both with the model's `flowControl`; with its `forwardPriority` the pods of that run
+//! order their own queues by the forwarded priority (vLLM's `--scheduling-policy
+//! priority`), the other runs' pods are FCFS, vLLM's default. Each run reports TTFT p50/p90/p99 per tenant,
 //! requests served and refused (by reason), and goodput: output tokens of served requests
 //! per second of the run.
 
@@ -21,6 +23,7 @@ use super::workload::{self, BenchRequest, Ladder, Segment, Stage};
 use super::{load_context, shape, BenchArgs, BenchError, Context, Steps};
 use crate::flow::{FlowConfig, Priority};
 use crate::metrics::flow::ShedReason;
+use crate::sim::SchedulingPolicy;
 
 /// Interactive QPS and the batch tenant's burst QPS when `--qps` does not say: W1's knee on
 /// 8 simulated pods is about 18–22 QPS (README, Benchmarks), so 4 + 36 is twice it.
@@ -41,7 +44,8 @@ pub struct TenantFigures {
     pub ttft_p50_s: Option<f64>,
     pub ttft_p90_s: Option<f64>,
     pub ttft_p99_s: Option<f64>,
-    /// Refused by flow control: sheddable, queue_full, queue_bytes (429), deadline (503).
+    /// Refused by flow control: sheddable, queue_full, queue_bytes, displaced (429),
+    /// deadline (503).
     pub refused: Vec<(String, usize)>,
 }
 
@@ -106,14 +110,20 @@ pub fn run(args: &BenchArgs) -> Result<FlowReport, BenchError> {
         config: flow.clone(),
         classes: classes.clone(),
     };
+    let mut flow_setup = setup.clone();
+    if flow.forward_priority {
+        flow_setup.pod_params.scheduling_policy = SchedulingPolicy::Priority;
+    }
     let simulate = |label: &str, segment: &Segment, flow: Option<&FlowStage>| {
         steps.line(format_args!("simulating {label}"));
-        virtual_time::simulate_with_flow(segment, &spec, &setup, flow, &AtomicUsize::new(0))
-            .map_err(|source| BenchError::Sim {
+        let setup = if flow.is_some() { &flow_setup } else { &setup };
+        virtual_time::simulate_with_flow(segment, &spec, setup, flow, &AtomicUsize::new(0)).map_err(
+            |source| BenchError::Sim {
                 policy: spec.name.clone(),
                 segment: label.to_string(),
                 source: Box::new(source),
-            })
+            },
+        )
     };
     let alone_classes: Vec<(Priority, String)> = classes
         .iter()
@@ -270,6 +280,7 @@ fn figures(
             ShedReason::QueueFull,
             ShedReason::QueueBytes,
             ShedReason::Deadline,
+            ShedReason::Displaced,
         ]
         .into_iter()
         .map(|reason| {
@@ -316,7 +327,7 @@ fn markdown(report: &FlowReport, flow: &FlowConfig) -> String {
     let seconds = |v: Option<f64>| v.map_or("–".to_string(), |s| format!("{s:.2}"));
     let mut out = format!(
         "## Flow control: two tenants on W1\n\n{}\n\nSaturation: {:?}; shedBelow {}, \
-         queueTimeoutMs {}, maxQueuedRequests {}.\n\n\
+         queueTimeoutMs {}, maxQueuedRequests {}, maxQueuedBytes {}, forwardPriority {}.\n\n\
          | run | tenant | offered | served | refused | TTFT p50 s | p90 s | p99 s | goodput tok/s |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         report.description,
@@ -324,6 +335,8 @@ fn markdown(report: &FlowReport, flow: &FlowConfig) -> String {
         flow.shed_below.0,
         flow.queue_timeout_ms,
         flow.max_queued_requests,
+        flow.max_queued_bytes,
+        flow.forward_priority,
     );
     for run in &report.runs {
         for (i, tenant) in run.tenants.iter().enumerate() {

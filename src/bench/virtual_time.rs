@@ -411,11 +411,17 @@ impl<'a> Run<'a> {
         // A prompt of token ids weighs about 6 bytes a token as JSON.
         let bytes = self.segment.requests[index as usize].prompt_tokens as usize * 6;
         match flow.queue.push(*priority, tenant, bytes, index, limits) {
-            Ok(ticket) => {
-                flow.tickets[index as usize] = Some(ticket);
+            Ok(pushed) => {
+                flow.tickets[index as usize] = Some(pushed.ticket);
                 flow.arrived_ms[index as usize] = now_ms;
                 let deadline = now_ms + config.queue_timeout_ms as f64;
                 self.queue.push(deadline, EventKind::QueueDeadline(index));
+                for (_, displaced) in &pushed.displaced {
+                    flow.tickets[*displaced as usize] = None;
+                }
+                for (_, displaced) in pushed.displaced {
+                    self.refuse(displaced, ShedReason::Displaced);
+                }
             }
             Err(QueueFull::Requests) => self.refuse(index, ShedReason::QueueFull),
             Err(QueueFull::Bytes) => self.refuse(index, ShedReason::QueueBytes),
@@ -448,6 +454,13 @@ impl<'a> Run<'a> {
             flow.waited_ms[index as usize] = now_ms - flow.arrived_ms[index as usize];
             self.route(index, now_ms)?;
         }
+    }
+
+    /// Whether request `index` waits in the flow queue.
+    fn waits(&self, index: u32) -> bool {
+        self.flow
+            .as_ref()
+            .is_some_and(|flow| flow.tickets[index as usize].is_some())
     }
 
     fn queue_deadline(&mut self, index: u32) {
@@ -603,6 +616,12 @@ impl<'a> Run<'a> {
         max_tokens: u32,
     ) -> Result<(), SimError> {
         let request = &self.segment.requests[index as usize];
+        // What the gateway adds to the body with `forwardPriority`.
+        let priority = self
+            .flow
+            .as_ref()
+            .filter(|flow| flow.stage.config.forward_priority)
+            .map_or(0, |flow| flow.stage.classes[index as usize].0.to_vllm());
         let sim = &mut self.pods[pod as usize];
         sim.engine
             .submit(
@@ -614,6 +633,7 @@ impl<'a> Run<'a> {
                     max_tokens,
                     lora: request.adapter.clone(),
                     kv_transfer,
+                    priority,
                 },
             )
             .map_err(|source| SimError::Submit {
@@ -1146,6 +1166,11 @@ pub fn simulate_with_flow(
     }
     let mut now_ms = 0.0;
     while let Some(event) = run.queue.heap.pop() {
+        // The deadline of a request no longer waiting is no event: it must not stretch the
+        // run's span (the goodput's denominator).
+        if matches!(event.kind, EventKind::QueueDeadline(i) if !run.waits(i)) {
+            continue;
+        }
         now_ms = event.at_ms;
         match event.kind {
             EventKind::Arrival(i) => {

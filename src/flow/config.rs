@@ -25,6 +25,13 @@ impl Priority {
     /// ACK's `Sheddable` (GIE sheds negative priorities when saturated).
     pub const SHEDDABLE: Self = Self(-1);
 
+    /// The same priority as vLLM's request `priority` field, where lower is served first:
+    /// the negation (Critical 1 → −1, Standard 0 → 0, the value of a request that sets
+    /// none, Sheddable −1 → 1).
+    pub fn to_vllm(self) -> i32 {
+        self.0.saturating_neg()
+    }
+
     fn from_name(name: &str) -> Option<Self> {
         match name {
             "Critical" => Some(Self::CRITICAL),
@@ -120,6 +127,10 @@ pub struct FlowConfig {
     pub priority_header: Option<PriorityHeader>,
     /// The header naming a request's tenant; tenants share a priority band fairly.
     pub fairness_header: String,
+    /// Adds the request's priority to the body the pod receives, as vLLM's `priority`
+    /// ([`Priority::to_vllm`]), unless the client set one. For pods started with
+    /// `--scheduling-policy priority` only: vLLM refuses a non-zero priority otherwise.
+    pub forward_priority: bool,
 }
 
 impl Default for FlowConfig {
@@ -135,6 +146,7 @@ impl Default for FlowConfig {
             objectives: BTreeMap::new(),
             priority_header: None,
             fairness_header: DEFAULT_FAIRNESS_HEADER.into(),
+            forward_priority: false,
         }
     }
 }
@@ -225,6 +237,21 @@ mod tests {
             "unknown keys are errors"
         );
         assert!(parse("{defaultPriority: 3000000000}").is_err());
+    }
+
+    #[test]
+    fn priorities_map_onto_vllms_lower_first_values() {
+        assert!(!parse("{}").expect("defaults").forward_priority);
+        assert!(
+            parse("{forwardPriority: true}")
+                .expect("valid")
+                .forward_priority
+        );
+        assert_eq!(Priority::CRITICAL.to_vllm(), -1);
+        assert_eq!(Priority::STANDARD.to_vllm(), 0);
+        assert_eq!(Priority::SHEDDABLE.to_vllm(), 1);
+        assert_eq!(Priority(-5).to_vllm(), 5);
+        assert_eq!(Priority(i32::MIN).to_vllm(), i32::MAX);
     }
 
     fn config_ok(config: &FlowConfig) {

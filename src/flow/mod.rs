@@ -14,7 +14,9 @@
 //!   does not release a burst onto one free slot before the pods' accounting shows it.
 //! * **Refusals.** A request below `shedBelow` that would wait, or one past the queue's
 //!   bounds, is refused at once (429); one that waits past `queueTimeoutMs` is refused
-//!   then (503). A waiting request whose client leaves is taken out at once (dropping
+//!   then (503). A request that finds the queue full takes the place of the newest
+//!   waiting ones of lower bands ([`FlowQueue::push`]), which are refused then (429
+//!   `displaced`). A waiting request whose client leaves is taken out at once (dropping
 //!   its [`QueuedRequest`] does it).
 //!
 //! The config is reloaded with the rest ([`FlowControl::configure`]); requests already
@@ -88,15 +90,24 @@ impl Drop for Reservation {
     }
 }
 
-/// The queue waited longer than `queueTimeoutMs`.
+/// Why a queued request left the queue without being dispatched: it waited longer than
+/// `queueTimeoutMs` ([`ShedReason::Deadline`]), or a more important request took its place
+/// ([`ShedReason::Displaced`]).
 #[derive(Debug, Clone, Copy)]
-pub struct QueueTimeout {
+pub struct QueueRefusal {
+    pub reason: ShedReason,
     pub waited: Duration,
     pub retry_after_secs: u32,
 }
 
+/// What the queue sends a waiting request.
+enum Grant {
+    Dispatch(Dispatch),
+    Displaced,
+}
+
 struct Waiter {
-    grant: oneshot::Sender<Dispatch>,
+    grant: oneshot::Sender<Grant>,
 }
 
 /// One model's queue and the requests dispatched from it but not yet placed.
@@ -229,9 +240,15 @@ impl FlowControl {
         let ticket = {
             let mut queue = flow.queue.lock();
             match queue.push(priority, tenant, bytes, Waiter { grant }, limits) {
-                Ok(ticket) => {
+                Ok(pushed) => {
                     flow.changed(&queue, priority, metrics);
-                    ticket
+                    for (band, waiter) in pushed.displaced {
+                        flow.changed(&queue, band, metrics);
+                        metrics.shed(model, ShedReason::Displaced);
+                        // A waiter whose client left meanwhile is gone already.
+                        let _ = waiter.grant.send(Grant::Displaced);
+                    }
+                    pushed.ticket
                 }
                 Err(QueueFull::Requests) => return shed(ShedReason::QueueFull),
                 Err(QueueFull::Bytes) => return shed(ShedReason::QueueBytes),
@@ -249,6 +266,16 @@ impl FlowControl {
             retry_after_secs: config.retry_after_secs,
             metrics: Arc::clone(&self.metrics),
         })
+    }
+
+    /// The `priority` field to add to a request's body for vLLM, when `model`'s flow control
+    /// forwards priorities.
+    pub fn vllm_priority(&self, model: &str, headers: &HeaderMap) -> Option<i32> {
+        let models = self.models.load();
+        let config = models.get(model)?.config.load_full()?;
+        config
+            .forward_priority
+            .then(|| priority_of(&config, headers).to_vllm())
     }
 
     /// Lets waiting requests go, best first, while their model's pods have room.
@@ -277,7 +304,7 @@ impl FlowControl {
                     }),
                 };
                 // A waiter that gave up meanwhile drops the grant, and its reservation with it.
-                let _ = waiter.grant.send(dispatch);
+                let _ = waiter.grant.send(Grant::Dispatch(dispatch));
             }
         }
     }
@@ -322,7 +349,7 @@ pub struct QueuedRequest {
     flow: Arc<ModelFlow>,
     /// `None` once the request has left the queue one way or another.
     ticket: Option<Ticket>,
-    granted: oneshot::Receiver<Dispatch>,
+    granted: oneshot::Receiver<Grant>,
     since: Instant,
     deadline: Instant,
     retry_after_secs: u32,
@@ -330,43 +357,56 @@ pub struct QueuedRequest {
 }
 
 impl QueuedRequest {
-    /// Waits for dispatch, or for the queue deadline.
-    pub async fn wait(mut self) -> Result<Dispatch, QueueTimeout> {
+    /// Waits for dispatch, for the queue deadline, or for a more important request to take
+    /// its place.
+    pub async fn wait(mut self) -> Result<Dispatch, QueueRefusal> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
-        let outcome = match tokio::time::timeout_at(deadline, &mut self.granted).await {
-            Ok(Ok(dispatch)) => Ok(dispatch),
-            // The queue let go of it without a grant: it no longer exists (never the case
-            // while the gateway runs), so the request goes on unqueued.
-            Ok(Err(_)) => Ok(Dispatch::default()),
-            Err(_) => {
-                if self.leave() {
-                    Err(QueueTimeout {
-                        waited: self.since.elapsed(),
-                        retry_after_secs: self.retry_after_secs,
-                    })
-                } else {
-                    // Dispatched as the deadline passed: the grant is on its way or here.
-                    Ok((&mut self.granted).await.unwrap_or_default())
-                }
+        let grant = match tokio::time::timeout_at(deadline, &mut self.granted).await {
+            Ok(grant) => grant,
+            Err(_) if self.leave() => {
+                self.ticket = None;
+                let waited = self.since.elapsed();
+                let metrics = &self.metrics.flow;
+                metrics.shed(&self.flow.name, ShedReason::Deadline);
+                metrics.waited(&self.flow.name, QueueOutcome::Deadline, waited);
+                return Err(QueueRefusal {
+                    reason: ShedReason::Deadline,
+                    waited,
+                    retry_after_secs: self.retry_after_secs,
+                });
             }
+            // Dispatched or displaced as the deadline passed: the grant is on its way or here.
+            Err(_) => (&mut self.granted).await,
         };
         self.ticket = None;
         let waited = self.since.elapsed();
-        match outcome {
-            Ok(_) => self
-                .metrics
-                .flow
-                .waited(&self.flow.name, QueueOutcome::Dispatched, waited),
+        match grant {
+            Ok(Grant::Displaced) => {
+                // Counted as shed by the request that displaced it.
+                self.metrics
+                    .flow
+                    .waited(&self.flow.name, QueueOutcome::Displaced, waited);
+                Err(QueueRefusal {
+                    reason: ShedReason::Displaced,
+                    waited,
+                    retry_after_secs: self.retry_after_secs,
+                })
+            }
+            Ok(Grant::Dispatch(dispatch)) => {
+                self.metrics
+                    .flow
+                    .waited(&self.flow.name, QueueOutcome::Dispatched, waited);
+                Ok(dispatch)
+            }
+            // The queue let go of it without a grant: it no longer exists (never the case
+            // while the gateway runs), so the request goes on unqueued.
             Err(_) => {
                 self.metrics
                     .flow
-                    .shed(&self.flow.name, ShedReason::Deadline);
-                self.metrics
-                    .flow
-                    .waited(&self.flow.name, QueueOutcome::Deadline, waited);
+                    .waited(&self.flow.name, QueueOutcome::Dispatched, waited);
+                Ok(Dispatch::default())
             }
         }
-        outcome
     }
 
     /// Takes the request out of the queue; false when it was dispatched already.

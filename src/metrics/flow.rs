@@ -25,6 +25,8 @@ pub enum ShedReason {
     QueueBytes,
     /// Waited `queueTimeoutMs` without being dispatched (503).
     Deadline,
+    /// Waited in a full queue and gave its place to a more important request (429).
+    Displaced,
 }
 
 impl ShedReason {
@@ -34,6 +36,7 @@ impl ShedReason {
             Self::QueueFull => "queue_full",
             Self::QueueBytes => "queue_bytes",
             Self::Deadline => "deadline",
+            Self::Displaced => "displaced",
         }
     }
 }
@@ -45,6 +48,8 @@ pub enum QueueOutcome {
     Deadline,
     /// Its client disconnected while it waited.
     ClientGone,
+    /// A more important request took its place in the full queue.
+    Displaced,
 }
 
 impl QueueOutcome {
@@ -53,6 +58,7 @@ impl QueueOutcome {
             Self::Dispatched => "dispatched",
             Self::Deadline => "deadline",
             Self::ClientGone => "client_gone",
+            Self::Displaced => "displaced",
         }
     }
 }

@@ -6,7 +6,7 @@ use pingora::proxy::Session;
 use super::errors::ApiError;
 use super::log::RequestCtx;
 use super::KvGateProxy;
-use crate::flow::{Admission, Dispatch};
+use crate::flow::{Admission, Dispatch, QueueRefusal};
 use crate::metrics::flow::ShedReason;
 
 impl KvGateProxy {
@@ -34,16 +34,19 @@ impl KvGateProxy {
         tokio::select! {
             waited = queued.wait() => match waited {
                 Ok(dispatch) => Ok(Some(dispatch)),
-                Err(timeout) => Err(ApiError::flow_refused(
-                    503,
-                    "queue_timeout",
-                    format!(
-                        "Every server of model `{model}` stayed saturated for the {:.1} s this \
-                         request waited in the queue; try again later.",
-                        timeout.waited.as_secs_f64()
-                    ),
-                    timeout.retry_after_secs,
-                )),
+                Err(QueueRefusal { reason: ShedReason::Deadline, waited, retry_after_secs }) => {
+                    Err(ApiError::flow_refused(
+                        503,
+                        "queue_timeout",
+                        format!(
+                            "Every server of model `{model}` stayed saturated for the {:.1} s \
+                             this request waited in the queue; try again later.",
+                            waited.as_secs_f64()
+                        ),
+                        retry_after_secs,
+                    ))
+                }
+                Err(refusal) => Err(shed(model, refusal.reason, refusal.retry_after_secs)),
             },
             // The body is read whole, so anything on the connection now is its close.
             _ = session.downstream_session.read_body_or_idle(true) => {
@@ -67,6 +70,10 @@ fn shed(model: &str, reason: ShedReason, retry_after_secs: u32) -> ApiError {
         ShedReason::QueueBytes => format!(
             "Every server of model `{model}` is saturated and its queue holds all the request \
              bytes it may; try again later."
+        ),
+        ShedReason::Displaced => format!(
+            "Every server of model `{model}` is saturated and a more important request took \
+             this one's place in the full queue; try again later."
         ),
         ShedReason::Deadline => format!("The request for model `{model}` waited too long."),
     };

@@ -13,6 +13,7 @@ mod forward;
 mod limits;
 mod log;
 mod pipeline;
+mod priority;
 mod usage;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ use super::disagg::{PrefillInput, PrefillOutcome};
 use super::errors::ApiError;
 use super::forward::{Exchange, ForwardError, ForwardSettings, Target};
 use super::log::RequestCtx;
+use super::priority;
 use super::{KvGateProxy, REQUEST_ID_HEADER, SESSION_HEADER};
 use crate::gateway::{split, GatewayState, Route};
 use crate::hash::ExtraKeys;
@@ -266,6 +267,13 @@ impl KvGateProxy {
             })?;
         ctx.policy = Some(profile.name().to_string());
         let affinity = header_str(session.req_header(), SESSION_HEADER).map(str::to_string);
+        // With `flowControl.forwardPriority` the pod orders its own queue by the priority too.
+        let prioritized = self
+            .gateway
+            .flow
+            .vllm_priority(&runtime.name, &session.req_header().headers)
+            .and_then(|priority| priority::with_priority(body, priority));
+        let body = prioritized.as_ref().unwrap_or(body);
         let mut upstream_header =
             upstream_header(session.req_header(), body.len(), &ctx.request_id)
                 .map_err(|e| ApiError::invalid_request("invalid_header", e.to_string()))?;

@@ -18,7 +18,7 @@ use clap::{ArgAction, Args};
 use hashbrown::HashMap;
 use serde_json::json;
 
-use super::engine::{ParamsError, PodParams};
+use super::engine::{ParamsError, PodParams, SchedulingPolicy};
 use super::pod::{self, PodControl, PodLaunch, PodStartError, WireForm};
 use super::publisher::{PubEndpoint, PublisherConfig};
 use super::server::{self, SimModel};
@@ -76,6 +76,11 @@ pub struct SimArgs {
     /// Milliseconds (simulated) to swap in an adapter. Overrides `loraLoadMs` of --pod-params.
     #[arg(long)]
     pub lora_load_ms: Option<f64>,
+    /// vLLM's `--scheduling-policy`: `priority` serves the waiting queue by the requests'
+    /// `priority` field (lower first) and preempts the least important running request.
+    /// Overrides `schedulingPolicy` of --pod-params.
+    #[arg(long, value_enum)]
+    pub scheduling_policy: Option<SchedulingPolicy>,
     /// Publish 64-bit int hashes (vLLM's default) or raw digests (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub int_hashes: bool,
@@ -202,6 +207,9 @@ fn pod_params(args: &SimArgs, model: &ModelConfig) -> Result<PodParams, SimError
     }
     if let Some(gbps) = args.kv_transfer_gbps {
         params.kv_transfer_gbps = gbps;
+    }
+    if let Some(policy) = args.scheduling_policy {
+        params.scheduling_policy = policy;
     }
     if params.block_size != block_size {
         return Err(SimError::Args(format!(

@@ -12,9 +12,20 @@
 //!
 //! Modelled where routing can see it: paged KV with automatic prefix caching
 //! (LRU over free blocks, pinned blocks for running requests, the last-token
-//! rule), FCFS continuous batching under `max_num_seqs` and a shared token
-//! budget with chunked prefill, recompute preemption of the newest running
-//! request, and vLLM's block-pool events.
+//! rule), continuous batching under `max_num_seqs` and a shared token
+//! budget with chunked prefill, recompute preemption, and vLLM's block-pool
+//! events.
+//!
+//! Scheduling policy (vLLM's `--scheduling-policy`): `fcfs` serves the waiting
+//! queue in arrival order and preempts the newest running request when KV runs
+//! out. `priority` orders the waiting queue by (priority, arrival), lower
+//! priority values first, and preempts the running request with the largest
+//! (priority, arrival) instead, as vLLM v1's scheduler does; a request that a
+//! preemption hits this step gives back the tokens it was scheduled. Like vLLM
+//! v1, a waiting request is admitted only into free KV: it does not preempt
+//! running ones (vLLM v0's priority scheduler did), so a high-priority request
+//! overtakes queued work at once and running work as soon as blocks free up.
+//! Under `fcfs` a request with a non-zero priority is refused, as vLLM refuses it.
 //!
 //! Prefill/decode disaggregation, as vLLM's NixlConnector runs it: a request marked
 //! [`KvTransfer::KeepForRemoteDecode`] (a prefill leg) runs as usual and its summary lists
@@ -96,6 +107,20 @@ pub struct PodParams {
     pub kv_bytes_per_token: f64,
     /// Gigabits per second a decode pod pulls KV at from prefill pods (NIXL over RDMA).
     pub kv_transfer_gbps: f64,
+    /// vLLM's `--scheduling-policy`.
+    pub scheduling_policy: SchedulingPolicy,
+}
+
+/// vLLM's `--scheduling-policy`: the order of the waiting queue and who is preempted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// Arrival order; the newest running request is preempted.
+    #[default]
+    Fcfs,
+    /// (priority, arrival) order, lower values first; the running request with the largest
+    /// (priority, arrival) is preempted.
+    Priority,
 }
 
 impl Default for PodParams {
@@ -117,6 +142,7 @@ impl Default for PodParams {
             // Qwen3-32B: 2 × 64 layers × 8 KV heads × 128 × 2 bytes (bf16).
             kv_bytes_per_token: 262_144.0,
             kv_transfer_gbps: 200.0,
+            scheduling_policy: SchedulingPolicy::Fcfs,
         }
     }
 }
@@ -200,6 +226,8 @@ pub struct SimRequest {
     pub max_tokens: u32,
     /// The LoRA adapter it runs with, by name.
     pub lora: Option<Arc<str>>,
+    /// vLLM's request `priority`: lower is served first (0 unless the client set one).
+    pub priority: i32,
     /// Its part in a disaggregated request, if any.
     pub kv_transfer: KvTransfer,
 }
@@ -233,6 +261,8 @@ pub enum SubmitError {
         max_tokens: u32,
         max_model_len: u32,
     },
+    #[error("Got priority {priority} but Priority scheduling is not enabled.")]
+    PriorityNotEnabled { id: RequestId, priority: i32 },
     #[error("request {id}: {keys} block keys but its {prompt_tokens}-token prompt has only {full_blocks} full blocks")]
     TooManyBlockKeys {
         id: RequestId,
@@ -446,6 +476,7 @@ struct Request {
     /// blocks it holds.
     kv_pulled: bool,
     pulled_tokens: u32,
+    priority: i32,
 }
 
 impl Request {
@@ -529,9 +560,13 @@ impl PodEngine {
             max_tokens,
             lora,
             kv_transfer,
+            priority,
         } = req;
         if self.by_id.contains_key(&id) {
             return Err(SubmitError::DuplicateId(id));
+        }
+        if priority != 0 && self.params.scheduling_policy == SchedulingPolicy::Fcfs {
+            return Err(SubmitError::PriorityNotEnabled { id, priority });
         }
         if prompt_tokens == 0 {
             return Err(SubmitError::EmptyPrompt(id));
@@ -581,6 +616,7 @@ impl PodEngine {
             kv_transfer,
             kv_pulled: false,
             pulled_tokens: 0,
+            priority,
         };
         let slot = match self.vacant.pop() {
             Some(slot) => {
@@ -632,12 +668,21 @@ impl PodEngine {
         if self.running.is_empty() && self.waiting.is_empty() {
             return None;
         }
-        self.scheduled.clear();
-        let mut budget = self.params.max_num_batched_tokens;
         let pulls_before = self.pulling.len();
-        // As vLLM v1: a step that had to preempt admits nobody new.
-        if !self.schedule_running(&mut budget, out) {
-            self.schedule_waiting(start_ms, &mut budget, out);
+        loop {
+            self.scheduled.clear();
+            let mut budget = self.params.max_num_batched_tokens;
+            // As vLLM v1: a step that had to preempt admits nobody new.
+            let preempted = self.schedule_running(&mut budget, out);
+            if !preempted {
+                self.schedule_waiting(start_ms, &mut budget, out);
+            }
+            // Under `priority` the first running request can be its own victim: vLLM's
+            // scheduler then returns an empty step and plans again at once. Each such pass
+            // takes one request out of `running`, so this ends.
+            if !self.scheduled.is_empty() || !preempted {
+                break;
+            }
         }
         if self.scheduled.is_empty() {
             if out.kv_events.is_empty() && self.pulling.len() == pulls_before {
@@ -795,7 +840,13 @@ impl PodEngine {
             }
             request.phase = Phase::Waiting;
             self.arriving.pop_front();
-            self.waiting.push_back(slot);
+            enqueue_waiting(
+                self.params.scheduling_policy,
+                &self.requests,
+                &mut self.waiting,
+                slot,
+                false,
+            );
         }
     }
 
@@ -855,16 +906,22 @@ impl PodEngine {
                 if needed <= pool.num_free() {
                     break true;
                 }
-                let Some(victim) = running.pop() else {
+                let Some(at) = victim(params.scheduling_policy, requests, running) else {
                     break false;
                 };
+                let victim = running.remove(at);
+                // A victim already scheduled this step gives its tokens back.
+                if let Some(done) = scheduled.iter().position(|s| s.slot == victim) {
+                    *budget += scheduled.remove(done).tokens;
+                    index -= 1;
+                }
                 let victim_request = &mut requests[victim as usize];
                 preempt(victim_request, pool);
                 counters.preemptions += 1;
                 out.events.push(EngineEvent::Preempted {
                     id: victim_request.id,
                 });
-                waiting.push_front(victim);
+                enqueue_waiting(params.scheduling_policy, requests, waiting, victim, true);
                 preempted = true;
                 if victim == slot {
                     break false;
@@ -893,7 +950,7 @@ impl PodEngine {
         preempted
     }
 
-    /// Admits waiting requests in FCFS order while the budget, `max_num_seqs`
+    /// Admits waiting requests in queue order while the budget, `max_num_seqs`
     /// and free KV allow; the first that does not fit blocks the rest. A request
     /// whose adapter would exceed `max_loras` distinct adapters in the batch is
     /// skipped and keeps its place.
@@ -1135,6 +1192,52 @@ impl PodEngine {
     }
 }
 
+/// Puts `slot` into the waiting queue: under `fcfs` last, or first when it was
+/// preempted (it resumes before anything newer); under `priority` after every
+/// request with a smaller or equal (priority, arrival).
+fn enqueue_waiting(
+    policy: SchedulingPolicy,
+    requests: &[Request],
+    waiting: &mut VecDeque<u32>,
+    slot: u32,
+    preempted: bool,
+) {
+    match policy {
+        SchedulingPolicy::Fcfs if preempted => waiting.push_front(slot),
+        SchedulingPolicy::Fcfs => waiting.push_back(slot),
+        SchedulingPolicy::Priority => {
+            let key = priority_key(&requests[slot as usize]);
+            let at =
+                waiting.partition_point(|&other| priority_key(&requests[other as usize]).le(&key));
+            waiting.insert(at, slot);
+        }
+    }
+}
+
+/// Where a request sorts under `priority`: lower first.
+fn priority_key(request: &Request) -> (i32, f64) {
+    (request.priority, request.arrival_ms)
+}
+
+/// The index in `running` of the request to preempt: the newest under `fcfs`;
+/// under `priority` the first with the largest (priority, arrival), as vLLM's
+/// `max(self.running, key=lambda r: (r.priority, r.arrival_time))`.
+fn victim(policy: SchedulingPolicy, requests: &[Request], running: &[u32]) -> Option<usize> {
+    match policy {
+        SchedulingPolicy::Fcfs => running.len().checked_sub(1),
+        SchedulingPolicy::Priority => {
+            let mut best: Option<(usize, (i32, f64))> = None;
+            for (at, &slot) in running.iter().enumerate() {
+                let key = priority_key(&requests[slot as usize]);
+                if best.is_none_or(|(_, top)| key.0 > top.0 || (key.0 == top.0 && key.1 > top.1)) {
+                    best = Some((at, key));
+                }
+            }
+            best.map(|(at, _)| at)
+        }
+    }
+}
+
 fn blocks_for(tokens: u32, block_size: u32) -> u32 {
     tokens.div_ceil(block_size)
 }
@@ -1260,6 +1363,7 @@ mod tests {
             max_tokens,
             lora: None,
             kv_transfer: KvTransfer::None,
+            priority: 0,
         }
     }
 
@@ -1746,6 +1850,124 @@ mod tests {
         assert_eq!(metrics.generation_tokens, 40);
         // The re-admission recomputed B's outputs: its prompt blocks hit.
         assert!(metrics.prefix_cache_hits >= 4);
+    }
+
+    fn prioritized(id: u64, keys: &[u64], tokens: (u32, u32), priority: i32) -> SimRequest {
+        SimRequest {
+            priority,
+            ..request(id, keys, tokens.0, tokens.1)
+        }
+    }
+
+    fn finish_order(steps: &[StepOutput]) -> Vec<u64> {
+        summaries(steps).iter().map(|s| s.id.0).collect()
+    }
+
+    #[test]
+    fn priority_policy_orders_the_waiting_queue_by_priority_then_arrival() {
+        for (policy, expected) in [
+            (SchedulingPolicy::Fcfs, vec![1, 2, 3, 4, 5]),
+            (SchedulingPolicy::Priority, vec![1, 3, 5, 2, 4]),
+        ] {
+            let params = PodParams {
+                max_num_seqs: 1,
+                scheduling_policy: policy,
+                ..tiny(64)
+            };
+            let mut engine = PodEngine::new(params).unwrap();
+            let priority = |p: i32| match policy {
+                SchedulingPolicy::Fcfs => 0,
+                SchedulingPolicy::Priority => p,
+            };
+            engine.submit(0.0, request(1, &[], 4, 3)).unwrap();
+            let mut out = StepOutput::default();
+            let end = engine.step(0.0, &mut out).unwrap();
+            // Request 1 runs alone (max_num_seqs 1); the rest queue behind it.
+            for (id, at, p) in [(2, 0.1, 5), (3, 0.2, -1), (4, 0.3, 5), (5, 0.4, -1)] {
+                engine
+                    .submit(end + at, prioritized(id, &[], (4, 3), priority(p)))
+                    .unwrap();
+            }
+            assert_eq!(finish_order(&run(&mut engine, end)), expected, "{policy:?}");
+        }
+        let mut fcfs = PodEngine::new(tiny(64)).unwrap();
+        assert_eq!(
+            fcfs.submit(0.0, prioritized(9, &[], (4, 1), -1)),
+            Err(SubmitError::PriorityNotEnabled {
+                id: RequestId(9),
+                priority: -1
+            })
+        );
+        assert_eq!(
+            SubmitError::PriorityNotEnabled {
+                id: RequestId(9),
+                priority: -1
+            }
+            .to_string(),
+            "Got priority -1 but Priority scheduling is not enabled."
+        );
+    }
+
+    #[test]
+    fn priority_policy_preempts_the_lowest_priority_running_request() {
+        // As `kv_exhaustion_preempts_the_newest_request_which_later_resumes`, but the
+        // older request is the less important one: it is preempted, not the newest.
+        let params = PodParams {
+            scheduling_policy: SchedulingPolicy::Priority,
+            ..tiny(8)
+        };
+        let mut engine = PodEngine::new(params).unwrap();
+        engine
+            .submit(0.0, prioritized(1, &[1, 2], (8, 20), 5))
+            .unwrap();
+        engine
+            .submit(0.0, prioritized(2, &[3, 4], (8, 20), 0))
+            .unwrap();
+        let steps = run(&mut engine, 0.0);
+        let preempted: Vec<_> = steps
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter_map(|e| match e {
+                EngineEvent::Preempted { id } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert!(!preempted.is_empty());
+        assert!(
+            preempted.iter().all(|&id| id == RequestId(1)),
+            "{preempted:?}"
+        );
+        let done = summaries(&steps);
+        assert_eq!(finish_order(&steps), [2, 1]);
+        assert_eq!(done[0].preemptions, 0);
+        assert_eq!(done[1].output_tokens, 20);
+        // No step ran over its token budget although a preempted request had been
+        // scheduled in it first.
+        assert!(steps
+            .iter()
+            .all(|s| s.batch.prefill_tokens + s.batch.decode_seqs <= 64));
+    }
+
+    #[test]
+    fn a_first_running_request_preempting_itself_does_not_stall_the_pod() {
+        // The low-priority request runs first, so it leads `running`; when KV runs out it is
+        // its own victim, and the pod goes on with the Critical one in the same step.
+        let params = PodParams {
+            scheduling_policy: SchedulingPolicy::Priority,
+            ..tiny(8)
+        };
+        let mut engine = PodEngine::new(params).unwrap();
+        engine
+            .submit(0.0, prioritized(1, &[1, 2], (8, 20), 5))
+            .unwrap();
+        let mut out = StepOutput::default();
+        let end = engine.step(0.0, &mut out).unwrap();
+        engine
+            .submit(end, prioritized(2, &[3, 4], (8, 20), 0))
+            .unwrap();
+        let steps = run(&mut engine, end);
+        assert_eq!(finish_order(&steps), [2, 1]);
+        assert!(engine.is_idle());
     }
 
     #[test]

@@ -20,5 +20,5 @@ pub mod server;
 pub use cli::{run, SimArgs, SimError};
 pub use engine::{
     BatchStats, EngineEvent, KvChange, KvTransfer, ParamsError, PodEngine, PodMetrics, PodParams,
-    RequestId, RequestSummary, SimRequest, StepOutput, SubmitError,
+    RequestId, RequestSummary, SchedulingPolicy, SimRequest, StepOutput, SubmitError,
 };

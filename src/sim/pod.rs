@@ -118,6 +118,8 @@ pub struct PodRequest {
     pub lora: Option<EventLora>,
     pub cache_salt: Option<Arc<str>>,
     pub kv_transfer: KvTransfer,
+    /// The body's `priority` (vLLM: lower is served first; 0 when absent).
+    pub priority: i32,
 }
 
 /// What a request's stream carries, in order.
@@ -502,6 +504,7 @@ impl Driver {
                     max_tokens: request.max_tokens,
                     lora: request.lora.as_ref().map(|lora| Arc::clone(&lora.name)),
                     kv_transfer: request.kv_transfer,
+                    priority: request.priority,
                 };
                 let result = self.engine.submit(self.clock.now_ms(), sim_request);
                 if result.is_ok() {
@@ -1273,6 +1276,7 @@ mod tests {
             lora: None,
             cache_salt: None,
             kv_transfer: KvTransfer::None,
+            priority: 0,
         }
     }
 

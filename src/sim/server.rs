@@ -214,6 +214,7 @@ fn submit_error_response(error: &SubmitError, max_model_len: u32) -> Response {
             "max_tokens must be at least 1, got 0.".into(),
             Some("max_tokens"),
         ),
+        SubmitError::PriorityNotEnabled { .. } => (error.to_string(), Some("priority")),
         SubmitError::DuplicateId(_) | SubmitError::TooManyBlockKeys { .. } => {
             return error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string(), None)
         }
@@ -232,6 +233,9 @@ struct GenerationOptions {
     n: Option<u32>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// vLLM's scheduling priority (lower first); only with `--scheduling-policy priority`.
+    #[serde(default)]
+    priority: i32,
     #[serde(default)]
     kv_transfer_params: Option<KvTransferParams>,
 }
@@ -388,6 +392,7 @@ async fn generate(pod: &PodContext, endpoint: Endpoint, body: &[u8]) -> Response
         }),
         cache_salt: request.cache_salt.map(Into::into),
         kv_transfer,
+        priority: options.priority,
     };
     let submission = match pod.engine.submit(pod_request).await {
         Ok(submission) => submission,

@@ -120,6 +120,7 @@ pub fn closed_loop(params: PodParams, cfg: &ClosedLoop) -> Run {
                 max_tokens: cfg.output_tokens,
                 lora: None,
                 kv_transfer: KvTransfer::None,
+                priority: 0,
             };
             engine.submit(send_at, request).unwrap();
             owner.insert(RequestId(next_id), client);
