@@ -8,6 +8,8 @@
 //! * Health fails safe: probed before ready, recovered pods admitted at once, and a
 //!   fleet failing every check still served.
 
+// Shared by the tests that start `kvgate sim` pods, each using part of it.
+#[allow(dead_code)]
 #[path = "support/sim.rs"]
 mod sim;
 // Shared with the gateway tests, which use more of it.
