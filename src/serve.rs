@@ -625,6 +625,7 @@ fn pods_view(gateway: &Gateway, events: &KvEventService) -> serde_json::Value {
                     "lora": pod.with_scraped_lora(|lora| json!(lora)),
                     "event_batches": counts.map(|c| c.batches),
                     "blocks_stored": counts.map(|c| c.blocks_stored),
+                    "index_blocks": gateway.index.pod_block_count(pod.id),
                     "event_gaps": counts.map(|c| c.gaps),
                     "event_replays_ok": counts.map(|c| c.replays_ok),
                     "events_lost": counts.map(|c| c.unrecoverable),

@@ -250,20 +250,12 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &std::path::Path, generation: usize, upgrade: bool) -> Self {
-        let sock = dir.join("upgrade.sock");
-        let mut extra = vec![
-            "--upgrade-sock",
-            sock.to_str().expect("path"),
-            "--grace-period-secs",
-            "30",
-        ];
-        if upgrade {
-            extra.push("--upgrade");
-        }
-        let serve = Serve::spawn(
+        let serve = Serve::spawn_upgradable(
             &dir.join(config_name(generation)),
             &dir.join(format!("kvgate-{generation}.log")),
-            &extra,
+            &dir.join("upgrade.sock"),
+            30,
+            upgrade,
         );
         Self { serve, generation }
     }

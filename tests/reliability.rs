@@ -8,6 +8,8 @@
 //! * Health fails safe: probed before ready, recovered pods admitted at once, and a
 //!   fleet failing every check still served.
 
+// Shared by the tests that start `kvgate sim` pods, each using part of it.
+#[allow(dead_code)]
 #[path = "support/sim.rs"]
 mod sim;
 // Shared with the gateway tests, which use more of it.
@@ -147,6 +149,69 @@ fn a_restarted_pod_is_predicted_and_routed_as_the_empty_cache_it_has() {
     assert!(
         restarted.contains("kv-cache:0.000"),
         "the restarted pod still gets cache credit: {line}"
+    );
+}
+
+#[test]
+fn a_stream_the_pod_breaks_off_is_broken_off_for_the_client_too() {
+    // Real time: 200 tokens take seconds to stream.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sim.yaml");
+    fs::write(&config, sim::model_yaml(MODEL, "[]")).expect("write sim config");
+    let sim = SimPods::start(
+        &config,
+        1,
+        &["--events-bind-base-port", "0", "--replay-base-port", "0"],
+    );
+    let gateway = Kvgate::start_yaml(|listen, admin| sim.gateway_config(MODEL, listen, admin, 0));
+    let body = json!({"model": MODEL, "max_tokens": 200, "stream": true,
+        "messages": [{"role": "user", "content": "a long answer, please"}]})
+    .to_string();
+    let mut stream = connect(gateway.port);
+    stream.set_read_timeout(Some(LIMIT)).expect("read timeout");
+    // A keep-alive request: kvgate decides whether the connection lives on.
+    upstream::write_request(
+        &mut stream,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "cut-1"),
+        ],
+        body.as_bytes(),
+        false,
+    );
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&response).contains("\"content\"") {
+        let n = stream.read(&mut buf).expect("the stream's first tokens");
+        assert!(n > 0, "closed before the first token");
+        response.extend_from_slice(&buf[..n]);
+    }
+
+    // The pod's process dies mid-stream.
+    let pod: SocketAddr = sim.field(0, "http").parse().expect("address");
+    let (status, _) = http_request(pod.port(), "POST", "/sim/kill?downMs=60000", &[], b"");
+    assert_eq!(status, 202);
+
+    // The client sees the stream broken off, and the connection closed: no last chunk that
+    // would pass the cut stream off as complete and the connection as reusable.
+    stream
+        .read_to_end(&mut response)
+        .expect("kvgate closes the connection");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the cut stream ended with a last chunk, as if complete: {text}"
+    );
+    let line = gateway.wait_handled("cut-1");
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broke off the response")),
+        "{line}"
     );
 }
 

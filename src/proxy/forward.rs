@@ -536,8 +536,13 @@ impl Forwarder {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(source) => {
-                    // The framing promised more: end the downstream response abruptly too.
+                    // The framing promised more: break the downstream response off too.
+                    // Closing here, before Pingora finishes the response, keeps it from
+                    // writing the last chunk, which would make the cut stream look whole
+                    // and the connection reusable to the client, whose next request on it
+                    // would then be lost unanswered.
                     session.set_keepalive(None);
+                    session.downstream_session.shutdown().await;
                     return Err(ForwardError::Interrupted { pod, source });
                 }
             };

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -305,12 +305,35 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-async fn chat_completions(State(pod): State<Arc<PodContext>>, body: Bytes) -> Response {
+/// Target of the line each request logs as it arrives (at debug level, off by default).
+const REQUESTS_LOG_TARGET: &str = "kvgate::sim::requests";
+
+async fn chat_completions(
+    State(pod): State<Arc<PodContext>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    received(&pod, &headers);
     generate(&pod, Endpoint::ChatCompletions, &body).await
 }
 
-async fn completions(State(pod): State<Arc<PodContext>>, body: Bytes) -> Response {
+async fn completions(
+    State(pod): State<Arc<PodContext>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    received(&pod, &headers);
     generate(&pod, Endpoint::Completions, &body).await
+}
+
+/// vLLM's `Received request <id>` line (its id from `X-Request-Id`): which pod read
+/// which request, for checks that no request reached two pods.
+fn received(pod: &PodContext, headers: &HeaderMap) {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::debug!(target: REQUESTS_LOG_TARGET, pod = pod.index, request_id, "Received request");
 }
 
 async fn generate(pod: &PodContext, endpoint: Endpoint, body: &[u8]) -> Response {

@@ -57,7 +57,7 @@ pub fn model_yaml_with(name: &str, pods: &str, settings: &ModelSettings<'_>) -> 
 
 /// `kvgate sim` arguments for pods that bind their KV-event PUB and replay ROUTER on ports
 /// the OS picks (kvgate connects to them, as in Kubernetes), at a tenth of real time.
-const PUBLISHING: [&str; 6] = [
+pub const PUBLISHING: [&str; 6] = [
     "--events-bind-base-port",
     "0",
     "--replay-base-port",
@@ -85,21 +85,40 @@ pub struct SimPods {
     child: Child,
     /// Each pod's status from the ready line (`http`, `topic`, `pubEndpoint`, `replayEndpoint`).
     pub pods: Vec<Value>,
+    /// The control port's address, when `--control-port` was given.
+    pub control: Option<String>,
 }
 
 impl SimPods {
     /// Starts `kvgate sim --config <config> --pods <pods> --base-port 0 <extra>` and waits
     /// for its ready line.
     pub fn start(config: &Path, pods: usize, extra: &[&str]) -> Self {
+        Self::spawn(config, pods, extra, "warn", Stdio::inherit())
+    }
+
+    /// As [`SimPods::start`], with its log (filtered by `filter`, `RUST_LOG` syntax) in
+    /// the file `log`.
+    pub fn start_logging(
+        config: &Path,
+        pods: usize,
+        extra: &[&str],
+        filter: &str,
+        log: &Path,
+    ) -> Self {
+        let file = std::fs::File::create(log).expect("sim log file");
+        Self::spawn(config, pods, extra, filter, Stdio::from(file))
+    }
+
+    fn spawn(config: &Path, pods: usize, extra: &[&str], filter: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .arg("sim")
             .arg("--config")
             .arg(config)
             .args(["--pods", &pods.to_string(), "--base-port", "0"])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start kvgate sim");
         let mut line = String::new();
@@ -108,7 +127,12 @@ impl SimPods {
             .expect("read the sim's ready line");
         let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
         let pods = ready["ready"]["pods"].as_array().cloned().expect("pods");
-        Self { child, pods }
+        let control = ready["ready"]["control"].as_str().map(str::to_string);
+        Self {
+            child,
+            pods,
+            control,
+        }
     }
 
     /// `pods` pods of `model` (config written into `dir`) that publish as [`PUBLISHING`]

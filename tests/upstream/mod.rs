@@ -430,6 +430,29 @@ impl Serve {
         }
     }
 
+    /// Starts it ready to hand its sockets and state over on the upgrade socket `sock`
+    /// (draining for `grace_secs` after SIGQUIT), or with `upgrade` to take them over
+    /// from the process running there.
+    pub fn spawn_upgradable(
+        config: &Path,
+        log: &Path,
+        sock: &Path,
+        grace_secs: u32,
+        upgrade: bool,
+    ) -> Self {
+        let grace = grace_secs.to_string();
+        let mut extra = vec![
+            "--upgrade-sock",
+            sock.to_str().expect("path"),
+            "--grace-period-secs",
+            &grace,
+        ];
+        if upgrade {
+            extra.push("--upgrade");
+        }
+        Self::spawn(config, log, &extra)
+    }
+
     /// Starts it and waits until it listens.
     pub fn start(config: &Path, log: &Path, extra: &[&str]) -> (Self, Listening) {
         let mut serve = Self::spawn(config, log, extra);
