@@ -31,17 +31,11 @@ fn role_pods(dir: &std::path::Path, role: &str, pods: usize) -> SimPods {
         &config,
         pods,
         &[
-            "--role",
-            role,
-            "--events-bind-base-port",
-            "0",
-            "--replay-base-port",
-            "0",
-            "--time-scale",
-            "0.1",
-            "--default-max-tokens",
-            "4",
-        ],
+            &["--role", role][..],
+            &sim::PUBLISHING,
+            &["--default-max-tokens", "4"],
+        ]
+        .concat(),
     )
 }
 

@@ -1381,6 +1381,18 @@ mod tests {
         steps
     }
 
+    /// The requests preempted over `steps`, in order.
+    fn preempted_ids(steps: &[StepOutput]) -> Vec<RequestId> {
+        steps
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter_map(|e| match e {
+                EngineEvent::Preempted { id } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn summaries(steps: &[StepOutput]) -> Vec<RequestSummary> {
         steps
             .iter()
@@ -1816,14 +1828,7 @@ mod tests {
         engine.submit(0.0, request(1, &[1, 2], 8, 20)).unwrap();
         engine.submit(0.0, request(2, &[3, 4], 8, 20)).unwrap();
         let steps = run(&mut engine, 0.0);
-        let preempted: Vec<_> = steps
-            .iter()
-            .flat_map(|s| &s.events)
-            .filter_map(|e| match e {
-                EngineEvent::Preempted { id } => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let preempted = preempted_ids(&steps);
         assert!(!preempted.is_empty());
         assert!(
             preempted.iter().all(|&id| id == RequestId(2)),
@@ -1924,14 +1929,7 @@ mod tests {
             .submit(0.0, prioritized(2, &[3, 4], (8, 20), 0))
             .unwrap();
         let steps = run(&mut engine, 0.0);
-        let preempted: Vec<_> = steps
-            .iter()
-            .flat_map(|s| &s.events)
-            .filter_map(|e| match e {
-                EngineEvent::Preempted { id } => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let preempted = preempted_ids(&steps);
         assert!(!preempted.is_empty());
         assert!(
             preempted.iter().all(|&id| id == RequestId(1)),
