@@ -306,7 +306,10 @@ fn deploy_config_is_a_valid_kvgate_config() {
         .iter()
         .map(|s| (s.name.as_str(), s.weight))
         .collect();
-    assert_eq!(scorers, [("kv-cache", 2.0), ("load", 1.0)]);
+    assert_eq!(
+        scorers,
+        [("kv-cache", 2.0), ("load", 1.0), ("kv-headroom", 0.5)]
+    );
     assert_eq!(default.filters[0].name, "healthy");
     assert_eq!(default.picker.name, "max-score");
 }
