@@ -987,7 +987,7 @@ impl PodEngine {
                 break;
             };
             let request = &mut requests[slot as usize];
-            if request.kv_pulled {
+            let (start, tokens) = if request.kv_pulled {
                 // Its blocks are allocated and its KV pulled: only the rest is computed.
                 let start = request.computed_tokens;
                 let tokens = (request.total_tokens() - start).min(*budget);
@@ -998,97 +998,82 @@ impl PodEngine {
                 }
                 allocate(pool, &mut request.blocks, needed, &mut out.kv_events);
                 request.kv_pulled = false;
-                request.cached_tokens.get_or_insert(start);
-                request.phase = Phase::Running;
-                cache_computed_blocks(
-                    request,
-                    start + tokens,
-                    block_size,
-                    pool,
-                    &mut out.kv_events,
-                );
-                waiting.remove(position);
-                running.push(slot);
-                scheduled.push(Scheduled {
-                    slot,
-                    start,
-                    tokens,
-                });
-                *budget -= tokens;
-                continue;
-            }
-            if max_loras > 0 && request.kv_transfer != KvTransfer::PullFromRemote {
-                if let Some(lora) = &request.lora {
-                    if !batch_loras.contains(lora) {
-                        if batch_loras.len() >= max_loras {
-                            position += 1;
-                            continue;
+                (start, tokens)
+            } else {
+                if max_loras > 0 && request.kv_transfer != KvTransfer::PullFromRemote {
+                    if let Some(lora) = &request.lora {
+                        if !batch_loras.contains(lora) {
+                            if batch_loras.len() >= max_loras {
+                                position += 1;
+                                continue;
+                            }
+                            batch_loras.push(Arc::clone(lora));
                         }
-                        batch_loras.push(Arc::clone(lora));
                     }
                 }
-            }
-            let total = request.total_tokens();
-            // vLLM always computes the last token: a fully cached prompt
-            // still recomputes its last block.
-            let max_hit_blocks = ((total - 1) / block_size).min(request.cacheable_blocks);
-            hit_scratch.clear();
-            hit_scratch.extend(
-                request
-                    .block_keys
-                    .iter()
-                    .take(max_hit_blocks as usize)
-                    .map_while(|&key| pool.lookup(key)),
-            );
-            let hit_blocks = count_u32(hit_scratch.len());
-            let hit_tokens = hit_blocks * block_size;
-            let tokens = (total - hit_tokens).min(*budget);
-            let needed = blocks_for(hit_tokens + tokens, block_size) - hit_blocks;
-            let revived = count_u32(
-                hit_scratch
-                    .iter()
-                    .filter(|&&block| pool.is_free(block))
-                    .count(),
-            );
-            let pull = request.kv_transfer == KvTransfer::PullFromRemote;
-            // A pull takes blocks for the whole prompt at once (NixlConnector).
-            let needed = if pull {
-                blocks_for(total, block_size) - hit_blocks
-            } else {
-                needed
+                let total = request.total_tokens();
+                // vLLM always computes the last token: a fully cached prompt
+                // still recomputes its last block.
+                let max_hit_blocks = ((total - 1) / block_size).min(request.cacheable_blocks);
+                hit_scratch.clear();
+                hit_scratch.extend(
+                    request
+                        .block_keys
+                        .iter()
+                        .take(max_hit_blocks as usize)
+                        .map_while(|&key| pool.lookup(key)),
+                );
+                let hit_blocks = count_u32(hit_scratch.len());
+                let hit_tokens = hit_blocks * block_size;
+                let tokens = (total - hit_tokens).min(*budget);
+                let needed = blocks_for(hit_tokens + tokens, block_size) - hit_blocks;
+                let revived = count_u32(
+                    hit_scratch
+                        .iter()
+                        .filter(|&&block| pool.is_free(block))
+                        .count(),
+                );
+                let pull = request.kv_transfer == KvTransfer::PullFromRemote;
+                // A pull takes blocks for the whole prompt at once (NixlConnector).
+                let needed = if pull {
+                    blocks_for(total, block_size) - hit_blocks
+                } else {
+                    needed
+                };
+                if needed + revived > pool.num_free() {
+                    break;
+                }
+                for &block in hit_scratch.iter() {
+                    pool.touch(block);
+                    request.blocks.push(block);
+                }
+                allocate(pool, &mut request.blocks, needed, &mut out.kv_events);
+                request.computed_tokens = hit_tokens;
+                request.cached_blocks = hit_blocks;
+                request.prefill_end = total;
+                counters.prefix_cache_queries += u64::from(total);
+                counters.prefix_cache_hits += u64::from(hit_tokens);
+                if pull {
+                    // The pod's own prefix is kept; the rest comes over its link, which
+                    // carries one pull at a time.
+                    let pulled = total - hit_tokens;
+                    let bits = f64::from(pulled) * params.kv_bytes_per_token * 8.0;
+                    let start = now_ms.max(*link_free_ms);
+                    request.ready_ms = start + bits / (params.kv_transfer_gbps * 1e6);
+                    *link_free_ms = request.ready_ms;
+                    request.pulled_tokens = pulled;
+                    request.phase = Phase::Pulling;
+                    waiting.remove(position);
+                    pulling.push_back(slot);
+                    continue;
+                }
+                (hit_tokens, tokens)
             };
-            if needed + revived > pool.num_free() {
-                break;
-            }
-            for &block in hit_scratch.iter() {
-                pool.touch(block);
-                request.blocks.push(block);
-            }
-            allocate(pool, &mut request.blocks, needed, &mut out.kv_events);
-            request.computed_tokens = hit_tokens;
-            request.cached_blocks = hit_blocks;
-            request.prefill_end = total;
-            counters.prefix_cache_queries += u64::from(total);
-            counters.prefix_cache_hits += u64::from(hit_tokens);
-            if pull {
-                // The pod's own prefix is kept; the rest comes over its link, which
-                // carries one pull at a time.
-                let pulled = total - hit_tokens;
-                let bits = f64::from(pulled) * params.kv_bytes_per_token * 8.0;
-                let start = now_ms.max(*link_free_ms);
-                request.ready_ms = start + bits / (params.kv_transfer_gbps * 1e6);
-                *link_free_ms = request.ready_ms;
-                request.pulled_tokens = pulled;
-                request.phase = Phase::Pulling;
-                waiting.remove(position);
-                pulling.push_back(slot);
-                continue;
-            }
-            request.cached_tokens.get_or_insert(hit_tokens);
+            request.cached_tokens.get_or_insert(start);
             request.phase = Phase::Running;
             cache_computed_blocks(
                 request,
-                hit_tokens + tokens,
+                start + tokens,
                 block_size,
                 pool,
                 &mut out.kv_events,
@@ -1097,7 +1082,7 @@ impl PodEngine {
             running.push(slot);
             scheduled.push(Scheduled {
                 slot,
-                start: hit_tokens,
+                start,
                 tokens,
             });
             *budget -= tokens;
